@@ -1,0 +1,1 @@
+"""User-facing benchmarks: packing efficiency, throughput, formats, streaming."""

@@ -1,0 +1,1 @@
+"""The packed-record schema (placeholder until issue 3 lands)."""
