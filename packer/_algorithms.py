@@ -73,9 +73,9 @@ class FirstFit:
             self._set(len(self._bins) - 1, room)
 
     def push(self, item: int, length: int) -> list[list[int]]:
-        tree = self._tree
-        if tree[1] < length:
+        if self._tree[1] < length:
             self._open([self.capacity])
+        tree = self._tree  # after _open, which may replace the list when it grows
         i = 1
         while i < self._size:
             i = 2 * i if tree[2 * i] >= length else 2 * i + 1
