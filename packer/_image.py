@@ -57,12 +57,13 @@ class OpenedImage:
     def decode_resized(self, height: int, width: int, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
         """Pixels as RGB uint8 [height, width, 3] in display orientation, resized with antialiasing.
 
-        JPEGs much larger than the target are decoded at reduced size (DCT scaling) first."""
+        JPEGs more than twice the target's size are decoded at reduced size (DCT scaling) first."""
         img = self._img
         try:
             if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                # Ask for at least twice the target so that the final resize still antialiases.
                 swap = self.orientation in _TRANSPOSING_ORIENTATIONS
-                img.draft(img.mode, (height, width) if swap else (width, height))
+                img.draft(img.mode, (2 * height, 2 * width) if swap else (2 * width, 2 * height))
             img.load()
             img = ImageOps.exif_transpose(img) if self.orientation != 1 else img
             rgb = to_rgb(img, background)

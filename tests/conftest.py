@@ -1,0 +1,34 @@
+"""Shared fixtures: synthetic images made in the test, never files from ../shared."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_pixels(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth gradient with a few shapes and noise: compresses like a photo, varies everywhere."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 128 + 100 * np.sin((x + y) / 17.0)], -1)
+    for _ in range(3):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(3, max(4, min(h, w) // 3))
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 255, 3)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(pixels_or_image, fmt: str = "JPEG", **kw) -> bytes:
+    img = pixels_or_image if isinstance(pixels_or_image, Image.Image) else Image.fromarray(pixels_or_image)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def jpeg_bytes():
+    def make(h: int = 120, w: int = 160, seed: int = 0, quality: int = 90) -> bytes:
+        return encode(make_pixels(h, w, seed), "JPEG", quality=quality)
+    return make

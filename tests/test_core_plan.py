@@ -1,0 +1,97 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import packer
+from packer import PackConfig
+
+# (image h, w), patch, resolution, seq_len -> expected grid (h, w), derived by hand from the stated rule.
+GOLDEN = [
+    ((224, 224), 16, "native", 256, (14, 14)),
+    ((375, 500), 16, "native", 256, (13, 18)),      # 23x31 = 713 > 256: floored at the cap
+    ((300, 600), 16, "fixed:224", 256, (10, 20)),   # 9.90 x 19.80 rounded
+    ((256, 256), 16, "budget:256", 256, (16, 16)),
+    ((375, 500), 16, "budget:256", 256, (13, 18)),
+    ((1, 10000), 16, "budget:196", 256, (1, 196)),  # thinner than a patch: one row, budget-limited
+    ((10000, 1), 16, "budget:256", 256, (256, 1)),
+    ((1, 10000), 16, "native", 256, (1, 256)),
+    ((64, 64), 16, "fixed:64", 256, (4, 4)),
+    ((8, 8), 16, "native", 256, (1, 1)),
+    ((480, 640), 14, "fixed:224", 256, (14, 18)),    # 13.86 x 18.48 rounded
+    ((1080, 1920), 32, "budget:64", 64, (6, 10)),    # ideal 6.0 x 10.67 floored
+]
+
+
+@pytest.mark.parametrize("size,patch,resolution,seq_len,expected", GOLDEN)
+def test_golden_grids(size, patch, resolution, seq_len, expected):
+    cfg = PackConfig(patch_size=patch, resolution=resolution, seq_len=seq_len)
+    assert packer.plan_grid(*size, cfg, None) == expected
+
+
+def _aspect_error(h, w, gh, gw):
+    return abs(math.log((gw / gh) / (w / h)))
+
+
+sizes = st.integers(min_value=1, max_value=6000)
+
+
+@settings(max_examples=400, deadline=None)
+@given(h=sizes, w=sizes, patch=st.sampled_from([8, 14, 16, 32]), r=st.floats(8, 1024), cap=st.integers(1, 2048))
+def test_scaled_grid_properties(h, w, patch, r, cap):
+    scale = r / math.sqrt(h * w)
+    gh, gw = packer.grid_for_scale(h, w, patch, scale, cap)
+    assert gh >= 1 and gw >= 1 and gh * gw <= cap
+    ideal_sides_ok = min(h, w) * scale / patch >= 1 and math.sqrt(cap * min(h, w) / max(h, w)) >= 1
+    if ideal_sides_ok:
+        assert _aspect_error(h, w, gh, gw) <= 1 / gh + 1 / gw + 1e-12
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=sizes, w=sizes, cap=st.integers(1, 2048), extra=st.integers(0, 512))
+def test_budget_respected_monotone_and_aspect_bounded(h, w, cap, extra):
+    gh, gw = packer.grid_for_budget(h, w, cap)
+    gh2, gw2 = packer.grid_for_budget(h, w, cap + extra)
+    assert 1 <= gh * gw <= cap
+    assert gh * gw <= gh2 * gw2
+    if math.sqrt(cap * min(h, w) / max(h, w)) >= 1:
+        assert _aspect_error(h, w, gh, gw) <= 1 / gh + 1 / gw + 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=sizes, w=sizes, r=st.floats(16, 1024), cap=st.integers(1, 1024), extra=st.integers(1, 512))
+def test_token_count_monotone_in_cap_for_sampled_resolutions(h, w, r, cap, extra):
+    scale = r / math.sqrt(h * w)
+    a = packer.grid_for_scale(h, w, 16, scale, cap)
+    b = packer.grid_for_scale(h, w, 16, scale, cap + extra)
+    assert a[0] * a[1] <= b[0] * b[1]
+
+
+def test_uniform_resolution_distribution_and_determinism():
+    cfg = PackConfig(resolution="uniform:64:256", seed=7)
+    rs = [packer.sample_resolution(cfg.resolution, packer.image_rng(7, f"k{i}", 0, "resolution")) for i in range(4000)]
+    assert 64 <= min(rs) and max(rs) <= 256
+    assert abs(np.mean(rs) - 160) < 4
+    assert packer.plan_image(480, 640, "k1", cfg) == packer.plan_image(480, 640, "k1", cfg)
+    grids = {packer.plan_image(480, 640, "k1", cfg, epoch=e) for e in range(20)}
+    assert len(grids) > 5  # a new resolution each epoch
+
+
+@pytest.mark.parametrize("mode", ["side", "area"])
+def test_truncated_normal_resolution_is_biased_low_and_bounded(mode):
+    policy = packer.parse_resolution(f"tnormal:64:384:-0.5:1:{mode}")
+    rs = np.array([packer.sample_resolution(policy, packer.image_rng(0, str(i), 0, "r")) for i in range(4000)])
+    assert rs.min() >= 64 and rs.max() <= 384
+    mid = 224 if mode == "side" else math.sqrt((64**2 + 384**2) / 2)
+    assert np.mean(rs < mid) > 0.55  # mu = -0.5 puts more mass on the low side
+
+
+def test_area_mode_rescales_area_not_side():
+    # u = 0 (the middle) maps to side 224 in side mode and to sqrt((64^2+384^2)/2) ~ 275 in area mode.
+    side = packer.TruncNormal(64, 384, 0.0, 1e-6, "side")
+    area = packer.TruncNormal(64, 384, 0.0, 1e-6, "area")
+    rng = np.random.default_rng(0)
+    assert abs(packer.sample_resolution(side, rng) - 224) < 0.01
+    assert abs(packer.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01
