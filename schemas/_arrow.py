@@ -1,0 +1,113 @@
+"""Arrow codec, derived from the Schema: every field is a non-null fixed-size column, so Parquet stores
+patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imports pyarrow lazily."""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ._schema import SCHEMA_VERSION, Schema
+
+SCHEMA_METADATA_KEY = b"navit_pack.schema"
+
+
+def arrow_type(schema: Schema, dtype: str, shape: tuple[int, ...]) -> Any:
+    """uint8 [L, D] -> fixed_size_list<fixed_size_binary(D)>[L]; int32/float32/string [N] -> fixed_size_list[N]."""
+    import pyarrow as pa
+
+    if dtype == "uint8":
+        leaf, dims = pa.binary(shape[-1]), shape[:-1]
+    else:
+        leaf = {"int32": pa.int32(), "float32": pa.float32(), "string": pa.string()}[dtype]
+        dims = shape
+    t = leaf
+    for n in reversed(dims):
+        t = pa.list_(pa.field("item", t, nullable=False), n)
+    return t
+
+
+def arrow_schema(schema: Schema) -> Any:
+    import pyarrow as pa
+
+    meta = {SCHEMA_METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **schema.to_json()}).encode()}
+    return pa.schema([pa.field(f.name, arrow_type(schema, f.dtype, schema.shape(f)), nullable=False)
+                      for f in schema.fields], metadata=meta)
+
+
+def to_batch(records: Sequence[Mapping[str, np.ndarray]], schema: Schema) -> Any:
+    """A RecordBatch from (validated) records, built from contiguous buffers, no per-value Python."""
+    import pyarrow as pa
+
+    target = arrow_schema(schema)
+    columns = []
+    n = len(records)
+    for f, af in zip(schema.fields, target):
+        shape = schema.shape(f)
+        if f.dtype == "string":
+            flat = pa.array([s for r in records for s in r[f.name].reshape(-1)], pa.string())
+        else:
+            stacked = np.ascontiguousarray(np.stack([np.asarray(r[f.name]) for r in records]))
+            if f.dtype == "uint8":
+                d = shape[-1]
+                flat = pa.FixedSizeBinaryArray.from_buffers(pa.binary(d), stacked.size // d, [None, pa.py_buffer(stacked)])
+                shape = shape[:-1]
+            else:
+                flat = pa.array(stacked.reshape(-1))
+        col = flat
+        for m in reversed(shape):
+            col = pa.FixedSizeListArray.from_arrays(col, type=pa.list_(pa.field("item", col.type, nullable=False), m))
+        columns.append(col)
+        assert len(col) == n
+    return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+def _leaf(col: Any) -> Any:
+    """Values of nested fixed-size lists, offsets applied."""
+    import pyarrow as pa
+
+    while pa.types.is_fixed_size_list(col.type):
+        col = col.flatten()
+    return col
+
+
+def from_batch(batch: Any, schema: Schema) -> list[dict[str, np.ndarray]]:
+    """Records (writable numpy arrays) from a RecordBatch or Table of the schema; RecordError-free by
+    construction: the caller checks the batch's schema and nulls first (check_batch)."""
+    import pyarrow as pa
+
+    n = batch.num_rows
+    cols = {}
+    for f in schema.fields:
+        col = batch.column(f.name)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        shape = schema.shape(f)
+        if f.dtype == "uint8":
+            leaf = _leaf(col)
+            d = shape[-1]
+            arr = np.frombuffer(leaf.buffers()[1], np.uint8, count=len(leaf) * d, offset=leaf.offset * d).copy()
+        elif f.dtype == "string":
+            arr = np.array(_leaf(col).to_pylist(), dtype=object) if n else np.empty(0, object)
+        else:
+            arr = _leaf(col).to_numpy(zero_copy_only=False).copy()
+        cols[f.name] = arr.reshape((n,) + shape)
+    return [{name: arr[i] for name, arr in cols.items()} for i in range(n)]
+
+
+def check_batch(batch: Any, schema: Schema) -> None:
+    """Raise ValueError if a batch read back does not have exactly the schema's types, or holds nulls."""
+    want = arrow_schema(schema)
+    got = batch.schema
+    if got.names != want.names or any(not g.type.equals(w.type) for g, w in zip(got, want)):
+        raise ValueError(f"Arrow schema differs from the manifest's: {got.remove_metadata()} vs {want.remove_metadata()}")
+    for name in got.names:
+        col = batch.column(name)
+        chunks = col.chunks if hasattr(col, "chunks") else [col]
+        for c in chunks:
+            while True:
+                if c.null_count:
+                    raise ValueError(f"column {name} holds nulls")
+                if not hasattr(c, "flatten") or not hasattr(c.type, "list_size"):
+                    break
+                c = c.flatten()

@@ -1,0 +1,351 @@
+"""Output directory: sharded writers (atomic), rejects.jsonl, manifest.json (written last), and the
+numpy reader. Layout: packed-00000-of-000NN.<ext>, rejects.jsonl, manifest.json."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ._schema import FORMATS, META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+BATCH = 64  # records per Arrow batch / Parquet row group / TF parse batch
+_OUR_FILE = re.compile(r"^(packed-\d{5}-of-\d{5}\.\w+|\.packed-.*\.tmp|rejects\.jsonl|manifest\.json|\.manifest\.json\.tmp.*)$")
+_REQUIRED = ("schema_version", "format", "config", "num_sequences", "shards", "seq_len", "token_dim", "max_images")
+
+
+class OutputDirError(SchemaError):
+    """The output directory is not empty (and overwrite was not asked for) or is not a directory."""
+
+
+class ManifestMissing(SchemaError, FileNotFoundError):
+    """The directory has no manifest.json: not a packed dataset, or its writing did not finish."""
+
+
+class ManifestError(SchemaError):
+    """manifest.json is unreadable or lacks required keys."""
+
+
+class CorruptShard(SchemaError):
+    """A shard is missing, truncated or corrupt (checksum, CRC, structure or count mismatch)."""
+
+    def __init__(self, shard: str, detail: str):
+        super().__init__(f"corrupt shard {shard}: {detail}")
+        self.shard = shard
+        self.detail = detail
+
+
+def shard_name(index: int, num_shards: int, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise SchemaError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not 0 <= index < num_shards:
+        raise SchemaError(f"shard index {index} outside [0, {num_shards})")
+    return f"packed-{index:05d}-of-{num_shards:05d}.{FORMATS[fmt]}"
+
+
+def prepare_output_dir(path: str, overwrite: bool = False) -> None:
+    """Create `path`; if it holds files, refuse (OutputDirError) unless overwrite, in which case remove
+    this tool's outputs (manifest first, so a half-cleaned directory never looks complete)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"{path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    entries = os.listdir(path)
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputDirError(f"output directory {path} is not empty ({len(entries)} entries); pass overwrite "
+                             "(--overwrite) to replace its contents")
+    ours = sorted((e for e in entries if _OUR_FILE.match(e)), key=lambda e: e != MANIFEST)
+    for e in ours:
+        os.remove(os.path.join(path, e))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_path(directory: str, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Iterator[list]:
+    batch = []
+    for r in records:
+        schema.validate(r)
+        batch.append(r)
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> int:
+    n = 0
+    if fmt == "tfrecord":
+        import tensorflow as tf
+
+        from ._tfrecord import encode_example
+
+        with tf.io.TFRecordWriter(path) as w:
+            for batch in _batches(records, schema):
+                for r in batch:
+                    w.write(encode_example(r, schema))
+                n += len(batch)
+        return n
+    import pyarrow as pa
+
+    from ._arrow import arrow_schema, to_batch
+
+    if fmt == "arrow":
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
+            for batch in _batches(records, schema):
+                w.write_batch(to_batch(batch, schema))
+                n += len(batch)
+        return n
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, arrow_schema(schema), use_dictionary=False, write_page_checksum=True,
+                          compression="snappy") as w:
+        for batch in _batches(records, schema):
+            w.write_batch(to_batch(batch, schema), row_group_size=BATCH)
+            n += len(batch)
+    return n
+
+
+def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: Iterable[Mapping[str, np.ndarray]], *,
+                seq_len: int, token_dim: int, max_images: int, meta_fields: Sequence[str] = ()) -> dict:
+    """Write one shard atomically (temporary name, then rename); returns {file, num_sequences, sha256}.
+    Every record is validated against the schema first (RecordError names the bad field)."""
+    schema = Schema(seq_len, token_dim, max_images, tuple(meta_fields))
+    name = shard_name(index, num_shards, fmt)
+    tmp = _atomic_path(directory, name)
+    try:
+        n = _write_records(tmp, fmt, records, schema)
+        digest = sha256_file(tmp)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {"file": name, "num_sequences": n, "sha256": digest}
+
+
+def _write_text_atomic(directory: str, name: str, text: str) -> None:
+    tmp = _atomic_path(directory, name)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_rejects(directory: str, rejects: Iterable[Mapping[str, Any]]) -> int:
+    """rejects.jsonl: one JSON object per rejected input, each with at least `key` and `reason`."""
+    lines = []
+    for r in rejects:
+        if "key" not in r or "reason" not in r:
+            raise SchemaError(f"a reject needs 'key' and 'reason', got {dict(r)!r}")
+        lines.append(json.dumps(dict(r), sort_keys=True, default=str))
+    _write_text_atomic(directory, REJECTS, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def _sniff_meta_fields(directory: str, fmt: str, shard: str) -> tuple[str, ...]:
+    """Meta field names as stored in a shard (for writers that did not pass them to write_manifest)."""
+    path = os.path.join(directory, shard)
+    if fmt == "tfrecord":
+        import tensorflow as tf
+
+        for raw in tf.data.TFRecordDataset(path).take(1):
+            names = tf.train.Example.FromString(raw.numpy()).features.feature.keys()
+            break
+        else:
+            return ()
+    elif fmt == "arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(path) as src:
+            names = pa.ipc.open_file(src).schema.names
+    else:
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    return tuple(sorted(n[len(META_PREFIX):] for n in names if n.startswith(META_PREFIX)))
+
+
+def write_manifest(directory: str, *, fmt: str, config: Any, num_images_in: int, num_images_packed: int,
+                   num_rejected: int, num_sequences: int, tokens_real: int, tokens_padding: int, shards: list,
+                   meta_fields: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """Write manifest.json (last: its presence marks the dataset complete). `config` is a PackConfig or its
+    to_json() dict; meta_fields default to those stored in the first shard. Returns the manifest."""
+    if fmt not in FORMATS:
+        raise SchemaError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    config_json = config.to_json() if hasattr(config, "to_json") else dict(config)
+    shards = sorted((dict(s) for s in shards), key=lambda s: s["file"])
+    if sum(s["num_sequences"] for s in shards) != num_sequences:
+        raise SchemaError(f"shards hold {sum(s['num_sequences'] for s in shards)} sequences, expected {num_sequences}")
+    if meta_fields is None:
+        meta_fields = _sniff_meta_fields(directory, fmt, shards[0]["file"]) if shards else ()
+    schema = Schema.from_config(config_json, meta_fields)
+    total = tokens_real + tokens_padding
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "format": fmt, "config": config_json,
+        "num_images_in": int(num_images_in), "num_images_packed": int(num_images_packed),
+        "num_rejected": int(num_rejected), "num_sequences": int(num_sequences),
+        "tokens_real": int(tokens_real), "tokens_padding": int(tokens_padding),
+        "efficiency": tokens_real / total if total else 0.0,
+        "shards": shards,
+        **schema.to_json(),
+        **dict(extra or {}),
+    }
+    _write_text_atomic(directory, MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def write_dataset(directory: str, records: Iterable[Mapping[str, np.ndarray]], *, config: Any, fmt: str = "tfrecord",
+                  num_shards: int = 1, rejects: Iterable[Mapping[str, Any]] = (), num_images_in: int | None = None,
+                  meta_fields: Sequence[str] = (), overwrite: bool = False) -> dict:
+    """Single-process convenience: records split into `num_shards` contiguous shards (order kept),
+    rejects, then the manifest. Returns the manifest."""
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise SchemaError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    config_json = config.to_json() if hasattr(config, "to_json") else dict(config)
+    schema = Schema.from_config(config_json, meta_fields)
+    prepare_output_dir(directory, overwrite)
+    records = list(records)
+    rejects = list(rejects)
+    bounds = np.linspace(0, len(records), num_shards + 1).astype(int)
+    shards = [write_shard(directory, i, num_shards, fmt, records[bounds[i]:bounds[i + 1]], seq_len=schema.seq_len,
+                          token_dim=schema.token_dim, max_images=schema.max_images, meta_fields=schema.meta_fields)
+              for i in range(num_shards)]
+    num_rejected = write_rejects(directory, rejects)
+    packed = sum(int(r["num_images"]) for r in records)
+    real = sum(int(np.count_nonzero(r["segment_ids"])) for r in records)
+    return write_manifest(directory, fmt=fmt, config=config_json,
+                          num_images_in=packed + num_rejected if num_images_in is None else num_images_in,
+                          num_images_packed=packed, num_rejected=num_rejected, num_sequences=len(records),
+                          tokens_real=real, tokens_padding=len(records) * schema.seq_len - real, shards=shards,
+                          meta_fields=schema.meta_fields)
+
+
+def read_manifest(directory: str) -> dict:
+    """The parsed manifest; ManifestMissing if absent, ManifestError if unreadable or incomplete."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ManifestMissing(f"{directory} has no {MANIFEST}: not a navit-pack output, or its writing did not finish")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path} is unreadable: {e}") from e
+    missing = [k for k in _REQUIRED if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ManifestError(f"{path} lacks keys {missing}")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(f"{path} has schema_version {manifest['schema_version']}; this reader reads {SCHEMA_VERSION}")
+    if manifest["format"] not in FORMATS:
+        raise ManifestError(f"{path} has unknown format {manifest['format']!r}")
+    return manifest
+
+
+def _check_sha(directory: str, shard: Mapping[str, Any]) -> str:
+    path = os.path.join(directory, shard["file"])
+    if not os.path.isfile(path):
+        raise CorruptShard(shard["file"], "file is missing")
+    got = sha256_file(path)
+    if got != shard["sha256"]:
+        raise CorruptShard(shard["file"], f"sha256 {got} differs from the manifest's {shard['sha256']} "
+                                          "(truncated, modified or corrupt)")
+    return path
+
+
+def iter_shard(path: str, fmt: str, schema: Schema, *, full_validation: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Records of one shard file, in batches; any decode failure is raised as CorruptShard(file)."""
+    name = os.path.basename(path)
+    try:
+        if fmt == "tfrecord":
+            import tensorflow as tf
+
+            from ._tfrecord import parse_examples
+
+            ds = tf.data.TFRecordDataset(path, buffer_size=1 << 22).batch(BATCH)
+            for serialized in ds:
+                cols = {k: v.numpy() for k, v in parse_examples(serialized, schema).items()}
+                for f in schema.fields:
+                    if f.dtype == "string":
+                        cols[f.name] = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(cols[f.name]) \
+                            if cols[f.name].size else cols[f.name].astype(object)
+                for i in range(len(serialized)):
+                    yield {k: v[i] for k, v in cols.items()}
+            return
+        import pyarrow as pa
+
+        from ._arrow import check_batch, from_batch
+
+        if fmt == "arrow":
+            with pa.memory_map(path) as src:
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    if full_validation:
+                        batch.validate(full=True)
+                    check_batch(batch, schema)
+                    yield from from_batch(batch, schema)
+            return
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+        for batch in pf.iter_batches(batch_size=BATCH):
+            if full_validation:
+                batch.validate(full=True)
+            check_batch(batch, schema)
+            yield from from_batch(batch, schema)
+    except CorruptShard:
+        raise
+    except GeneratorExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard
+        raise CorruptShard(name, f"{type(e).__name__}: {e}") from e
+
+
+def shard_paths(directory: str, manifest: Mapping[str, Any]) -> list[str]:
+    return [os.path.join(directory, s["file"]) for s in manifest["shards"]]
+
+
+def read(directory: str, *, check_sha256: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Every record of a packed dataset as numpy dicts (packer dtypes; image_keys/meta as str object
+    arrays), shards in manifest order. Each shard's sha256 is checked before its records are returned,
+    and its record count after, so a corrupt or truncated shard raises CorruptShard naming it."""
+    manifest = read_manifest(directory)
+    schema = Schema.from_manifest(manifest)
+    fmt = manifest["format"]
+
+    def records() -> Iterator[dict[str, np.ndarray]]:
+        for shard in manifest["shards"]:
+            path = _check_sha(directory, shard) if check_sha256 else os.path.join(directory, shard["file"])
+            n = 0
+            for r in iter_shard(path, fmt, schema):
+                n += 1
+                yield r
+            if n != shard["num_sequences"]:
+                raise CorruptShard(shard["file"], f"holds {n} records, the manifest says {shard['num_sequences']}")
+
+    return records()

@@ -1,0 +1,153 @@
+"""The one definition of a packed record: field names, dtypes and shapes as functions of
+(L = seq_len, D = token_dim, E = max_images). Every format's encoder, parser and schema derives from it."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+META_PREFIX = "meta_"  # same as packer.META_PREFIX; kept here so readers need not import the packer
+FORMATS = {"tfrecord": "tfrecord", "arrow": "arrow", "parquet": "parquet"}  # format name -> file extension
+
+
+class SchemaError(Exception):
+    """Base class of every error raised by `schemas`."""
+
+
+class RecordError(SchemaError, ValueError):
+    """A record does not match the schema (missing field, wrong dtype or shape)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One record field. `dims` names its axes: "L" (tokens), "D" (patch bytes), "E" (image slots)."""
+
+    name: str
+    dtype: str  # uint8 | int32 | float32 | string
+    dims: tuple[str, ...]
+    doc: str
+
+
+BASE_FIELDS: tuple[Field, ...] = (
+    Field("patches", "uint8", ("L", "D"), "RGB pixels of each token's patch, row-major (P, P, 3) flattened; 0 at padding"),
+    Field("segment_ids", "int32", ("L",), "image of each token: 1..num_images in packing order; 0 = padding"),
+    Field("pos_y", "int32", ("L",), "patch row of the token in its image's grid (in patches, not pixels); 0 at padding"),
+    Field("pos_x", "int32", ("L",), "patch column of the token in its image's grid; 0 at padding"),
+    Field("num_images", "int32", (), "number of images packed in this sequence (k)"),
+    Field("image_keys", "string", ("E",), "image i's key (for a folder: path relative to it); '' in empty slots"),
+    Field("labels", "int32", ("E",), "class label of image i; -1 for none and in empty slots"),
+    Field("grid_h", "int32", ("E",), "patch rows of image i after resizing (before dropping); 0 in empty slots"),
+    Field("grid_w", "int32", ("E",), "patch columns of image i after resizing; 0 in empty slots"),
+    Field("orig_h", "int32", ("E",), "original pixel height of image i; 0 in empty slots"),
+    Field("orig_w", "int32", ("E",), "original pixel width of image i; 0 in empty slots"),
+    Field("num_tokens", "int32", ("E",), "tokens kept for image i (= count of segment_ids == i+1); 0 in empty slots"),
+    Field("drop_rates", "float32", ("E",), "realized token drop rate of image i: 1 - num_tokens/(grid_h*grid_w)"),
+)
+
+_NUMPY = {"uint8": np.uint8, "int32": np.int32, "float32": np.float32, "string": object}
+_META_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SchemaError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """Shape parameters plus the named pass-through metadata fields (stored as `meta_<name>`, string [E])."""
+
+    seq_len: int
+    token_dim: int
+    max_images: int
+    meta_fields: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "seq_len", _int("seq_len", self.seq_len))
+        object.__setattr__(self, "token_dim", _int("token_dim", self.token_dim))
+        object.__setattr__(self, "max_images", _int("max_images", self.max_images))
+        if isinstance(self.meta_fields, str):
+            raise SchemaError(f"meta_fields must be a sequence of names, got the string {self.meta_fields!r}")
+        names = tuple(self.meta_fields)
+        for n in names:
+            if not isinstance(n, str) or not _META_NAME.match(n):
+                raise SchemaError(f"meta field name {n!r} must match [A-Za-z0-9_]+")
+        if len(set(names)) != len(names):
+            raise SchemaError(f"duplicate meta field names in {names}")
+        object.__setattr__(self, "meta_fields", names)
+
+    @classmethod
+    def from_config(cls, config: Any, meta_fields: Iterable[str] = ()) -> "Schema":
+        """From a PackConfig or its to_json() dict."""
+        d = config.to_json() if hasattr(config, "to_json") else dict(config)
+        p = d["patch_size"]
+        e = d.get("max_images_per_seq") or max(1, d["seq_len"] // 16)
+        return cls(d["seq_len"], p * p * 3, e, tuple(meta_fields))
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "Schema":
+        return cls(manifest["seq_len"], manifest["token_dim"], manifest["max_images"], tuple(manifest.get("meta_fields", ())))
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        meta = tuple(Field(META_PREFIX + n, "string", ("E",), f"pass-through metadata '{n}' of image i (JSON text "
+                           "if not a string); '' in empty slots") for n in self.meta_fields)
+        return BASE_FIELDS + meta
+
+    def shape(self, field: Field) -> tuple[int, ...]:
+        dims = {"L": self.seq_len, "D": self.token_dim, "E": self.max_images}
+        return tuple(dims[d] for d in field.dims)
+
+    def to_json(self) -> dict:
+        return {"seq_len": self.seq_len, "token_dim": self.token_dim, "max_images": self.max_images,
+                "meta_fields": list(self.meta_fields),
+                "fields": [{"name": f.name, "dtype": f.dtype, "shape": list(self.shape(f)), "doc": f.doc}
+                           for f in self.fields]}
+
+    def validate(self, record: Mapping[str, Any]) -> None:
+        """Raise RecordError unless `record` has exactly the schema's fields with their dtypes and shapes."""
+        names = {f.name for f in self.fields}
+        missing, extra = names - set(record), set(record) - names
+        if missing or extra:
+            raise RecordError(f"record fields differ from the schema: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for f in self.fields:
+            arr = np.asarray(record[f.name])
+            want = self.shape(f)
+            if arr.shape != want:
+                raise RecordError(f"field {f.name}: shape {arr.shape}, expected {want}")
+            if f.dtype == "string":
+                if arr.dtype != object or not all(isinstance(v, str) for v in arr.reshape(-1)):
+                    raise RecordError(f"field {f.name}: expected an object array of str, got dtype {arr.dtype}")
+            elif arr.dtype != _NUMPY[f.dtype]:
+                raise RecordError(f"field {f.name}: dtype {arr.dtype}, expected {f.dtype}")
+
+
+def numpy_dtype(field: Field) -> Any:
+    return _NUMPY[field.dtype]
+
+
+def check_consistency(record: Mapping[str, np.ndarray], schema: Schema) -> None:
+    """Cross-field invariants of a packed record (beyond dtypes and shapes); RecordError if broken."""
+    k = int(record["num_images"])
+    seg = np.asarray(record["segment_ids"])
+    if not 0 <= k <= schema.max_images:
+        raise RecordError(f"num_images={k} outside [0, {schema.max_images}]")
+    counts = np.bincount(seg, minlength=k + 1) if seg.size and seg.min() >= 0 else None
+    if counts is None or counts.size != k + 1:
+        raise RecordError(f"segment_ids outside [0, num_images={k}]")
+    if not np.array_equal(counts[1:], np.asarray(record["num_tokens"])[:k]) or np.any(np.asarray(record["num_tokens"])[k:]):
+        raise RecordError("num_tokens disagrees with segment_ids")
+    real = seg > 0
+    if np.any(np.diff(seg[real]) < 0) or (real.any() and np.any(~real[: int(real.sum())])):
+        raise RecordError("segment_ids are not contiguous runs followed by padding")
+    gh = np.repeat(np.asarray(record["grid_h"])[:k], counts[1:])
+    gw = np.repeat(np.asarray(record["grid_w"])[:k], counts[1:])
+    py, px = np.asarray(record["pos_y"])[real], np.asarray(record["pos_x"])[real]
+    if np.any(py < 0) or np.any(px < 0) or np.any(py >= gh) or np.any(px >= gw):
+        raise RecordError("a token position lies outside its image's grid")
+    if np.any(np.asarray(record["patches"])[~real]) or np.any(record["pos_y"][~real]) or np.any(record["pos_x"][~real]):
+        raise RecordError("padding tokens are not zero")
