@@ -1,0 +1,218 @@
+"""PackedStream: exact resume, per-epoch reshuffle, rejects and their budget, tf.data shapes."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import packer
+from pipelines import stream as stream_mod
+from pipelines.stream import PackedStream, RejectBudgetExceeded, StreamError
+
+
+@dataclasses.dataclass
+class Rec:
+    key: str
+    data: bytes
+    label: "int | None" = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+class ListSource:
+    """A tiny in-test Source: units of a few records each (so offsets inside units matter)."""
+
+    def __init__(self, records, per_unit=3):
+        self._units = {f"unit-{i:03d}": records[i * per_unit:(i + 1) * per_unit]
+                       for i in range((len(records) + per_unit - 1) // per_unit)}
+        self.reads = 0
+
+    def units(self):
+        return list(self._units)
+
+    def read(self, unit):
+        self.reads += 1
+        yield from self._units[unit]
+
+    def __iter__(self):
+        for u in self.units():
+            yield from self.read(u)
+
+
+def jpeg(h, w, seed):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def make_records(n=30, bad=()):
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        h, w = int(rng.integers(16, 90)), int(rng.integers(16, 90))
+        data = b"not an image" if i in bad else jpeg(h, w, i)
+        out.append(Rec(f"img{i:03d}.jpg", data, label=i % 5, meta={"caption": f"c{i}"}))
+    return out
+
+
+CONFIG = packer.PackConfig(seq_len=64, patch_size=8, resolution="uniform:16:64", token_drop="beta:0.3:0.6",
+                           max_images_per_seq=6, window=8, seed=3)
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        assert a[k].dtype == b[k].dtype, k
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9, 17])
+@pytest.mark.parametrize("num_parallel", [0, 3])
+def test_resume_at_k_matches_uninterrupted(k, num_parallel):
+    recs = make_records(20, bad={5})
+    kwargs = dict(epochs=None, meta_fields=("caption",), shuffle_block=7)
+    full = PackedStream(ListSource(recs), CONFIG, num_parallel=num_parallel, **kwargs)
+    expected = take(full, k + 8)
+    first = PackedStream(ListSource(recs), CONFIG, num_parallel=num_parallel, **kwargs)
+    take(first, k)
+    saved = json.loads(json.dumps(first.state()))  # must survive JSON
+    first.close()
+    # Every object rebuilt fresh: new records, new source, new config object.
+    config = packer.PackConfig(**json.loads(json.dumps(CONFIG.to_json())))
+    resumed = PackedStream(ListSource(make_records(20, bad={5})), config, num_parallel=num_parallel, state=saved, **kwargs)
+    got = take(resumed, 8)
+    for a, b in zip(got, expected[k:]):
+        assert_same(a, b)
+    assert resumed.stats["sequences"] == k + 8
+    assert resumed.rejects == full.rejects  # both have seen epoch 0's bad image by now
+
+
+def test_resume_spans_epoch_boundaries_and_finite_end():
+    recs = make_records(12)
+    full = list(PackedStream(ListSource(recs), CONFIG, epochs=3, num_parallel=0))
+    epochs_of = [sorted(set(packer.unpack(r)[0].key for r in full))]
+    assert epochs_of  # non-empty
+    seen = collections.Counter(str(k) for r in full for k in r["image_keys"][: int(r["num_images"])])
+    assert set(seen.values()) == {3} and len(seen) == 12  # each image exactly once per epoch, end flushed
+    for k in range(len(full) + 1):
+        s = PackedStream(ListSource(recs), CONFIG, epochs=3, num_parallel=0)
+        take(s, k)
+        resumed = PackedStream(ListSource(recs), CONFIG, epochs=3, num_parallel=2, state=s.state())
+        rest = list(resumed)
+        assert len(rest) == len(full) - k
+        for a, b in zip(rest, full[k:]):
+            assert_same(a, b)
+
+
+def test_parallelism_does_not_change_output():
+    recs = make_records(25, bad={3, 11})
+    a = list(PackedStream(ListSource(recs), CONFIG, epochs=2, num_parallel=0))
+    b = list(PackedStream(ListSource(recs), CONFIG, epochs=2, num_parallel=4))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert_same(x, y)
+
+
+def epoch_orders(recs, epochs, seed=3):
+    """Image keys in the order the stream reads them, per epoch (one image per sequence, in order)."""
+    config = dataclasses.replace(CONFIG, seed=seed, max_images_per_seq=1, packer="next-fit")
+    keys = [str(r["image_keys"][0]) for r in PackedStream(ListSource(recs), config, epochs=epochs, num_parallel=0,
+                                                         shuffle_block=5)]
+    n = len(recs)
+    return [keys[i * n:(i + 1) * n] for i in range(epochs)]
+
+
+def test_epochs_reshuffle_deterministically():
+    recs = make_records(15)
+    orders = epoch_orders(recs, 3)
+    assert all(sorted(o) == sorted(r.key for r in recs) for o in orders)  # a permutation each epoch
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert orders == epoch_orders(recs, 3)  # a pure function of the seed
+    assert epoch_orders(recs, 1, seed=4)[0] != orders[0]
+
+
+def test_resolution_and_drop_are_per_epoch_and_schedule_advances():
+    recs = make_records(10)
+    config = dataclasses.replace(CONFIG, token_drop="const:0.5@sigmoid:0.1:0.7:15:-2", max_images_per_seq=1,
+                                 packer="next-fit", resolution="uniform:32:64")
+    out = list(PackedStream(ListSource(recs), config, epochs=3, num_parallel=0))
+    by_key = collections.defaultdict(list)
+    for r in out:
+        by_key[str(r["image_keys"][0])].append((int(r["grid_h"][0]), int(r["grid_w"][0]), float(r["drop_rates"][0])))
+    assert any(len(set(g[:2] for g in v)) > 1 for v in by_key.values())  # resolution redrawn per epoch
+    rates = [float(r["drop_rates"][0]) for r in out]
+    assert np.mean(rates[:10]) > np.mean(rates[-10:]) + 0.2  # decreasing schedule over images seen
+    data = {r.key: r for r in recs}
+    for i, r in enumerate(out):  # sequence i holds the i-th image read: images_seen = i, epoch = i // 10
+        im = packer.unpack(r)[0]
+        src = data[im.key]
+        ref = packer.prepare_image(src.data, src.key, config, epoch=i // 10, images_seen=i, label=src.label)
+        np.testing.assert_array_equal(im.patches, ref.patches)
+        assert im.drop_rate == pytest.approx(ref.drop_rate)
+
+
+def test_rejects_are_skipped_and_counted():
+    recs = make_records(20, bad={2, 9})
+    recs[14] = Rec("empty.jpg", b"")
+    s = PackedStream(ListSource(recs), CONFIG, epochs=2, num_parallel=2)
+    out = list(s)
+    keys = collections.Counter(str(k) for r in out for k in r["image_keys"][: int(r["num_images"])])
+    assert len(keys) == 17 and set(keys.values()) == {2}
+    assert s.rejects == {"undecodable": 4, "empty": 2}
+    assert s.stats["images_rejected"] == 6 and s.stats["images_seen"] == 40
+    assert {e["key"] for e in s.reject_examples} == {"img002.jpg", "img009.jpg", "empty.jpg"}
+
+
+def test_reject_budget_raises_typed_error():
+    recs = make_records(20, bad={2, 9, 13})
+    with pytest.raises(RejectBudgetExceeded, match="3 of .* rejected.*max_rejects=2") as e:
+        list(PackedStream(ListSource(recs), CONFIG, epochs=1, max_rejects=2, num_parallel=0))
+    assert e.value.counts == {"undecodable": 3}
+    assert len(list(PackedStream(ListSource(recs), CONFIG, epochs=1, max_rejects=3, num_parallel=0))) > 0
+    with pytest.raises(RejectBudgetExceeded):  # 3/20 = 15% > 10%, checked at the epoch end
+        list(PackedStream(ListSource(recs), CONFIG, epochs=1, max_rejects=0.1, num_parallel=0))
+    assert list(PackedStream(ListSource(recs), CONFIG, epochs=1, max_rejects=0.2, num_parallel=0))
+
+
+def test_all_rejected_or_empty_source_fails_instead_of_spinning():
+    with pytest.raises(StreamError, match="rejected"):
+        next(PackedStream(ListSource([Rec("a", b"x"), Rec("b", b"")]), CONFIG, num_parallel=0))
+    with pytest.raises(StreamError, match="no records"):
+        next(PackedStream(ListSource([]), CONFIG, num_parallel=0))
+
+
+def test_state_from_other_config_is_refused():
+    s = PackedStream(ListSource(make_records(6)), CONFIG, num_parallel=0)
+    next(s)
+    with pytest.raises(StreamError, match="seed"):
+        PackedStream(ListSource(make_records(6)), dataclasses.replace(CONFIG, seed=9), num_parallel=0, state=s.state())
+
+
+def test_tf_dataset_static_shapes_and_same_records():
+    tf = pytest.importorskip("tensorflow")
+    recs = make_records(12)
+    ds = stream_mod.as_tf_dataset(ListSource(recs), CONFIG, epochs=1, meta_fields=("caption",), num_parallel=2)
+    L, D, E = CONFIG.seq_len, CONFIG.token_dim, CONFIG.max_images_per_seq
+    spec = ds.element_spec
+    assert spec["patches"].shape == (L, D) and spec["patches"].dtype == tf.uint8
+    assert spec["segment_ids"].shape == (L,) and spec["num_images"].shape == ()
+    assert spec["image_keys"].shape == (E,) and spec["image_keys"].dtype == tf.string
+    assert spec["meta_caption"].shape == (E,)
+    batched = ds.batch(2, drop_remainder=True)
+    assert batched.element_spec["patches"].shape == (2, L, D)
+    expected = list(PackedStream(ListSource(recs), CONFIG, epochs=1, meta_fields=("caption",), num_parallel=0))
+    got = list(ds.as_numpy_iterator())
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g["patches"], e["patches"])
+        assert [k.decode() for k in g["image_keys"]] == list(e["image_keys"])
+        assert [k.decode() for k in g["meta_caption"]] == list(e["meta_caption"])
