@@ -370,3 +370,46 @@ class PackedStream:
         if missing:
             raise StreamError(f"the source no longer has the records {missing[:3]} named in the state")
         return out  # type: ignore[return-value]
+
+
+def element_spec(config: PackConfig, meta_fields: Sequence[str] = ()) -> dict:
+    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [E_max], []."""
+    import tensorflow as tf
+
+    L, E = config.seq_len, config.max_images_per_seq
+    spec = {"patches": tf.TensorSpec((L, config.token_dim), tf.uint8, "patches"),
+            "segment_ids": tf.TensorSpec((L,), tf.int32, "segment_ids"),
+            "pos_y": tf.TensorSpec((L,), tf.int32, "pos_y"), "pos_x": tf.TensorSpec((L,), tf.int32, "pos_x"),
+            "num_images": tf.TensorSpec((), tf.int32, "num_images"),
+            "image_keys": tf.TensorSpec((E,), tf.string, "image_keys")}
+    for name, (dtype, _) in packer.PER_IMAGE_FIELDS.items():
+        spec[name] = tf.TensorSpec((E,), tf.as_dtype(dtype), name)
+    for name in meta_fields:
+        spec[packer.META_PREFIX + name] = tf.TensorSpec((E,), tf.string, packer.META_PREFIX + name)
+    return spec
+
+
+def _tf_ready(record: dict) -> dict:
+    """Object arrays of str become bytes arrays, which tf.data takes as tf.string."""
+    return {k: (v.astype(np.bytes_) if v.dtype == object else v) for k, v in record.items()}
+
+
+def as_tf_dataset(source: Any, config: PackConfig, *, state: Optional[dict] = None, **stream_kwargs):
+    """A tf.data.Dataset of packed records (unbatched; every shape static, so the caller batches).
+
+    It wraps a PackedStream (same arguments) in Dataset.from_generator: decoding and resizing run in
+    the stream's thread pool (`num_parallel`), not in tf.data map calls, because packing is a
+    sequential, stateful step that tf.data cannot parallelize and py_function calls would hold the GIL;
+    add `.prefetch()` to overlap packing with the training step. Each iteration of the dataset starts a
+    fresh stream (from `state` when given)."""
+    import tensorflow as tf
+
+    meta_fields = tuple(stream_kwargs.get("meta_fields", ()))
+    resolved = resolve_source(source, meta_fields)
+
+    def generate():
+        with PackedStream(resolved, config, state=state, **stream_kwargs) as stream:
+            for record in stream:
+                yield _tf_ready(record)
+
+    return tf.data.Dataset.from_generator(generate, output_signature=element_spec(config, meta_fields))

@@ -75,7 +75,7 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("k", [0, 1, 4, 9, 17])
+@pytest.mark.parametrize("k", [0, 1, 6, 8, 17])  # 6, 8: images pending in the packer
 @pytest.mark.parametrize("num_parallel", [0, 3])
 def test_resume_at_k_matches_uninterrupted(k, num_parallel):
     recs = make_records(20, bad={5})
