@@ -333,6 +333,75 @@ def issue2_targets(sizes: Sequence[ImageSize], *, draws: int = 20_000, speed_ite
     }
 
 
+ADVISE_SEQ_LENS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+def smallest_emax(lengths: np.ndarray, capacity: int, spec: PackerSpec, tolerance: float = 0.001) -> tuple[int, float]:
+    """The smallest E_max whose efficiency is within `tolerance` of packing without an E_max limit (binary
+    search; efficiency does not decrease as E_max grows, up to packer noise), and that efficiency."""
+    items, total = lengths.tolist(), int(np.sum(lengths))
+    eff = lambda e: total / (len(packer.pack_lengths(items, spec.name, capacity, e, spec.window)) * capacity)  # noqa: E731
+    free = eff(capacity)
+    lo, hi = 1, capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if eff(mid) >= free - tolerance:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, eff(lo)
+
+
+def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", token_drop: str = "none",
+           target_padding: float = 0.02, seq_lens: Sequence[int] = ADVISE_SEQ_LENS, packer_spec: str = "window-bfd",
+           draws: int = 20_000, patch_size: int = 16, seed: int = 0, max_shrunk: float = 0.01) -> dict[str, Any]:
+    """Recommend a sequence length L and E_max for a padding target (the paper kept padding under 2% by
+    tuning L). For each candidate L: padding with the chosen packer and E_max, the smallest E_max that costs
+    at most 0.1 points of efficiency, and the share of draws whose sampled resolution needs more than L tokens
+    (those images would be shrunk to fit, changing the resolution distribution). The recommendation is the
+    smallest L (attention cost grows with L) that meets the target while shrinking at most `max_shrunk` of the
+    images (rounding to patches pushes a few just over the cap); failing that,
+    the L with the least padding."""
+    spec = PackerSpec.parse(packer_spec)
+    if not 0 <= target_padding < 1:
+        raise ValueError(f"target_padding must be in [0, 1), got {target_padding}")
+    big = max(seq_lens)
+    uncapped = draw_tokens(sizes, packer.PackConfig(seq_len=big, patch_size=patch_size, resolution=resolution,
+                                                    token_drop=token_drop, seed=seed), draws)
+    rows = []
+    for L in sorted(seq_lens):
+        config = packer.PackConfig(seq_len=L, patch_size=patch_size, resolution=resolution, token_drop=token_drop, seed=seed)
+        lengths = uncapped if L == big else draw_tokens(sizes, config, draws)
+        emax, eff = smallest_emax(lengths, L, spec)
+        bounds = lower_bounds(lengths, L, emax)
+        rows.append({"seq_len": L, "max_images": emax, "padding": 1.0 - eff, "efficiency": eff,
+                     "padding_bound": 1.0 - int(lengths.sum()) / (bounds["best"] * L),
+                     "images_per_seq": len(lengths) * eff * L / int(lengths.sum()),
+                     "shrunk": float(np.mean(uncapped > L)), "mean_tokens": float(lengths.mean())})
+    ok = [r for r in rows if r["padding"] <= target_padding and r["shrunk"] <= max_shrunk]
+    best = ok[0] if ok else min(rows, key=lambda r: (r["padding"], r["seq_len"]))
+    return {"resolution": resolution, "token_drop": token_drop, "packer": spec.label, "draws": draws,
+            "patch_size": patch_size, "target_padding": target_padding, "max_shrunk": max_shrunk, "candidates": rows,
+            "recommended": {"seq_len": best["seq_len"], "max_images": best["max_images"], "padding": best["padding"],
+                            "meets_target": bool(ok)}}
+
+
+def format_advice(a: dict[str, Any]) -> str:
+    lines = [f"{a['resolution']}, drop {a['token_drop']}, packer {a['packer']}, {a['draws']:,} draws, "
+             f"target padding {100 * a['target_padding']:.1f}%",
+             f"  {'L':>6}{'E_max':>7}{'pad %':>8}{'bound %':>9}{'img/seq':>9}{'tok/img':>9}{'shrunk %':>10}"]
+    for r in a["candidates"]:
+        lines.append(f"  {r['seq_len']:6d}{r['max_images']:7d}{100 * r['padding']:8.2f}{100 * r['padding_bound']:9.2f}"
+                     f"{r['images_per_seq']:9.2f}{r['mean_tokens']:9.1f}{100 * r['shrunk']:10.2f}")
+    rec = a["recommended"]
+    verdict = "meets the target" if rec["meets_target"] else "no candidate meets the target; least padding"
+    lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images {rec['max_images']} "
+                 f"(padding {100 * rec['padding']:.2f}%, {verdict})")
+    lines.append("  (bound: padding of the lower bound max(L2, ceil(n/E_max)); shrunk: draws needing more than L "
+                 f"tokens, which would be resized to fit; at most {100 * a['max_shrunk']:.1f}% allowed)")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 def machine_info() -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = [
     "pipelines.cmd_verify",
+    "pipelines.cmd_bench", "pipelines.cmd_advise",
 ]
 
 

@@ -1,0 +1,48 @@
+"""`navit-pack advise`: recommend a sequence length L and E_max for a padding target."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    import packer
+    from benchmarks.packing import ADVISE_SEQ_LENS
+
+    p = subparsers.add_parser("advise", help="recommend L and E_max for a padding target",
+                              description="Packs resampled draws of SRC's size distribution at candidate sequence "
+                                          "lengths and recommends the smallest L whose padding meets the target.")
+    p.add_argument("--input", required=True, help="image folder, source spec, or CSV of sizes (key,height,width)")
+    p.add_argument("--resolution", default="uniform:64:256", help=packer.RESOLUTION_HELP)
+    p.add_argument("--token-drop", default="none", help=packer.DROP_HELP)
+    p.add_argument("--target-padding", type=float, default=0.02, help="largest acceptable padding fraction")
+    p.add_argument("--max-shrunk", type=float, default=0.01,
+                   help="largest share of images allowed to need more than L tokens (they are shrunk to fit)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=list(ADVISE_SEQ_LENS), help="candidate lengths")
+    p.add_argument("--packer", default="window-bfd", help="packer to plan for (window-bfd@W for another window)")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--draws", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the advice as JSON here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import packer
+    from benchmarks import packing
+
+    try:
+        sizes = packing.load_sizes(args.input)
+        advice = packing.advise(sizes, resolution=args.resolution, token_drop=args.token_drop,
+                                target_padding=args.target_padding, seq_lens=args.seq_len, packer_spec=args.packer,
+                                draws=args.draws, patch_size=args.patch_size, seed=args.seed,
+                                max_shrunk=args.max_shrunk)
+    except (ValueError, packer.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(packing.format_advice(advice))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(advice, f, indent=1)
+    return 0

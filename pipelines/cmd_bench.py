@@ -1,0 +1,26 @@
+"""`navit-pack bench packing`: the packing-efficiency sweep of benchmarks/packing.py."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    from benchmarks import packing
+
+    bench = subparsers.add_parser("bench", help="benchmarks (packing efficiency)")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = kinds.add_parser("packing", help="packing efficiency of every packer and peer over a size distribution",
+                         description=packing.__doc__.split("\n\n")[0])
+    packing.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks import packing
+
+    try:
+        return packing.run(args, command="navit-pack " + " ".join(sys.argv[1:]))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
