@@ -1,0 +1,148 @@
+"""Command-line options that shape the packed output, shared by `pack`, `serve` and `bench`.
+
+`add_pack_options(parser)` adds them; `config_from_args(args)` turns them into a validated PackConfig.
+Values are parsed here rather than by argparse so that every invalid value gives exactly one line on
+stderr naming the option and what it accepts (argparse would print the usage block first), and the
+command exits with status 2 before doing any work.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+import packer
+
+# PackConfig field -> command-line flag, so that a packer.ConfigError names the flag the user typed.
+CONFIG_FLAGS = {
+    "seq_len": "--seq-len", "patch_size": "--patch-size", "resolution": "--resolution",
+    "token_drop": "--token-drop", "max_images_per_seq": "--max-images-per-seq",
+    "max_tokens_per_image": "--max-tokens-per-image", "packer": "--packer", "window": "--window",
+    "seed": "--seed", "max_pixels": "--max-pixels", "fill": "--fill",
+}
+LABEL_MODES = ("auto", "none")
+
+
+class OptionError(ValueError):
+    """An invalid command-line value; the message names the flag and what it accepts."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def fail(error: OptionError | str, prog: str = "navit-pack") -> NoReturn:
+    """Print one line `navit-pack: error: ...` and exit with status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_int(value, flag: str, minimum: int | None = None, allow_none: bool = False) -> int | None:
+    """An integer option (>= minimum), or None when allowed and the value is absent or 'auto'."""
+    if allow_none and (value is None or value == "auto"):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise OptionError(flag, f"must be an integer{bound}{' or auto' if allow_none else ''}, got {value!r}")
+    return number
+
+
+def parse_float(value, flag: str, low: float, high: float) -> float:
+    """A float option in [low, high]."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not low <= number <= high:
+        raise OptionError(flag, f"must be a number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def parse_choice(value, flag: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise OptionError(flag, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_meta_fields(value: str | None) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'); names must be unique identifiers-like strings."""
+    if not value:
+        return ()
+    names = tuple(n.strip() for n in value.split(","))
+    if any(not n or not n.replace("_", "").replace("-", "").isalnum() for n in names) or len(set(names)) != len(names):
+        raise OptionError("--meta-fields", f"must be comma-separated unique names (letters, digits, _ or -), got {value!r}")
+    return names
+
+
+def add_pack_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that define a PackConfig, plus --labels and --meta-fields."""
+    g = parser.add_argument_group("packing options (same names and spec strings as packer.PackConfig)")
+    g.add_argument("--seq-len", default="256", metavar="L",
+                   help="tokens per packed sequence (default 256), e.g. --seq-len 1024")
+    g.add_argument("--patch-size", default="16", metavar="P",
+                   help="patch side in pixels (default 16); a token is P*P*3 bytes, e.g. --patch-size 14")
+    g.add_argument("--resolution", default="native", metavar="SPEC",
+                   help=f"per-image effective resolution: {packer.RESOLUTION_HELP} (default native). "
+                        "Area R*R, aspect ratio kept, e.g. --resolution uniform:64:256 (NaViT pretraining)")
+    g.add_argument("--token-drop", default="none", metavar="SPEC",
+                   help=f"per-image token dropping: {packer.DROP_HELP} (default none), "
+                        "e.g. --token-drop beta:0.25:0.5 or --token-drop const:0.5@sigmoid:0.2:0.8:1e6:-2e5")
+    g.add_argument("--max-images-per-seq", default=None, metavar="E",
+                   help="at most E images in one sequence (E_max, default seq_len//16), e.g. --max-images-per-seq 8")
+    g.add_argument("--max-tokens-per-image", default=None, metavar="T",
+                   help="cap on one image's tokens before dropping (default seq_len); larger images are "
+                        "resized to fit, e.g. --max-tokens-per-image 196")
+    g.add_argument("--packer", default=packer.PACKERS[0], metavar="NAME",
+                   help=f"packing algorithm: {', '.join(packer.PACKERS)} (default {packer.PACKERS[0]}: streaming "
+                        "best-fit-decreasing over a window), e.g. --packer first-fit (the paper's greedy)")
+    g.add_argument("--window", default="1024", metavar="N",
+                   help="window-bfd: images considered together (default 1024), e.g. --window 4096")
+    g.add_argument("--seed", default="0", metavar="S",
+                   help="seed of every per-image random choice (resolution, drop, order; default 0), e.g. --seed 7")
+    g.add_argument("--max-pixels", default="100000000", metavar="N",
+                   help="reject images with more pixels than this (decompression bombs; default 1e8), "
+                        "e.g. --max-pixels 50000000")
+    g.add_argument("--fill", default="none", metavar="MODE",
+                   help="none (default) or exact: resize the last image of a sequence to fill it exactly, e.g. --fill exact")
+    g.add_argument("--labels", default="auto", metavar="MODE",
+                   help="auto (default: from sub-folder names or the dataset's label column) or none (all -1), "
+                        "e.g. --labels none")
+    g.add_argument("--meta-fields", default="", metavar="A,B",
+                   help="source metadata fields carried per image as meta_<name> columns, e.g. --meta-fields caption,url")
+
+
+def config_from_args(args: argparse.Namespace) -> packer.PackConfig:
+    """A validated PackConfig from parsed arguments; on a bad value prints one line and exits 2."""
+    try:
+        return config_or_error(args)
+    except OptionError as e:
+        fail(e)
+
+
+def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
+    """Like config_from_args, but raises OptionError (for callers that report errors themselves)."""
+    parse_choice(args.labels, "--labels", LABEL_MODES)
+    parse_meta_fields(args.meta_fields)
+    values = dict(
+        seq_len=parse_int(args.seq_len, "--seq-len", 1),
+        patch_size=parse_int(args.patch_size, "--patch-size", 1),
+        resolution=args.resolution,
+        token_drop=args.token_drop,
+        max_images_per_seq=parse_int(args.max_images_per_seq, "--max-images-per-seq", 1, allow_none=True),
+        max_tokens_per_image=parse_int(args.max_tokens_per_image, "--max-tokens-per-image", 1, allow_none=True),
+        packer=args.packer,
+        window=parse_int(args.window, "--window", 1),
+        seed=parse_int(args.seed, "--seed", 0),
+        max_pixels=parse_int(args.max_pixels, "--max-pixels", 1),
+        fill=args.fill,
+    )
+    try:
+        return packer.PackConfig(**values)
+    except packer.ConfigError as e:
+        flag = CONFIG_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        message = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
+        raise OptionError(flag, message) from None
