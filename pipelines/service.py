@@ -1,0 +1,162 @@
+"""Scale-out with tf.data service: a dispatcher and workers that run the packing pipeline, and the
+dataset graph trainers read from them.
+
+Graph. `service_dataset` is `range(epochs * num_units).batch(group_units).flat_map(pack the group)`:
+the source elements are (epoch, unit) indices; index i is unit (i mod U) of epoch i // U, in the
+epoch's order (units ordered by stable_hash(unit, f"{seed}/{epoch}/unit"), as in PackedStream). Each
+group of up to `group_units` consecutive indices a worker receives is packed on its own (images
+prepared by a thread pool, the packer flushed at the group's end), so no image is ever split or lost.
+
+Sharding (the `processing_mode` readers pass):
+  - "dynamic" (ShardingPolicy.DYNAMIC, the default here): the dispatcher hands the range's elements
+    (source units) to the workers one split at a time, so every unit of every epoch goes to exactly one
+    worker: each image is packed exactly once per epoch while no worker fails, at most once if one does
+    (its unfinished splits are not re-sent). Which worker packs which unit, and so the sequence order,
+    depends on timing.
+  - "off": every worker runs the whole pipeline, so each image is packed once per worker per epoch
+    (identical sequences from every worker; use it only with one worker or to test).
+Both are tested with a dispatcher and two workers on 127.0.0.1 (tests/test_service.py).
+
+Processes. from_generator runs Python code, which a tf.data worker can only run in the process that
+built the graph. So `navit-pack serve` builds and registers the dataset in the same process as its
+workers (register_dataset with a fixed dataset_id), and trainers in other processes read it with
+`read_service` (tf.data.experimental.service.from_dataset_id); inside one process, `distribute` works too.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import os
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+import packer
+from packer import ImageRejected, PackConfig
+
+from .stream import _epoch_units, _prepare, _tf_ready, element_spec, resolve_source
+
+SHARDING_MODES = ("dynamic", "off")
+DEFAULT_DATASET_ID = "navit-pack"
+
+# Rejected images in this process's service pipelines, by reason (tf.data workers cannot report them
+# to the trainer); `navit-pack serve` prints them.
+REJECTS: collections.Counter = collections.Counter()
+_REJECTS_LOCK = threading.Lock()
+
+
+def _pack_group(source, units: list[str], config: PackConfig, indices: np.ndarray, *, shuffle: bool,
+                meta_fields: Sequence[str], pool, images_per_unit: float) -> Iterator[dict]:
+    """Packed records of the units named by `indices` (i -> unit i mod U of epoch i // U), flushed at the end."""
+    order = functools.lru_cache(maxsize=4)(lambda e: _epoch_units(units, config.seed, e, shuffle))
+    tasks = []
+    for i in (int(x) for x in indices):
+        epoch, pos = divmod(i, len(units))
+        for k, rec in enumerate(source.read(order(epoch)[pos])):
+            tasks.append((rec, epoch, int(i * images_per_unit) + k))
+    results = pool.map(lambda t: _prepare(config, *t), tasks) if pool else (_prepare(config, *t) for t in tasks)
+    pk = packer.SequencePacker(config, meta_fields)
+    for result in results:
+        if isinstance(result, ImageRejected):
+            with _REJECTS_LOCK:
+                REJECTS[result.reason] += 1
+            continue
+        yield from pk.add(result)
+    yield from pk.flush()
+
+
+def service_dataset(source: Any, config: PackConfig, *, epochs: int = 1, group_units: int = 64,
+                    shuffle: bool = True, meta_fields: Sequence[str] = (), num_parallel: Optional[int] = None,
+                    images_per_unit: float = 1.0):
+    """The dataset graph tf.data service workers run (see the module docstring for its sharding).
+
+    images_per_unit: the drop schedule's images_seen is estimated as index * images_per_unit (exact for
+    one-image units such as files in a folder)."""
+    import tensorflow as tf
+
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1 for tf.data service, got {epochs!r}")
+    if not isinstance(group_units, int) or group_units < 1:
+        raise ValueError(f"group_units must be an integer >= 1, got {group_units!r}")
+    meta_fields = tuple(meta_fields)
+    src = resolve_source(source, meta_fields)
+    units = list(src.units())
+    if not units:
+        raise ValueError("the source has no units")
+    threads = min(8, os.cpu_count() or 1) if num_parallel is None else num_parallel
+    pool = concurrent.futures.ThreadPoolExecutor(threads, "navit-service") if threads > 1 else None
+    spec = element_spec(config, meta_fields)
+
+    def generate(indices):
+        for record in _pack_group(src, units, config, indices, shuffle=shuffle, meta_fields=meta_fields,
+                                  pool=pool, images_per_unit=images_per_unit):
+            yield _tf_ready(record)
+
+    def pack(indices):
+        return tf.data.Dataset.from_generator(generate, args=(indices,), output_signature=spec)
+
+    return tf.data.Dataset.range(epochs * len(units)).batch(group_units).flat_map(pack)
+
+
+def distribute(dataset, service: str, processing_mode: str = "dynamic", job_name: Optional[str] = None):
+    """`dataset` read through the tf.data service at `service` (same process as the workers)."""
+    import tensorflow as tf
+
+    return dataset.apply(tf.data.experimental.service.distribute(
+        processing_mode=_policy(processing_mode), service=service, job_name=job_name))
+
+
+def register(dataset, service: str, dataset_id: str = DEFAULT_DATASET_ID) -> str:
+    """Register `dataset` with the dispatcher under a fixed id, for readers in other processes."""
+    import tensorflow as tf
+
+    return tf.data.experimental.service.register_dataset(service, dataset, dataset_id=dataset_id)
+
+
+def read_service(service: str, config: PackConfig, *, dataset_id: str = DEFAULT_DATASET_ID,
+                 processing_mode: str = "dynamic", meta_fields: Sequence[str] = (), job_name: Optional[str] = None):
+    """What a trainer calls: the packed records of a registered dataset, from the workers."""
+    import tensorflow as tf
+
+    return tf.data.experimental.service.from_dataset_id(
+        processing_mode=_policy(processing_mode), service=service, dataset_id=dataset_id,
+        element_spec=element_spec(config, meta_fields), job_name=job_name)
+
+
+def _policy(mode: str):
+    import tensorflow as tf
+
+    if mode not in SHARDING_MODES:
+        raise ValueError(f"processing_mode must be one of {', '.join(SHARDING_MODES)}, got {mode!r}")
+    policy = tf.data.experimental.service.ShardingPolicy
+    return policy.DYNAMIC if mode == "dynamic" else policy.OFF
+
+
+class LocalService:
+    """A dispatcher and `num_workers` workers in this process, on 127.0.0.1; stop() ends them."""
+
+    def __init__(self, num_workers: int = 2, port: int = 0, host: str = "127.0.0.1"):
+        import tensorflow as tf
+
+        svc = tf.data.experimental.service
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=port))
+        self.dispatcher_address = self.dispatcher.target.split("://")[1]
+        self.workers = [svc.WorkerServer(svc.WorkerConfig(dispatcher_address=self.dispatcher_address,
+                                                          worker_address=f"{host}:%port%"))
+                        for _ in range(num_workers)]
+        self.target = self.dispatcher.target
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w._stop()  # noqa: SLF001 - the only way TF offers to stop an in-process server
+        self.dispatcher._stop()  # noqa: SLF001
+
+    def __enter__(self) -> "LocalService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,76 @@
+"""tf.data service: a dispatcher and two workers on 127.0.0.1, and the sharding guarantee."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+import packer
+
+tf = pytest.importorskip("tensorflow")
+
+from pipelines import service  # noqa: E402
+from test_stream import CONFIG, ListSource, make_records  # noqa: E402
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def local_service():
+    svc = service.LocalService(num_workers=2)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_records(16, bad={4})
+
+
+def occurrences(out, recs):
+    """Counter of (key, epoch): each packed image is matched to prepare_image at epoch 0 or 1."""
+    data = {r.key: r for r in recs}
+    seen = collections.Counter()
+    for rec in out:
+        rec = {k: (np.array([x.decode() for x in v], object) if v.dtype.kind in "SO" else v) for k, v in rec.items()}
+        for im in packer.unpack(rec):
+            src = data[im.key]
+            epochs = [e for e in range(EPOCHS)
+                      if np.array_equal(packer.prepare_image(src.data, src.key, CONFIG, epoch=e).patches, im.patches)]
+            assert len(epochs) == 1, (im.key, epochs)
+            seen[(im.key, epochs[0])] += 1
+    return seen
+
+
+def dataset(recs):
+    return service.service_dataset(ListSource(recs, per_unit=1), CONFIG, epochs=EPOCHS, group_units=3, num_parallel=2)
+
+
+def test_dynamic_sharding_packs_each_image_exactly_once_per_epoch(local_service, records):
+    before = service.REJECTS["undecodable"]
+    out = list(service.distribute(dataset(records), local_service.target, "dynamic").as_numpy_iterator())
+    seen = occurrences(out, records)
+    good = [r.key for r in records if r.key != "img004.jpg"]
+    assert seen == collections.Counter({(k, e): 1 for k in good for e in range(EPOCHS)})
+    assert service.REJECTS["undecodable"] - before == EPOCHS  # the bad image, skipped and counted each epoch
+
+
+def test_sharding_off_runs_the_whole_pipeline_on_every_worker(local_service, records):
+    out = list(service.distribute(dataset(records), local_service.target, "off").as_numpy_iterator())
+    seen = occurrences(out, records)
+    assert set(seen.values()) == {2} and len(seen) == (len(records) - 1) * EPOCHS  # once per worker per epoch
+
+
+def test_registered_dataset_read_by_id_with_static_shapes(local_service, records):
+    dataset_id = service.register(dataset(records), local_service.target, "navit-test")
+    ds = service.read_service(local_service.target, CONFIG, dataset_id="navit-test", processing_mode="dynamic")
+    assert ds.element_spec["patches"].shape == (CONFIG.seq_len, CONFIG.token_dim)
+    out = list(ds.as_numpy_iterator())
+    assert dataset_id.numpy() == b"navit-test"
+    assert sum(occurrences(out, records).values()) == (len(records) - 1) * EPOCHS
+
+
+def test_bad_sharding_mode_is_refused(local_service, records):
+    with pytest.raises(ValueError, match="processing_mode"):
+        service.distribute(dataset(records), local_service.target, "static")
