@@ -8,8 +8,12 @@ import sys
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = [
+    "pipelines.cmd_pack",
+    "pipelines.cmd_stats",
+    "pipelines.cmd_inspect",
     "pipelines.cmd_verify",
     "pipelines.cmd_bench", "pipelines.cmd_advise",
+    "pipelines.cmd_serve",
 ]
 
 
