@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._io import _check_sha, iter_shard, read_manifest
+from ._io import CorruptShard, _check_sha, iter_shard, read_manifest
 from ._schema import Schema
 
 
@@ -22,7 +22,9 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     schema = Schema.from_manifest(manifest)
     fmt = manifest["format"]
     paths = [_check_sha(directory, s) if check_sha256 else os.path.join(directory, s["file"]) for s in manifest["shards"]]
-    files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string) if paths else tf.zeros([0], tf.string))
+    counts = [int(s["num_sequences"]) for s in manifest["shards"]]
+    files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]),
+                                                tf.constant(counts, tf.int64, shape=[len(counts)])))
     if shuffle_shards:
         files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
     cycle = cycle_length or max(1, min(len(paths), 8))
@@ -30,10 +32,7 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     if fmt == "tfrecord":
         from ._tfrecord import parse_examples
 
-        def open_shard(path):
-            return tf.data.TFRecordDataset(path, buffer_size=1 << 22)
-
-        ds = files.interleave(open_shard, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
+        ds = files.interleave(_counted_tfrecords, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=deterministic)
         return ds.batch(64).map(lambda s: parse_examples(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=deterministic).unbatch()
@@ -41,15 +40,38 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     dtypes = {"uint8": tf.uint8, "int32": tf.int32, "float32": tf.float32, "string": tf.string}
     signature = {f.name: tf.TensorSpec(schema.shape(f), dtypes[f.dtype]) for f in schema.fields}
 
-    def generate(path):
-        for r in iter_shard(path.decode() if isinstance(path, bytes) else path, fmt, schema):
+    def generate(path, expected):
+        path = path.decode() if isinstance(path, bytes) else path
+        n = 0
+        for r in iter_shard(path, fmt, schema):
+            n += 1
             yield {k: _encode(v) for k, v in r.items()}
+        if n != expected:
+            raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
 
-    def open_shard(path):
-        return tf.data.Dataset.from_generator(generate, output_signature=signature, args=(path,))
+    def open_shard(path, expected):
+        return tf.data.Dataset.from_generator(generate, output_signature=signature, args=(path, expected))
 
     return files.interleave(open_shard, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=deterministic)
+
+
+def _counted_tfrecords(path: Any, expected: Any) -> Any:
+    """The shard's serialized records, failing at its end unless it held `expected` of them (TF's reader
+    checks CRCs but takes a shard cut at a record boundary for a shorter one)."""
+    import tensorflow as tf
+
+    records = tf.data.TFRecordDataset(path, buffer_size=1 << 22).map(lambda s: (s, False))
+    end = tf.data.Dataset.from_tensors((tf.constant(b""), True))
+
+    def step(n, elem):
+        ok = tf.logical_or(tf.logical_not(elem[1]), tf.equal(n, expected))
+        check = tf.debugging.Assert(ok, ["corrupt shard", path, "holds", n, "records, the manifest says", expected])
+        with tf.control_dependencies([check]):
+            return n + 1, (tf.identity(elem[0]), elem[1])
+
+    counted = records.concatenate(end).scan(tf.constant(0, tf.int64), step)
+    return counted.filter(lambda s, last: tf.logical_not(last)).map(lambda s, last: s)
 
 
 def _encode(v: Any) -> Any:

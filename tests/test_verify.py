@@ -1,0 +1,188 @@
+"""verify() and `navit-pack verify`: a flipped byte or a truncation anywhere in a shard, a missing shard
+or a manifest that disagrees is reported naming the shard; readers raise instead of returning bad data."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import packer
+import schemas
+from pipelines import cli
+
+FORMATS = ["tfrecord", "arrow", "parquet"]
+BAD = "packed-00001-of-00002"
+
+
+@pytest.fixture(scope="module")
+def packed():
+    rng = np.random.default_rng(1)
+    config = packer.PackConfig(seq_len=48, patch_size=4, max_images_per_seq=4)
+    images = []
+    for i in range(24):
+        h, w = (int(v) for v in rng.integers(4, 28, 2))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        images.append(packer.prepare_image(buf.getvalue(), f"{i}.png", config, label=i, meta={"id": i}))
+    return config, list(packer.SequencePacker(config, meta_fields=("id",)).pack_all(images))
+
+
+@pytest.fixture(scope="module")
+def clean(packed, tmp_path_factory):
+    config, records = packed
+    dirs = {}
+    for fmt in FORMATS:
+        d = str(tmp_path_factory.mktemp(f"clean-{fmt}"))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",))
+        dirs[fmt] = d
+    return dirs
+
+
+def copy_of(clean, fmt, tmp_path):
+    d = str(tmp_path / fmt)
+    shutil.copytree(clean[fmt], d)
+    return d, os.path.join(d, f"{BAD}.{fmt}")
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def offsets(path):
+    size = os.path.getsize(path)
+    return [0, 7, size // 3, size // 2, size - 9, size - 1]
+
+
+def check_detected(d, fmt):
+    with pytest.raises(schemas.VerificationError) as e:
+        schemas.verify(d)
+    assert e.value.shards == [f"{BAD}.{fmt}"] and BAD in str(e.value)
+    with pytest.raises(schemas.CorruptShard, match=BAD) as e:
+        list(schemas.read(d))
+    assert e.value.shard == f"{BAD}.{fmt}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_clean_output_verifies(packed, clean, fmt):
+    _, records = packed
+    report = schemas.verify(clean[fmt])
+    assert (report.format, report.num_shards, report.num_sequences) == (fmt, 2, len(records))
+    assert report.num_images == 24 and report.warnings == ()
+    assert report.tokens_real == sum(int((r["segment_ids"] > 0).sum()) for r in records)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_flipped_byte_detected_at_any_offset(clean, tmp_path, fmt):
+    for i, off in enumerate(offsets(os.path.join(clean[fmt], f"{BAD}.{fmt}"))):
+        d, path = copy_of(clean, fmt, tmp_path / str(i))
+        flip(path, off)
+        check_detected(d, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncation_detected_at_any_offset(clean, tmp_path, fmt):
+    for i, off in enumerate(offsets(os.path.join(clean[fmt], f"{BAD}.{fmt}"))):
+        d, path = copy_of(clean, fmt, tmp_path / str(i))
+        truncate(path, off)
+        check_detected(d, fmt)
+
+
+def rehash(d, path):
+    """Make the manifest agree with a damaged shard, so only the format's own checks can catch it."""
+    m = schemas.read_manifest(d)
+    for s in m["shards"]:
+        if s["file"] == os.path.basename(path):
+            s["sha256"] = schemas.sha256_file(path)
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_tfrecord_crcs_catch_damage_without_the_sha256(clean, tmp_path, damage):
+    import tensorflow as tf
+
+    for i, off in enumerate(offsets(os.path.join(clean["tfrecord"], f"{BAD}.tfrecord"))[1:]):
+        d, path = copy_of(clean, "tfrecord", tmp_path / str(i))
+        flip(path, off) if damage == "flip" else truncate(path, off)
+        rehash(d, path)
+        check_detected(d, "tfrecord")
+        with pytest.raises(schemas.CorruptShard, match=BAD):
+            list(schemas.read(d, check_sha256=False))
+        with pytest.raises((tf.errors.DataLossError, tf.errors.InvalidArgumentError), match="corrupt|truncated"):
+            list(schemas.tf_dataset(d))
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+def test_arrow_truncation_caught_without_the_sha256(clean, tmp_path, fmt):
+    size = os.path.getsize(os.path.join(clean[fmt], f"{BAD}.{fmt}"))
+    for i, off in enumerate([size // 2, size - 9]):
+        d, path = copy_of(clean, fmt, tmp_path / str(i))
+        truncate(path, off)
+        rehash(d, path)
+        check_detected(d, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_missing_shard_and_wrong_counts(clean, tmp_path, fmt):
+    d, path = copy_of(clean, fmt, tmp_path / "missing")
+    os.remove(path)
+    check_detected(d, fmt)
+    d, path = copy_of(clean, fmt, tmp_path / "count")
+    m = schemas.read_manifest(d)
+    m["shards"][1]["num_sequences"] += 1
+    m["num_sequences"] += 1
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    check_detected(d, fmt)
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.OpError, match=BAD):
+        list(schemas.tf_dataset(d))
+
+
+def test_inconsistent_record_is_reported(packed, tmp_path):
+    config, records = packed
+    bad = {k: np.array(v, copy=True) for k, v in records[0].items()}
+    bad["num_tokens"][0] += 1
+    d = str(tmp_path)
+    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images=4, meta_fields=("id",))
+              for i, recs in enumerate([records[1:], [bad]])]
+    schemas.write_manifest(d, fmt="arrow", config=config, num_images_in=0, num_images_packed=0, num_rejected=0,
+                           num_sequences=len(records), tokens_real=0, tokens_padding=0, shards=shards)
+    with pytest.raises(schemas.VerificationError, match="num_tokens disagrees") as e:
+        schemas.verify(d)
+    assert e.value.shards == [f"{BAD}.arrow"]
+
+
+def test_leftover_temporary_file_is_a_warning(clean, tmp_path):
+    d, _ = copy_of(clean, "arrow", tmp_path)
+    open(os.path.join(d, ".packed-00000-of-00002.arrow.abc.tmp"), "w").close()
+    assert any("temporary" in w for w in schemas.verify(d).warnings)
+
+
+def test_cli_exit_codes(clean, tmp_path, capsys):
+    assert cli.main(["verify", clean["parquet"]]) == 0
+    assert "OK" in capsys.readouterr().out
+    d, path = copy_of(clean, "parquet", tmp_path / "bad")
+    flip(path, os.path.getsize(path) // 2)
+    assert cli.main(["verify", d]) == 1
+    assert f"{BAD}.parquet" in capsys.readouterr().err
+    assert cli.main(["verify", "--quick", d]) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["verify", str(empty)]) == 2
+    assert "manifest" in capsys.readouterr().err
