@@ -221,6 +221,21 @@ def test_tfrecord_default_and_custom_names_duplicates_and_gzip(tmp_path):
         open_source(f"tfrecord:{tmp_path}/a-*?img=x")
 
 
+def test_tfrecord_corrupt_file_and_foreign_payload_are_rejections(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    img = encode("JPEG", 9, 9)
+    with tf.io.TFRecordWriter(str(tmp_path / "t.tfrecord")) as w:
+        w.write(_example(tf, image=img, key=b"k0"))
+        w.write(b"\xff\x00 not a protobuf")
+        w.write(_example(tf, image=img, key=b"k2"))
+    full = (tmp_path / "t.tfrecord").read_bytes()
+    (tmp_path / "t.tfrecord").write_bytes(full[:-5])  # truncate the last record
+    records = list(open_source(f"tfrecord:{tmp_path}/t.tfrecord"))
+    assert [(r.key, r.reject) for r in records] == [("k0", None), ("t.tfrecord/1", "unreadable"),
+                                                    ("t.tfrecord/<corrupt>", "unreadable")]
+    assert records[0].data == img and "t.tfrecord" in records[2].detail
+
+
 # ----------------------------------------------------------------------------- Parquet / Arrow
 def _hf_table(pa, n, start=0, paths=True):
     images = [encode("PNG" if i % 2 else "JPEG", 12 + i, 16 + i, i) for i in range(start, start + n)]
