@@ -1,0 +1,118 @@
+"""The pack / stats / inspect commands: one-line errors on bad options, help text, and a small end-to-end run."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import cli, options
+
+pytest.importorskip("apache_beam")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_imgs")
+    rng = np.random.default_rng(3)
+    for i in range(16):
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(exist_ok=True)
+        h, w = (int(v) for v in rng.integers(30, 200, 2))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (folder / f"{i}.png").write_bytes(buf.getvalue())
+    (root / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def packed(image_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_out") / "out"
+    argv = ["pack", "--input", image_dir, "--output", str(out), "--seq-len", "128", "--resolution", "uniform:32:128",
+            "--token-drop", "const:0.3", "--format", "parquet", "--no-progress"]
+    assert cli.main(argv) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--seq-len", "abc"), ("--seq-len", "0"), ("--patch-size", "-3"), ("--resolution", "uniform:9"),
+    ("--token-drop", "beta:0.9:0.5"), ("--max-images-per-seq", "9999"), ("--packer", "magic"),
+    ("--window", "x"), ("--seed", "-1"), ("--fill", "maybe"), ("--labels", "some"), ("--format", "csv"),
+    ("--num-shards", "0"), ("--epochs", "two"), ("--workers", "0"), ("--max-reject-fraction", "2"),
+    ("--meta-fields", "a,,b"), ("--max-tokens-per-image", "1000"),
+])
+def test_bad_option_gives_one_line_naming_it(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pack", "--input", "synthetic:4", "--output", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"navit-pack: error: {flag}: "), err
+    assert not (tmp_path / "o").exists()  # failed before any work
+
+
+def test_help_gives_an_example_for_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pack", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # help wraps lines, even inside flags
+    for flag in list(options.CONFIG_FLAGS.values()) + ["--labels", "--meta-fields", "--format", "--num-shards",
+                                                        "--epochs", "--workers", "--input", "--output"]:
+        assert f"e.g.{flag}" in text, flag
+
+
+def test_beam_args_after_double_dash():
+    from pipelines.cmd_pack import _beam_args
+    from pipelines.beam_pipeline import is_local
+
+    args = cli.build_parser().parse_args(["pack", "--input", "a", "--output", "b", "--", "--runner", "DataflowRunner",
+                                          "--project", "p"])
+    beam = _beam_args(args.beam_args)
+    assert beam == ["--runner", "DataflowRunner", "--project", "p"] and not is_local(beam)
+    assert is_local([]) and is_local(["--runner=DirectRunner"])
+
+
+def test_pack_prints_summary_and_stats_agree(packed, capsys):
+    cli.main(["stats", packed, "--json"])
+    stats = json.loads(capsys.readouterr().out)
+    manifest = json.load(open(f"{packed}/manifest.json"))
+    assert stats["num_images_in"] == 17 == stats["num_images_packed"] + stats["num_rejected"]
+    assert stats["rejects_by_reason"] == {"undecodable": 1}
+    assert stats["num_sequences"] == manifest["num_sequences"]
+    assert sum(int(k) * v for k, v in stats["images_per_sequence_histogram"].items()) == 16
+    assert abs(stats["drop_rate"]["mean"] - 0.3) < 0.05
+    assert stats["num_labels"] == 2
+    cli.main(["stats", packed])
+    table = capsys.readouterr().out
+    assert "packing efficiency" in table and "undecodable" in table
+
+
+def test_pack_summary_table(image_dir, tmp_path, capsys):
+    assert cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--format", "arrow",
+                     "--resolution", "budget:16", "--seq-len", "64", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for row in ("images in", "images packed", "images rejected", "sequences", "packing efficiency"):
+        assert row in out
+    with pytest.raises(SystemExit):  # a non-empty output without --overwrite: one line, exit 2
+        cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--no-progress"])
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_reject_budget_exits_nonzero_with_one_line(image_dir, tmp_path, capsys):
+    code = cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--max-reject-fraction", "0",
+                     "--resolution", "budget:16", "--no-progress"])
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "navit-pack: error" in line]
+    assert len(err) == 1 and "max-reject-fraction" in err[0]
+
+
+def test_inspect_renders_each_image_of_the_sequence(packed, tmp_path, capsys):
+    out = tmp_path / "seq.png"
+    assert cli.main(["inspect", packed, "--sequence", "0", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size[0] > 300 and img.size[1] > 200
+    pixels = np.asarray(img.convert("RGB"))
+    assert (np.abs(pixels.astype(int) - 128).sum(-1) == 0).sum() > 0  # dropped tokens painted grey (30% dropped)
+    assert cli.main(["inspect", packed, "--sequence", "100000", "--out", str(out)]) == 2
+    assert "--sequence" in capsys.readouterr().err
