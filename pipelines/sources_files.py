@@ -62,6 +62,8 @@ def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple
     else:
         root = pattern.rstrip("/") or "/"
         paths = match_files(spec, root.rstrip("/") + "/**", use_beam=use_beam)
+        if not paths and use_beam and match_files(spec, pattern, use_beam=True) == [pattern]:
+            return pattern.rsplit("/", 1)[0], [pattern], True  # a single remote file
         if suffixes:
             paths = [p for p in paths if p.lower().endswith(tuple(suffixes))]
     paths = [p for p in paths if _visible(relative_key(p, root))]

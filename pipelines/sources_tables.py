@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Optional, Sequence
 
-from .sources import SourceError, Source, SourceRecord, check_meta_fields, relative_key, split_options, text
+from .sources import (SourceError, Source, SourceRecord, check_meta_fields, has_scheme, relative_key, split_options,
+                      text)
 from .sources_files import expand_input, open_file
 
 _OPTIONS = ("image", "label", "key")
@@ -145,8 +146,6 @@ class ArrowSource(Source):
                 schema, units, total = _parquet_layout(paths, use_beam)
             else:
                 schema, units, total = _read_arrow_table(paths[0], use_beam, schema_only=True), list(paths), None
-        except SourceError:
-            raise
         except Exception as e:
             raise SourceError(spec, f"cannot read {kind} metadata: {type(e).__name__}: {e}") from None
         image = _arrow_image_column(spec, schema, options.get("image"))
@@ -178,7 +177,7 @@ class ArrowSource(Source):
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         columns = list(dict.fromkeys(c for c in (self.image, self.label, self.key, *self.meta_fields) if c))
         path, group = _split_unit(unit) if self.kind == "parquet" else (unit, None)
-        use_beam = _uses_beam(path)
+        use_beam = has_scheme(path)
         rel = relative_key(path, self.root)
         if group is not None:
             import pyarrow.parquet as pq
@@ -202,11 +201,6 @@ class ArrowSource(Source):
             detail = f"the image cell has no bytes (path {path!r})" if path else "the image cell is empty"
             return SourceRecord(key, b"", label, meta, reject="no_image" if data is None else "empty", detail=detail)
         return SourceRecord(key, bytes(data), label, meta)
-
-
-def _uses_beam(path: str) -> bool:
-    from .sources import has_scheme
-    return has_scheme(path)
 
 
 def _split_unit(unit: str) -> tuple[str, int]:

@@ -287,6 +287,9 @@ def test_parquet_missing_bytes_and_bad_columns(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "u.parquet")
     with pytest.raises(SourceError, match="no image column"):
         open_source(f"parquet:{tmp_path}/u.parquet")
+    (tmp_path / "v.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SourceError, match="cannot read parquet metadata"):
+        open_source(f"parquet:{tmp_path}/v.parquet")
 
 
 @pytest.mark.parametrize("ipc", ["stream", "file"])
