@@ -469,7 +469,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     cells = result["cells"]
-    settings = sorted({(c["resolution"], c["drop"]) for c in cells})
+    settings = list(dict.fromkeys((c["resolution"], c["drop"]) for c in cells))
     labels = list(dict.fromkeys(c["packer"] for c in cells))
     seq_lens = sorted({c["seq_len"] for c in cells})
     ref = min(seq_lens, key=lambda L: abs(math.log2(L / reference_len)))
@@ -510,7 +510,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
                 ax.set_title(f"{res}, drop {drop}: all packers and peers", fontsize=10)
                 ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Packing efficiency against sequence length ({draws_text(result)})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (4.6 * len(settings))))
     path = os.path.join(out_dir, "efficiency_vs_seq_len.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)

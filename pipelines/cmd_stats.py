@@ -17,6 +17,8 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
+    p.add_argument("--report", metavar="OUT", default=None,
+                   help="also write an HTML page with PNG plots (OUT.html, plots in OUT_files/)")
     p.set_defaults(func=run)
 
 
@@ -120,4 +122,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"navit-pack: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.report:
+        from benchmarks.report import write_report
+
+        print(f"wrote {write_report(args.dir, args.report)}", file=sys.stderr)
     return 0

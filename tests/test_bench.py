@@ -161,6 +161,10 @@ def test_report_html(tmp_path):
     stats = report.collect(str(data))
     assert len(stats["images"]["grid_h"]) == 40 and len(stats["shards"]) == 3
     assert sum(s["sequences"] for s in stats["shards"]) == len(records)
+    from pipelines import cli
+
+    assert cli.main(["stats", str(data), "--report", str(tmp_path / "cli" / "stats.html")]) == 0
+    assert len(os.listdir(tmp_path / "cli" / "stats_files")) == 7
 
 
 def test_results_sections_kept_and_missing_modules_skipped(tmp_path):
