@@ -187,7 +187,7 @@ def test_training_from_disk_learns(tmp_path):
 
 def _run_reader(name: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--work-dir", str(tmp_path)],
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--work-dir", str(tmp_path), "--steps", "10"],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
