@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 import packer
+from pipelines.sources import LABEL_MODES
 
 # PackConfig field -> command-line flag, so that a packer.ConfigError names the flag the user typed.
 CONFIG_FLAGS = {
@@ -20,7 +21,6 @@ CONFIG_FLAGS = {
     "max_tokens_per_image": "--max-tokens-per-image", "packer": "--packer", "window": "--window",
     "seed": "--seed", "max_pixels": "--max-pixels", "fill": "--fill",
 }
-LABEL_MODES = ("auto", "none")
 
 
 class OptionError(ValueError):
@@ -109,7 +109,8 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fill", default="none", metavar="MODE",
                    help="none (default) or exact: resize the last image of a sequence to fill it exactly, e.g. --fill exact")
     g.add_argument("--labels", default="auto", metavar="MODE",
-                   help="auto (default: from sub-folder names or the dataset's label column) or none (all -1), "
+                   help="auto (default: from sub-folder names or the dataset's label column), folder (every image must "
+                        "sit in a class sub-folder) or none (all -1), "
                         "e.g. --labels none")
     g.add_argument("--meta-fields", default="", metavar="A,B",
                    help="source metadata fields carried per image as meta_<name> columns, e.g. --meta-fields caption,url")
