@@ -28,7 +28,7 @@ import collections
 import concurrent.futures
 import itertools
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
