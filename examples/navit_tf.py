@@ -76,7 +76,8 @@ def per_token(per_image: tf.Tensor, segment_ids: tf.Tensor) -> tf.Tensor:
 
 
 class FactorizedPosition(keras.layers.Layer):
-    """phi_y(y) + phi_x(x), from absolute patch indices or fractional positions (pos + 0.5) / grid."""
+    """phi_y(y) + phi_x(x), from absolute patch indices or fractional positions (pos + 0.5) / grid.
+    Absolute indices >= max_grid raise InvalidArgumentError (XLA drops that check: size max_grid to L)."""
 
     def __init__(self, config: NaViTConfig, **kw):
         super().__init__(**kw)
@@ -147,7 +148,9 @@ class NaViT(keras.Model):
         c = self.config
         seg = tf.cast(batch["segment_ids"], tf.int32)
         patches = tf.convert_to_tensor(batch["patches"])
-        tf.debugging.assert_equal(tf.shape(patches)[-1], c.token_dim, message="patch dim != patch_size^2 * channels")
+        if patches.shape[-1] != c.token_dim:
+            raise ValueError(f"patches have {patches.shape[-1]} values, the model expects {c.token_dim} "
+                             f"(patch_size={c.patch_size}, channels={c.channels})")
         x = self.embed(tf.cast(patches, tf.float32) / 127.5 - 1.0)  # uint8 -> [-1, 1]
         grid_h = per_token(tf.cast(batch["grid_h"], tf.int32), seg)
         grid_w = per_token(tf.cast(batch["grid_w"], tf.int32), seg)
