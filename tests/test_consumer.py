@@ -151,6 +151,8 @@ def test_config_is_validated():
                                                     np.arange(6, dtype=np.int32), 1, 6, 8, 48, 0.0)], PACK)
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_grid"):
         model(_batch([wide]))
+    with pytest.raises(ValueError, match="expects 768"):
+        navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=16))(_batch([wide]))
 
 
 def _accuracy(model, records) -> float:
