@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import packer
@@ -39,9 +38,6 @@ import packer
 FORMATS = ("tfrecord", "arrow", "parquet")
 COUNTERS = "navit_pack"  # Beam Metrics namespace
 _REJECTS_TAG = "rejects"
-# Object addresses (" at 0x7f...") that some decoder messages contain differ per process: removed so
-# that rejects.jsonl is byte-identical between runs.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class RejectBudgetExceeded(RuntimeError):
@@ -203,7 +199,7 @@ def _make_pack_group():
                                                      images_seen=images_seen(cfg.seed, key, epoch, num_images))
                         records.extend(sp.add(image))
                     except packer.ImageRejected as e:
-                        reject = (e.reason, _ADDRESS.sub("", e.detail))
+                        reject = (e.reason, e.detail)
                 if reject:
                     rejected += 1
                     yield beam.pvalue.TaggedOutput(_REJECTS_TAG, {"key": key, "reason": reject[0],

@@ -28,7 +28,7 @@ def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
         else:
             feat = tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode("utf-8") for s in v.reshape(-1)]))
         feature[f.name] = feat
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def feature_spec(schema: Schema) -> dict[str, Any]:
