@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = ["| mode | layout | ms/step | tokens/s | real tokens/s | images/s | real % |", "|---|---|---|---|---|---|---|"]
+    rows = ["| mode | layout | ms/step | tokens/s | real tokens/s | images/s | real % |",
+            "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         rows.append(f"| {r['mode']} | {r['layout']} | {1e3 * r['seconds_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
                     f"{r['real_tokens_per_s']:,.0f} | {r['images_per_s']:,.1f} | {100 * r['real_fraction']:.1f} |")
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (width, depth, heads, mlp)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="model size (width, depth, heads, mlp)")
     parser.add_argument("--position", default="fractional", help="absolute | fractional | fractional-mlp")
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA (jit_compile=True)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cell (median reported)")
