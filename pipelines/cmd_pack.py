@@ -139,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         manifest = run_pack(job, beam_args=beam_args, workers=workers, overwrite=args.overwrite, on_progress=progress)
-    except (sources.SourceError, schemas.OutputDirError) as e:
-        options.fail(e)
+    except sources.SourceError as e:
+        options.fail(options.OptionError("--input", str(e)))
+    except schemas.OutputDirError as e:
+        options.fail(options.OptionError("--output", str(e)))
     except Exception as e:  # Beam wraps worker errors; report ours in one line
         if isinstance(e, RejectBudgetExceeded) or "RejectBudgetExceeded" in str(e):
             text = str(e)

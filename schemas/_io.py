@@ -54,7 +54,12 @@ def prepare_output_dir(path: str, overwrite: bool = False) -> None:
     this tool's outputs (manifest first, so a half-cleaned directory never looks complete)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"{path} exists and is not a directory")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", suffix=".tmp")
+        probe.close()
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {path}: {e.strerror or e}") from None
     entries = os.listdir(path)
     if not entries:
         return

@@ -1,0 +1,147 @@
+"""Issue 7 guarantees, end to end through the `navit-pack` command: hostile inputs, crashes mid-write,
+bad configuration. Corruption of written shards is covered in test_verify.py and test_schemas.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import schemas
+from hostile import write_hostile_corpus
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def pack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(CLI + ["pack", "--no-progress", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def hostile_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    return root, write_hostile_corpus(root)
+
+
+def test_hostile_corpus_every_input_packed_or_rejected_with_reason(hostile_dir, tmp_path):
+    root, expected = hostile_dir
+    out = tmp_path / "out"
+    pack("--input", str(root), "--output", str(out), "--labels", "none", "--resolution", "uniform:64:256",
+         "--max-pixels", "50000000", "--format", "parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert all(r["reason"] for r in rejects)
+    packed_keys = sorted(k for rec in schemas.read(str(out)) for k in rec["image_keys"][: int(rec["num_images"])])
+    assert sorted(r["key"] for r in rejects) == sorted(k for k, v in expected.items() if v == "rejected")
+    assert packed_keys == sorted(k for k, v in expected.items() if v == "packed")
+    assert manifest["num_images_in"] == len(expected) == manifest["num_images_packed"] + manifest["num_rejected"]
+    assert manifest["num_rejected"] == len(rejects)
+
+
+def test_good_images_are_unaffected_by_bad_neighbours(hostile_dir, tmp_path):
+    root, expected = hostile_dir
+    clean_root = tmp_path / "clean_input"
+    shutil.copytree(root / "good", clean_root / "good")  # same keys, no bad neighbours
+    mixed, clean = tmp_path / "mixed", tmp_path / "clean"
+    common = ["--labels", "none", "--resolution", "uniform:64:256", "--format", "parquet"]
+    pack("--input", str(root), "--output", str(mixed), *common)
+    pack("--input", str(clean_root), "--output", str(clean), *common)
+
+    def images(d):
+        return {k: (rec["grid_h"][i], rec["grid_w"][i], rec["patches"][rec["segment_ids"] == i + 1].tobytes())
+                for rec in schemas.read(str(d)) for i, k in enumerate(rec["image_keys"][: int(rec["num_images"])])}
+    mixed_good = {k: v for k, v in images(mixed).items() if k.startswith("good/")}
+    assert mixed_good == images(clean) and len(mixed_good) == 12
+
+
+def test_reject_budget_fails_the_job_with_a_clear_message(hostile_dir, tmp_path):
+    root, _ = hostile_dir
+    result = pack("--input", str(root), "--output", str(tmp_path / "o"), "--labels", "none",
+                  "--max-reject-fraction", "0.1", check=False)
+    assert result.returncode != 0
+    assert "reject" in result.stderr.lower() and "0.1" in result.stderr
+    with pytest.raises(schemas.ManifestMissing):
+        list(schemas.read(str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--seq-len", "0"), ("--seq-len", "-4"), ("--resolution", "budget:512"), ("--patch-size", "0"),
+    ("--resolution", "zoom:2"), ("--max-images-per-seq", "0"),
+])
+def test_bad_configuration_exits_before_work_with_one_line(flag, value, tmp_path):
+    out = tmp_path / "o"
+    result = pack("--input", "synthetic:4", "--output", str(out), flag, value, check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output_exits_before_work_with_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = pack("--input", "synthetic:4", "--output", str(blocker / "out"), check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--output" in lines[0], result.stderr
+
+
+def _kill_when(out: Path, condition, args: list[str]) -> bool:
+    """Start a pack job, kill -9 its whole process group once `condition(out)` holds; True if killed."""
+    proc = subprocess.Popen(CLI + ["pack", "--no-progress", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if condition(out):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _entries(out: Path) -> list[str]:
+    return os.listdir(out) if out.is_dir() else []
+
+
+MOMENTS = {
+    "at start": lambda out: True,
+    "output folder created": lambda out: out.is_dir(),
+    "first shard file (temporary or final) appears": lambda out: any(e.startswith((".packed", "packed")) for e in _entries(out)),
+    "first final shard renamed": lambda out: any(e.startswith("packed-") for e in _entries(out)),
+}
+
+
+def test_kill_9_at_several_moments_then_overwrite_gives_identical_shards(tmp_path):
+    args = ["--input", "synthetic:240", "--resolution", "uniform:64:256", "--num-shards", "6", "--format", "tfrecord"]
+    reference = tmp_path / "reference"
+    pack(*args, "--output", str(reference))
+    ref_manifest = json.loads((reference / "manifest.json").read_text())
+    killed_somewhere = False
+    for i, (moment, condition) in enumerate(MOMENTS.items()):
+        out = tmp_path / f"killed{i}"
+        killed = _kill_when(out, condition, args + ["--output", str(out)])
+        killed_somewhere |= killed
+        if killed and not (out / "manifest.json").exists():
+            with pytest.raises(schemas.ManifestMissing):  # no reader accepts a partial output
+                next(iter(schemas.read(str(out))))
+            assert subprocess.run(CLI + ["verify", str(out)], capture_output=True).returncode != 0, moment
+        pack(*args, "--output", str(out), "--overwrite")
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["shards"] == ref_manifest["shards"], moment  # names, counts and sha256 of every shard
+        assert sorted(e for e in os.listdir(out) if e.startswith(".")) == [], moment  # no temporary left over
+    assert killed_somewhere
