@@ -3,16 +3,19 @@
 Framework-free (numpy and Pillow only): Beam, tf.data and plain Python all wrap these functions.
 Every random choice is a pure function of (seed, image key, epoch).
 """
-from ._algorithms import FirstFit, NextFit, WindowBestFit, best_fit_decreasing, make_algorithm, pack_lengths
+from ._algorithms import (ExactFillWindow, FirstFit, NextFit, WindowBestFit, best_fit_decreasing, fill_lengths,
+                          make_algorithm, pack_lengths)
 from ._config import (DROP_HELP, PACKERS, RESOLUTION_HELP, BetaDrop, Budget, ConfigError, ConstDrop, Fixed, Native,
                       NoDrop, PackConfig, ResDepDrop, SigmoidSchedule, TruncNormal, Uniform, parse_drop,
                       parse_resolution)
+from ._fill import (FILL_EXTRA_DROP, FILL_MIN_SCALE, FillPlan, ImageFill, grid_ladder, max_fill_drop, plan_fill,
+                    plan_image_fill, refit_image, scale_range)
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._image import ImageRejected, OpenedImage, image_size, to_rgb
 from ._packer import META_PREFIX, PER_IMAGE_FIELDS, SequencePacker, build_record, meta_text, unpack
 from ._patch import patchify, unpatchify
 from ._plan import grid_for_budget, grid_for_scale, plan_grid, plan_image, sample_resolution
-from ._process import PatchedImage, check_label, prepare_image
+from ._process import FillSource, PatchedImage, check_label, prepare_image
 from ._rng import image_rng, stable_hash, unit_fraction
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -3,7 +3,12 @@ returns closed bins as lists of item ids; none ever puts more than `capacity` to
 items in a bin. Their state is plain JSON so that a stream can resume."""
 from __future__ import annotations
 
-from typing import Iterable
+import bisect
+import math
+from typing import Callable, Iterable, Iterator, Optional
+
+# feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
+Feasible = Callable[[int, int, int], Optional[float]]
 
 
 class NextFit:
@@ -185,8 +190,216 @@ class WindowBestFit:
         self._items = [(-n, i, a) for n, i, a in state["items"]]
 
 
-def make_algorithm(name: str, capacity: int, max_items: int, window: int = 1024):
-    """The streaming packer called `name` ('bfd' is offline: it decides everything at flush)."""
+class _Donors:
+    """Items that may be moved into a bin being closed, searched by length."""
+
+    def __init__(self, items: Iterable[tuple[int, int]]):
+        pairs = sorted(items)  # (length, id)
+        self.lengths = [n for n, _ in pairs]
+        self.ids = [i for _, i in pairs]
+        self.taken: set[int] = set()
+
+    def give(self, length: int, item: int) -> None:
+        """Add an item (one swapped out of a bin being closed), or return a taken one."""
+        if item in self.taken:
+            self.taken.discard(item)
+            return
+        pos = bisect.bisect_right(self.lengths, length)
+        self.lengths.insert(pos, length)
+        self.ids.insert(pos, item)
+
+    def __bool__(self) -> bool:
+        return len(self.taken) < len(self.ids)
+
+    def nearest(self, target: int) -> Iterator[tuple[float, int, int]]:
+        """(|log(target / length)|, length, id) in increasing order of the first, skipping taken items."""
+        lengths, ids, taken = self.lengths, self.ids, self.taken
+        right = bisect.bisect_left(lengths, target)
+        left = right - 1
+        while left >= 0 or right < len(lengths):
+            if right >= len(lengths) or (left >= 0 and target / lengths[left] <= lengths[right] / target):
+                pos, left = left, left - 1
+            else:
+                pos, right = right, right + 1
+            if ids[pos] not in taken:
+                yield abs(math.log(target / lengths[pos])), lengths[pos], ids[pos]
+
+    def largest_at_most(self, limit: int) -> tuple[int, int] | None:
+        """(length, id) of the longest item not taken with length <= limit (the earliest among equals)."""
+        pos = bisect.bisect_right(self.lengths, limit) - 1
+        while pos >= 0:
+            if self.ids[pos] not in self.taken:
+                n = self.lengths[pos]
+                first = bisect.bisect_left(self.lengths, n)
+                for j in range(first, pos + 1):  # the earliest-arrived among equal lengths
+                    if self.ids[j] not in self.taken:
+                        return n, self.ids[j]
+            pos -= 1
+        return None
+
+    def smallest_above(self, limit: int) -> tuple[int, int] | None:
+        """(length, id) of the shortest item not taken with length > limit."""
+        for pos in range(bisect.bisect_right(self.lengths, limit), len(self.lengths)):
+            if self.ids[pos] not in self.taken:
+                return self.lengths[pos], self.ids[pos]
+        return None
+
+
+class ExactFillWindow(WindowBestFit):
+    """WindowBestFit that closes, instead of emitting non-full, every bin but at most the last one of
+    the stream, by re-planning one item to an exact new length (fill="exact").
+
+    `feasible(item, length, target)` is the cost of re-planning `item` (now `length` long) to exactly
+    `target` tokens, or None when its policy does not allow it; the cost must be at least
+    bound_weight * |log(target/length)| (the donor search stops on that bound). A bin with room r is closed by the cheapest of: (a) growing one of
+    its items by r; (b) moving in a donor item re-planned to exactly r (as it is when its length is r);
+    (c) moving in the shortest donor longer than r as it is, and shrinking one of the bin's items to
+    make room for it; (d) swapping one of its items (of length n) back to the donors for a donor
+    re-planned to n + r (as it is when its length is n + r). While none is feasible, the longest donor that fits moves in as it is. Donors
+    are the items the round carries over. A bin that cannot be closed goes back to the window for up
+    to max_defer more rounds (so every item leaves within max_age + max_defer + 1 rounds). At the end of the stream the items
+    of the non-full bins are re-packed, longest first, one bin at a time, each bin closed as above with
+    the rest as donors, so only the last bin may be non-full. Chosen lengths: take_refits()."""
+
+    def __init__(self, capacity: int, max_items: int, window: int, feasible: Feasible, max_age: int = 1,
+                 max_defer: int = 2, max_probes: int = 64, bound_weight: float = 0.25, swap_probes: int = 8):
+        super().__init__(capacity, max_items, window, max_age)
+        self.swap_probes = swap_probes
+        self._ages: dict[int, int] = {}
+        self.feasible, self.max_defer, self.max_probes, self.bound_weight = feasible, max_defer, max_probes, bound_weight
+        self.refits: dict[int, int] = {}
+        self.unfilled = 0  # bins emitted non-full that were not the stream's last (no feasible re-plan)
+
+    def take_refits(self) -> dict[int, int]:
+        """{item: new length} for the items of the bins returned since the last call."""
+        out, self.refits = self.refits, {}
+        return out
+
+    def _round(self, final: bool) -> list[list[int]]:
+        bins, rooms = best_fit_decreasing(self._items, self.capacity, self.max_items)
+        emit: list[list] = []  # [[[id, length], ...], room]
+        carried = []
+        max_age, max_items = self.max_age, self.max_items
+        for contents, room in zip(bins, rooms):
+            if room == 0 or len(contents) == max_items or (not final and any(it[2] >= max_age for it in contents)):
+                emit.append([[[i, -n] for n, i, _ in contents], room])
+            else:
+                carried.extend(contents)
+        donors = _Donors((-n, i) for n, i, _ in carried)
+        ages = self._ages = {i: a for _, i, a in self._items}
+        deferred = []
+        for entry in emit:
+            if entry[1] and not self._close(entry, donors):
+                if not final and max(ages[i] for i, _ in entry[0]) < max_age + self.max_defer:
+                    deferred.extend((-n, i, ages[i]) for i, n in entry[0])  # back to the window
+                    entry[0] = []
+                else:
+                    self.unfilled += 1
+        if final:
+            self._repack_final(emit, donors)
+        self._items = [(-n, i, ages[i] + 1) for n, i in zip(donors.lengths, donors.ids) if i not in donors.taken]
+        self._items += [(n, i, a + 1) for n, i, a in deferred]
+        return [[i for i, _ in contents] for contents, _ in emit if contents]
+
+    def _repack_final(self, emit: list[list], donors: _Donors) -> None:
+        """End of stream: the donors left make bins one at a time, longest first, each closed exactly."""
+        while donors:
+            contents, room = [], self.capacity
+            while room and len(contents) < self.max_items:
+                found = donors.largest_at_most(room)
+                if found is None:
+                    break
+                n, item = found
+                donors.taken.add(item)
+                contents.append([item, n])
+                room -= n
+            entry = [contents, room]
+            if room and donors and not self._close(entry, donors):
+                self.unfilled += 1
+            emit.append(entry)
+
+    def _close(self, entry: list, donors: _Donors) -> bool:
+        """Close the bin `entry` (room > 0) with the cheapest feasible re-plan, moving in the longest
+        donor that fits as it is while there is none; False if it cannot be closed."""
+        while not self._close_once(entry, donors):
+            found = donors.largest_at_most(entry[1]) if len(entry[0]) < self.max_items else None
+            if found is None:
+                return False
+            donors.taken.add(found[1])
+            entry[0].append([found[1], found[0]])
+            entry[1] -= found[0]
+            if not entry[1]:
+                return True
+        return True
+
+    def _close_once(self, entry: list, donors: _Donors) -> bool:
+        contents, room = entry
+        feasible = self.feasible
+        best = None  # (cost, position of the re-planned item in the bin or -1, its new length, donor or None)
+        for pos, (item, n) in enumerate(contents):
+            cost = feasible(item, n, n + room)
+            if cost is not None and (best is None or cost < best[0]):
+                best = (cost, pos, n + room, None)
+        if len(contents) < self.max_items:
+            for probes, (bound, n, item) in enumerate(donors.nearest(room)):
+                if probes == self.max_probes or (best is not None and self.bound_weight * bound >= best[0]):
+                    break
+                cost = 0.0 if n == room else feasible(item, n, room)  # an exact fit moves as it is
+                if cost is not None and (best is None or cost < best[0]):
+                    best = (cost, -1, room, (item, n))
+            above = donors.smallest_above(room)
+            if above is not None:
+                m, donor = above
+                for pos, (item, n) in enumerate(contents):
+                    if n + room - m >= 1 and (best is None or self.bound_weight * abs(math.log((n + room - m) / n)) < best[0]):
+                        cost = feasible(item, n, n + room - m)
+                        if cost is not None and (best is None or cost < best[0]):
+                            best = (cost, pos, n + room - m, (donor, m))
+        swap_age = self.max_age + self.max_defer
+        for pos, (item, n) in enumerate(contents):  # (d) swap: a donor takes the place of an item, grown by r
+            if best is not None and best[0] == 0:
+                break
+            if self._ages.get(item, swap_age) >= swap_age:
+                continue
+            for probes, (bound, m, donor) in enumerate(donors.nearest(n + room)):
+                if probes == self.swap_probes or (best is not None and self.bound_weight * bound >= best[0]):
+                    break
+                cost = 0.0 if m == n + room else feasible(donor, m, n + room)
+                if cost is not None and (best is None or cost < best[0]):
+                    best = (cost, -1, n + room, (donor, m), pos)
+        if best is None:
+            return False
+        if len(best) == 5:  # swap
+            _, _, length, (donor, m), pos = best
+            item, n = contents[pos]
+            donors.taken.add(donor)
+            donors.give(n, item)
+            contents[pos] = [donor, length]
+            if length != m:
+                self.refits[donor] = length
+            entry[1] = 0
+            return True
+        _, pos, length, donor = best
+        if donor is not None:
+            donors.taken.add(donor[0])
+            contents.append(list(donor))
+        if pos >= 0:
+            contents[pos][1] = length
+            self.refits[contents[pos][0]] = length
+        elif length != donor[1]:
+            contents[-1][1] = length
+            self.refits[donor[0]] = length
+        entry[1] = 0
+        return True
+
+
+def make_algorithm(name: str, capacity: int, max_items: int, window: int = 1024, feasible: Feasible | None = None):
+    """The streaming packer called `name` ('bfd' is offline: it decides everything at flush).
+    With `feasible`, the exact-fill variant (window-bfd and bfd only; see ExactFillWindow)."""
+    if feasible is not None:
+        if name not in ("window-bfd", "bfd"):
+            raise ValueError(f"exact fill needs packer window-bfd or bfd, got {name!r}")
+        return ExactFillWindow(capacity, max_items, window if name == "window-bfd" else 2**62, feasible)
     if name == "next-fit":
         return NextFit(capacity, max_items)
     if name == "first-fit":
@@ -198,8 +411,12 @@ def make_algorithm(name: str, capacity: int, max_items: int, window: int = 1024)
     raise ValueError(f"unknown packer {name!r}")
 
 
-def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: int, window: int = 1024) -> list[list[int]]:
-    """Bins of item indices for a sequence of lengths: the packing decisions alone (benchmarks, planning)."""
+def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: int, window: int = 1024,
+                 feasible: Feasible | None = None) -> list[list[int]]:
+    """Bins of item indices for a sequence of lengths: the packing decisions alone (benchmarks, planning).
+    With `feasible` (a model of which re-plans are allowed), the exact-fill decisions; see fill_lengths."""
+    if feasible is not None:
+        return fill_lengths(lengths, name, capacity, max_items, window, feasible)[0]
     algo = make_algorithm(name, capacity, max_items, window)
     bins: list[list[int]] = []
     for i, n in enumerate(lengths):
@@ -208,3 +425,22 @@ def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: in
         bins.extend(algo.push(i, n))
     bins.extend(algo.flush())
     return bins
+
+
+def fill_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: int, window: int,
+                 feasible: Feasible) -> tuple[list[list[int]], list[int], int]:
+    """Exact-fill packing on lengths: (bins of item indices, each item's final length, number of bins
+    emitted non-full that were not the stream's last)."""
+    algo = make_algorithm(name, capacity, max_items, window, feasible)
+    final = [int(n) for n in lengths]
+    bins: list[list[int]] = []
+    for i, n in enumerate(final):
+        if not 1 <= n <= capacity:
+            raise ValueError(f"item {i} has length {n}, outside [1, {capacity}]")
+        bins.extend(algo.push(i, n))
+        for item, length in algo.take_refits().items():
+            final[item] = length
+    bins.extend(algo.flush())
+    for item, length in algo.take_refits().items():
+        final[item] = length
+    return bins, final, algo.unfilled

@@ -7,7 +7,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ._algorithms import make_algorithm
-from ._config import PackConfig
+from ._config import ConfigError, PackConfig
+from ._fill import ImageFill, refit_image
 from ._process import PatchedImage
 
 # Per-image record fields, padded to E_max, with their dtype and padding value.
@@ -94,10 +95,17 @@ class SequencePacker:
     def __init__(self, config: PackConfig, meta_fields: Iterable[str] = ()):
         self.config = config
         self.meta_fields = tuple(meta_fields)
-        self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window)
         self._pending: dict[int, tuple[PatchedImage, Any]] = {}
+        self._fill = None
+        if config.fill == "exact":
+            if config.packer not in ("window-bfd", "bfd"):
+                raise ConfigError("fill", f"exact fill needs packer window-bfd or bfd, got {config.packer!r}")
+            self._fill = ImageFill(config, _Images(self._pending))
+        self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window, self._fill)
         self._next_id = 0
         self.stats = {"images": 0, "sequences": 0, "tokens_real": 0, "tokens_padding": 0}
+        if self._fill is not None:  # images re-planned, tokens they dropped beyond their own drop rate
+            self.stats.update(images_refit=0, tokens_refit_dropped=0, sequences_unfilled=0)
 
     def add(self, image: PatchedImage, provenance: Any = None) -> list[dict[str, np.ndarray]]:
         """Add one image; returns the sequences this closes (often none)."""
@@ -120,8 +128,9 @@ class SequencePacker:
 
     def _emit(self, bins: list[list[int]]) -> list[dict[str, np.ndarray]]:
         out = []
+        refits = self._refit(bins) if self._fill is not None else {}
         for b in bins:
-            images = [self._pending.pop(i)[0] for i in b]
+            images = [refits.get(i) or self._pending.pop(i)[0] for i in b]
             record = build_record(images, self.config, self.meta_fields)
             real = sum(im.num_tokens for im in images)
             self.stats["images"] += len(images)
@@ -129,6 +138,22 @@ class SequencePacker:
             self.stats["tokens_real"] += real
             self.stats["tokens_padding"] += self.config.seq_len - real
             out.append(record)
+        return out
+
+    def _refit(self, bins: list[list[int]]) -> dict[int, PatchedImage]:
+        """The re-planned images of the emitted bins (their pending entries are removed)."""
+        out = {}
+        for item, length in self._algo.take_refits().items():
+            plan = self._fill.plan(item, length)
+            image = self._pending.pop(item)[0]
+            new = refit_image(image, plan, self.config)
+            out[item] = new
+            self.stats["images_refit"] += 1
+            self.stats["tokens_refit_dropped"] += ((new.grid_h * new.grid_w - new.num_tokens)
+                                                   - (image.grid_h * image.grid_w - image.num_tokens))
+        self._fill.clear()
+        self.stats["sequences_unfilled"] += self._algo.unfilled
+        self._algo.unfilled = 0
         return out
 
     @property
@@ -151,4 +176,21 @@ class SequencePacker:
         self._next_id = int(state["next_id"])
         self._algo.restore(state["algorithm"])
         self.stats = dict(state["stats"])
-        self._pending = {int(i): (im, prov) for (i, prov), im in zip(state["pending"], images)}
+        self._pending.clear()  # the same dict: the fill callback reads it
+        self._pending.update((int(i), (im, prov)) for (i, prov), im in zip(state["pending"], images))
+
+
+class _Images(Mapping[int, PatchedImage]):
+    """A read-only view of the packer's pending images by item id (for the fill callback)."""
+
+    def __init__(self, pending: dict[int, tuple[PatchedImage, Any]]):
+        self._pending = pending
+
+    def __getitem__(self, item: int) -> PatchedImage:
+        return self._pending[item][0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pending)
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -3,7 +3,7 @@ patchify -> drop. Pure: the result depends only on (bytes, key, config, epoch, i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -13,6 +13,15 @@ from ._image import ImageRejected, OpenedImage
 from ._patch import patchify
 from ._plan import plan_grid
 from ._rng import image_rng
+
+
+@dataclasses.dataclass(frozen=True)
+class FillSource:
+    """What re-rendering an image needs (fill="exact"): its encoded bytes (a reference, not a copy)
+    and the epoch of its random draws."""
+
+    data: bytes
+    epoch: int
 
 
 @dataclasses.dataclass
@@ -30,6 +39,7 @@ class PatchedImage:
     drop_rate: float  # realized: 1 - n / (grid_h * grid_w)
     label: int = -1
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    source: Optional[FillSource] = dataclasses.field(default=None, repr=False, compare=False)  # fill="exact" only
 
     @property
     def num_tokens(self) -> int:
@@ -67,4 +77,4 @@ def prepare_image(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, 
         patches, pos_y, pos_x = patches[idx], pos_y[idx], pos_x[idx]
     return PatchedImage(key=key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=grid_h, grid_w=grid_w,
                         orig_h=opened.height, orig_w=opened.width, drop_rate=1.0 - kept / n, label=label,
-                        meta=dict(meta or {}))
+                        meta=dict(meta or {}), source=FillSource(data, epoch) if config.fill == "exact" else None)
