@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from itertools import repeat
 from typing import Callable, Iterable, Iterator, Optional
 
 # feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
@@ -111,15 +112,18 @@ class FirstFit:
             self._bins[-1] = list(contents)
 
 
-def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_items: int) -> tuple[list[list[tuple[int, int, int]]], list[int]]:
-    """Offline best-fit-decreasing over (negated length, id, age) tuples. Returns bins and their rooms.
+def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_items: int
+                        ) -> tuple[list[list[tuple[int, int, int]]], list[int], list[int]]:
+    """Offline best-fit-decreasing over (negated length, id, age) tuples. Returns the bins, their rooms
+    and the oldest age in each.
 
     Each item, longest first, goes into the open bin with the least room that still fits it; bins are
     indexed by room in a bitmask so that the search is a few integer operations."""
     items = sorted(items)
     bins: list[list[tuple[int, int, int]]] = []
     rooms: list[int] = []
-    by_room: dict[int, list[int]] = {}
+    oldest: list[int] = []
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]
     mask = 0
     for it in items:
         length = -it[0]
@@ -130,23 +134,23 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_it
             b = stack.pop()
             if not stack:
                 mask ^= 1 << room
-                del by_room[room]
+            if it[2] > oldest[b]:
+                oldest[b] = it[2]
         else:
             b, room = len(bins), capacity
             bins.append([])
             rooms.append(capacity)
+            oldest.append(it[2])
         contents = bins[b]
         contents.append(it)
         room -= length
         rooms[b] = room
         if room and len(contents) < max_items:
-            stack = by_room.get(room)
-            if stack is None:
-                by_room[room] = [b]
+            stack = by_room[room]
+            if not stack:
                 mask |= 1 << room
-            else:
-                stack.append(b)
-    return bins, rooms
+            stack.append(b)
+    return bins, rooms, oldest
 
 
 class WindowBestFit:
@@ -168,15 +172,28 @@ class WindowBestFit:
             return []
         return self._round(final=False)
 
+    def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
+        """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
+        out: list[list[int]] = []
+        start = 0
+        while start < len(lengths):
+            take = max(1, self.window - len(self._items))  # push() adds one item before each round
+            chunk = lengths[start:start + take]
+            self._items.extend(zip([-n for n in chunk], range(first_item + start, first_item + start + len(chunk)), repeat(0)))
+            start += len(chunk)
+            if len(self._items) >= self.window:
+                out.extend(self._round(final=False))
+        return out
+
     def flush(self) -> list[list[int]]:
         return self._round(final=True) if self._items else []
 
     def _round(self, final: bool) -> list[list[int]]:
-        bins, rooms = best_fit_decreasing(self._items, self.capacity, self.max_items)
+        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_items)
         out, carried = [], []
         max_age, max_items = self.max_age, self.max_items
-        for contents, room in zip(bins, rooms):
-            if final or room == 0 or len(contents) == max_items or any(it[2] >= max_age for it in contents):
+        for contents, room, age in zip(bins, rooms, oldest):
+            if final or room == 0 or age >= max_age or len(contents) == max_items:
                 out.append([it[1] for it in contents])
             else:
                 carried.extend((n, i, a + 1) for n, i, a in contents)
@@ -276,12 +293,12 @@ class ExactFillWindow(WindowBestFit):
         return out
 
     def _round(self, final: bool) -> list[list[int]]:
-        bins, rooms = best_fit_decreasing(self._items, self.capacity, self.max_items)
+        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_items)
         emit: list[list] = []  # [[[id, length], ...], room]
         carried = []
         max_age, max_items = self.max_age, self.max_items
-        for contents, room in zip(bins, rooms):
-            if room == 0 or len(contents) == max_items or (not final and any(it[2] >= max_age for it in contents)):
+        for contents, room, age in zip(bins, rooms, oldest):
+            if room == 0 or len(contents) == max_items or (not final and age >= max_age):
                 emit.append([[[i, -n] for n, i, _ in contents], room])
             else:
                 carried.extend(contents)
@@ -417,12 +434,16 @@ def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: in
     With `feasible` (a model of which re-plans are allowed), the exact-fill decisions; see fill_lengths."""
     if feasible is not None:
         return fill_lengths(lengths, name, capacity, max_items, window, feasible)[0]
+    lengths = [int(n) for n in lengths]
+    bad = next((i for i, n in enumerate(lengths) if not 1 <= n <= capacity), None) \
+        if lengths and not (1 <= min(lengths) and max(lengths) <= capacity) else None
+    if bad is not None:
+        raise ValueError(f"item {bad} has length {lengths[bad]}, outside [1, {capacity}]")
     algo = make_algorithm(name, capacity, max_items, window)
-    bins: list[list[int]] = []
-    for i, n in enumerate(lengths):
-        if not 1 <= n <= capacity:
-            raise ValueError(f"item {i} has length {n}, outside [1, {capacity}]")
-        bins.extend(algo.push(i, n))
+    if type(algo) is WindowBestFit:
+        bins = algo.push_many(0, lengths)
+    else:
+        bins = [b for i, n in enumerate(lengths) for b in algo.push(i, n)]
     bins.extend(algo.flush())
     return bins
 

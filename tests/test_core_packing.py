@@ -126,3 +126,11 @@ def test_window_packer_memory_is_bounded_by_its_window():
         algo.push(i, int(n))
         most = max(most, len(algo.state()["items"]) if i % 97 == 0 else most)
     assert most <= 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 100), max_size=400), window=st.integers(1, 40), max_items=st.integers(1, 6))
+def test_batched_window_decisions_equal_item_by_item_pushes(lengths, window, max_items):
+    algo = packer.make_algorithm("window-bfd", 100, max_items, window)
+    one_by_one = [b for i, n in enumerate(lengths) for b in algo.push(i, n)] + algo.flush()
+    assert packer.pack_lengths(lengths, "window-bfd", 100, max_items, window) == one_by_one
