@@ -24,7 +24,7 @@ from benchmarks import packing
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 PLOTS = os.path.join(HERE, "results")
-BENCHMARKS = ("packing", "throughput", "formats", "streaming")
+BENCHMARKS = ("packing", "throughput", "formats", "streaming", "fill", "consumer", "beam_grouping")
 DEFAULT_INPUT = os.path.join(HERE, "..", "..", "shared", "data", "imagenet-dev")
 SWEEP_RESOLUTIONS = ("uniform:64:256", "tnormal:64:384:-0.5:1:side")
 SWEEP_DROPS = ("none", "beta:0.5:0.8")
@@ -107,9 +107,15 @@ def packing_section(input_spec: str, draws: int) -> str:
     return "\n".join(lines)
 
 
-def _call_main(main) -> Any:
-    params = inspect.signature(main).parameters
-    return main([]) if params else main()
+def _call_main(main, name: str) -> Any:
+    """main([]) or, for a main() that parses sys.argv itself, main() with an empty command line."""
+    if inspect.signature(main).parameters:
+        return main([])
+    saved, sys.argv = sys.argv, [f"benchmarks.{name}"]
+    try:
+        return main()
+    finally:
+        sys.argv = saved
 
 
 def module_section(name: str) -> str:
@@ -128,7 +134,7 @@ def module_section(name: str) -> str:
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        rc = _call_main(module.main)
+        rc = _call_main(module.main, name)
     return "\n".join([title, "", _machine_line(), f"Command: `python -m benchmarks.{name}` "
                       f"(exit status {rc or 0}, {time.perf_counter() - t0:.0f} s)", "", "```", buf.getvalue().rstrip(),
                       "```", ""])
