@@ -157,9 +157,10 @@ class WindowBestFit:
     """The default streaming packer: best-fit-decreasing over a bounded window, with carry-over.
 
     Items collect in a window of `window` items. When it is full, the window is packed with
-    best-fit-decreasing; bins that are exactly full (or at max_items) are emitted, and the items of
-    the other bins are carried over into the next round to meet new items, unless one of them has
-    already been carried `max_age` times, in which case its bin is emitted as it is. Memory is bounded
+    best-fit-decreasing; bins that are exactly full, at max_items, or with less room than the window's
+    shortest item are emitted, and the items of the other bins are carried over into the next round to
+    meet new items, unless one of them has already been carried `max_age` times, in which case its bin
+    is emitted as it is. Memory is bounded
     by the window; every item leaves within max_age + 1 rounds."""
 
     def __init__(self, capacity: int, max_items: int, window: int = 1024, max_age: int = 1):
@@ -192,11 +193,12 @@ class WindowBestFit:
         bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_items)
         out, carried = [], []
         max_age, max_items = self.max_age, self.max_items
+        shortest = -max(self._items)[0]  # a bin with less room than this takes no item of the window
         for contents, room, age in zip(bins, rooms, oldest):
-            if final or room == 0 or age >= max_age or len(contents) == max_items:
+            if final or room < shortest or age >= max_age or len(contents) == max_items:
                 out.append([it[1] for it in contents])
             else:
-                carried.extend((n, i, a + 1) for n, i, a in contents)
+                carried += [(n, i, a + 1) for n, i, a in contents]
         self._items = carried
         return out
 
