@@ -279,3 +279,17 @@ def test_arrow_and_parquet_open_with_pyarrow_dataset_and_polars(packed, outputs)
         assert list(row["meta_caption"]) == list(first["meta_caption"])
     leaf = pq.ParquetFile(os.path.join(outputs["parquet"], "packed-00000-of-00003.parquet")).schema.column(0)
     assert leaf.physical_type == "FIXED_LEN_BYTE_ARRAY" and leaf.length == 48
+
+
+def test_arrow_and_parquet_open_with_hugging_face_datasets(packed, outputs):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed")
+    _, records = packed
+    first = records[0]
+    for fmt, builder in (("parquet", "parquet"), ("arrow", "arrow")):
+        files = os.path.join(outputs[fmt], f"packed-*.{fmt}")
+        ds = datasets.load_dataset(builder, data_files=files, split="train",
+                                   cache_dir=os.path.join(outputs[fmt], "..", f"hf-cache-{fmt}"))
+        assert ds.num_rows == len(records)
+        row = ds[0]
+        assert b"".join(row["patches"]) == first["patches"].tobytes()
+        assert row["segment_ids"] == first["segment_ids"].tolist()
