@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/navit-pack pack --input synthetic:2000 --output out --overwrite
+	$(VENV)/bin/navit-pack pack --input synthetic:2000 --output out --overwrite --resolution uniform:64:256
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
@@ -12,7 +13,8 @@ COMMAND_MODULES = [
     "pipelines.cmd_stats",
     "pipelines.cmd_inspect",
     "pipelines.cmd_verify",
-    "pipelines.cmd_bench", "pipelines.cmd_advise",
+    "pipelines.cmd_bench",
+    "pipelines.cmd_advise",
     "pipelines.cmd_serve",
 ]
 
@@ -26,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The CLI uses TensorFlow only for record I/O and tf.data service: silence its C++ start-up chatter
+    # (the oneDNN notice ignores TF_CPP_MIN_LOG_LEVEL; the CLI runs no numerics that oneDNN would change).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     except options.OptionError as e:
         options.fail(e)
     beam_args = _beam_args(args.beam_args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import logging
     logging.getLogger().setLevel(logging.ERROR)
     import schemas
