@@ -1,6 +1,6 @@
 """Streaming benchmark: PackedStream vs a standard fixed-resolution tf.data ViT input, on 1 and 2 cores.
 
-    python -m benchmarks.streaming [--quick] [--json out.json] [--data /work/shared/data/imagenet-dev]
+    python -m benchmarks.streaming [--quick] [--json out.json] [--data ../shared/data/imagenet-dev]
 
 1. Throughput: images/s of PackedStream (NaViT pretraining config: L=256, P=16, R ~ U(64, 256)) and of
    tf.data (decode_jpeg, resize to 224x224, batch 64, parallel map) on the same JPEGs held in memory and
@@ -147,9 +147,9 @@ def _run_child(*args: str) -> dict:
 # ----------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/imagenet-dev")
+    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenet-dev"))
     p.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
-    p.add_argument("--json", default="streaming_benchmark.json")
+    p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "streaming.json"))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

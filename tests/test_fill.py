@@ -13,7 +13,7 @@ from PIL import Image
 import packer
 from packer._image import OpenedImage
 
-IMAGENET_DEV = pathlib.Path("/work/shared/data/imagenet-dev")
+IMAGENET_DEV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-dev"
 
 
 def imagenet_like_sizes(n, seed=0):
