@@ -133,8 +133,12 @@ def module_section(name: str) -> str:
         return f"{title}\n\nSkipped: benchmarks/{name}.py has no main().\n"
     buf = io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(buf):
-        rc = _call_main(module.main, name)
+    cores = os.sched_getaffinity(0)
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = _call_main(module.main, name)
+    finally:
+        os.sched_setaffinity(0, cores)  # some benchmarks pin themselves to one core
     return "\n".join([title, "", _machine_line(), f"Command: `python -m benchmarks.{name}` "
                       f"(exit status {rc or 0}, {time.perf_counter() - t0:.0f} s)", "", "```", buf.getvalue().rstrip(),
                       "```", ""])
