@@ -291,6 +291,8 @@ def pipeline_options(beam_args: Iterable[str] = (), workers: int = 1):
         args.append("--runner=DirectRunner")
         if workers > 1:
             args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+            if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+                args.append("--default_sdk_harness_log_level=WARNING")  # worker processes log INFO by default
     return PipelineOptions(args)
 
 
