@@ -401,7 +401,7 @@ def format_advice(a: dict[str, Any]) -> str:
                      f"{r['images_per_seq']:9.2f}{r['mean_tokens']:9.1f}{100 * r['shrunk']:10.2f}")
     rec = a["recommended"]
     verdict = "meets the target" if rec["meets_target"] else "no candidate meets the target; least padding"
-    lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images {rec['max_images']} "
+    lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images-per-seq {rec['max_images']} "
                  f"(padding {100 * rec['padding']:.2f}%, {verdict})")
     lines.append("  (bound: padding of the lower bound max(L2, ceil(n/E_max)); shrunk: draws needing more than L "
                  f"tokens, which would be resized to fit; at most {100 * a['max_shrunk']:.1f}% allowed)")
@@ -576,7 +576,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="sequence lengths L")
     parser.add_argument("--resolution", nargs="+", default=["uniform:64:256"], help=packer.RESOLUTION_HELP)
     parser.add_argument("--token-drop", nargs="+", default=["none"], help=packer.DROP_HELP)
-    parser.add_argument("--max-images", nargs="+", default=["auto"],
+    parser.add_argument("--max-images-per-seq", nargs="+", default=["auto"],
                         help="E_max values; 'auto' = L // 16 for each L")
     parser.add_argument("--packers", nargs="+", default=None,
                         help="packers: pad-to-budget next-fit first-fit window-bfd@W bfd (default: all, windows "
@@ -593,7 +593,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     sizes = load_sizes(args.input)
     try:
         packers = [PackerSpec.parse(p) for p in args.packers] if args.packers else default_packers()
-        max_images = [None if str(e) == "auto" else int(e) for e in args.max_images]
+        max_images = [None if str(e) == "auto" else int(e) for e in args.max_images_per_seq]
         for res in args.resolution:
             packer.parse_resolution(res)
         for drop in args.token_drop:

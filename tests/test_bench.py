@@ -75,7 +75,7 @@ def test_bench_packing_cli_json_and_plots(image_dir, tmp_path):
     out = tmp_path / "bench.json"
     args = parser.parse_args(["bench", "packing", "--input", image_dir, "--seq-len", "64", "256", "--draws", "300",
                               "--packers", "pad-to-budget", "next-fit", "first-fit", "window-bfd@64", "bfd",
-                              "--max-images", "auto", "3", "--json", str(out), "--plots", str(tmp_path / "plots")])
+                              "--max-images-per-seq", "auto", "3", "--json", str(out), "--plots", str(tmp_path / "plots")])
     assert args.func(args) == 0
     result = json.loads(out.read_text())
     assert result["meta"]["draws"] == 300 and result["meta"]["num_sizes"] == len(SIZES)
