@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import packer
 
-FORMATS = ("tfrecord", "arrow", "parquet")
+FORMATS = ("tfrecord", "arrow", "parquet", "array_record")
 COUNTERS = "navit_pack"  # Beam Metrics namespace
 _REJECTS_TAG = "rejects"
 

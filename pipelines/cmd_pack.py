@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                         "parquet:GLOB, arrow:GLOB or synthetic:N[:SEED], e.g. --input synthetic:2000")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://), e.g. --output out")
     p.add_argument("--format", default="tfrecord", metavar="FMT",
-                   help="shard format: tfrecord (default), arrow or parquet, e.g. --format parquet")
+                   help="shard format: tfrecord (default), arrow, parquet or array_record (JAX/Grain random "
+                        "access), e.g. --format parquet")
     p.add_argument("--num-shards", default="auto", metavar="N",
                    help="shards per epoch (default auto: one per packing group of ~--group-size images), e.g. --num-shards 64")
     p.add_argument("--epochs", default="1", metavar="N",

@@ -10,6 +10,7 @@ from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_poolin
 from ._schema import (BASE_FIELDS, FORMATS, SCHEMA_VERSION, Field, RecordError, Schema, SchemaError,
                       check_consistency, numpy_dtype)
 from ._tf import tf_dataset
+from ._tfrecord import decode_example
 from ._verify import VerificationError, VerifyReport, verify
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -110,6 +110,11 @@ def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarra
                     w.write(encode_example(r, schema))
                 n += len(batch)
         return n
+    if fmt == "array_record":
+        from . import _array_record
+        from ._tfrecord import encode_example
+
+        return _array_record.write(path, (encode_example(r, schema) for batch in _batches(records, schema) for r in batch))
     import pyarrow as pa
 
     from ._arrow import arrow_schema, to_batch
@@ -184,6 +189,15 @@ def _sniff_meta_fields(directory: str, fmt: str, shard: str) -> tuple[str, ...]:
             break
         else:
             return ()
+    elif fmt == "array_record":
+        import tensorflow as tf
+
+        from . import _array_record
+
+        first = next(_array_record.serialized_batches(path, 1), [])
+        if not first:
+            return ()
+        names = tf.train.Example.FromString(first[0]).features.feature.keys()
     elif fmt == "arrow":
         import pyarrow as pa
 
@@ -293,13 +307,17 @@ def iter_shard(path: str, fmt: str, schema: Schema, *, full_validation: bool = F
 
             ds = tf.data.TFRecordDataset(path, buffer_size=1 << 22).batch(BATCH)
             for serialized in ds:
-                cols = {k: v.numpy() for k, v in parse_examples(serialized, schema).items()}
-                for f in schema.fields:
-                    if f.dtype == "string":
-                        cols[f.name] = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(cols[f.name]) \
-                            if cols[f.name].size else cols[f.name].astype(object)
-                for i in range(len(serialized)):
-                    yield {k: v[i] for k, v in cols.items()}
+                yield from _example_records(parse_examples(serialized, schema), schema, len(serialized))
+            return
+        if fmt == "array_record":
+            import tensorflow as tf
+
+            from . import _array_record
+            from ._tfrecord import parse_examples
+
+            for serialized in _array_record.serialized_batches(path, BATCH):
+                parsed = parse_examples(tf.constant(serialized, tf.string, shape=[len(serialized)]), schema)
+                yield from _example_records(parsed, schema, len(serialized))
             return
         import pyarrow as pa
 
@@ -329,6 +347,17 @@ def iter_shard(path: str, fmt: str, schema: Schema, *, full_validation: bool = F
         raise
     except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard
         raise CorruptShard(name, f"{type(e).__name__}: {e}") from e
+
+
+def _example_records(parsed: Mapping[str, Any], schema: Schema, n: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy record dicts from a batch of parsed tf.train.Examples (strings decoded to str object arrays)."""
+    cols = {k: v.numpy() for k, v in parsed.items()}
+    for f in schema.fields:
+        if f.dtype == "string":
+            cols[f.name] = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(cols[f.name]) \
+                if cols[f.name].size else cols[f.name].astype(object)
+    for i in range(n):
+        yield {k: v[i] for k, v in cols.items()}
 
 
 def shard_paths(directory: str, manifest: Mapping[str, Any]) -> list[str]:

@@ -10,7 +10,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 META_PREFIX = "meta_"  # same as packer.META_PREFIX; kept here so readers need not import the packer
-FORMATS = {"tfrecord": "tfrecord", "arrow": "arrow", "parquet": "parquet"}  # format name -> file extension
+FORMATS = {"tfrecord": "tfrecord", "arrow": "arrow", "parquet": "parquet",
+           "array_record": "array_record"}  # format name -> file extension
 
 
 class SchemaError(Exception):

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
+from . import _array_record
 from ._io import CorruptShard, _check_sha, iter_shard, read_manifest
 from ._schema import Schema
 
@@ -14,7 +17,8 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     image_keys and meta_*; every shape static, so batches feed tf.function / XLA (jit_compile) directly.
 
     Shards are read `cycle_length` at a time (default min(#shards, 8)) with parallel interleave.
-    TFRecord CRCs are always checked by the reader; check_sha256 also hashes each shard once up front.
+    TFRecord CRCs and ArrayRecord chunk hashes are always checked by the reader, and every shard's record
+    count against the manifest; check_sha256 also hashes each shard once up front.
     """
     import tensorflow as tf
 
@@ -36,6 +40,30 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
                               deterministic=deterministic)
         return ds.batch(64).map(lambda s: parse_examples(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=deterministic).unbatch()
+
+    if fmt == "array_record":
+        from ._tfrecord import parse_examples
+
+        def serialized(path, expected):
+            path = path.decode() if isinstance(path, bytes) else path
+            n = 0
+            try:
+                for batch in _array_record.serialized_batches(path, 64):
+                    n += len(batch)
+                    yield np.array(batch, dtype=object)
+            except Exception as e:  # noqa: BLE001 - any reader error means a bad shard
+                raise CorruptShard(os.path.basename(path), f"{type(e).__name__}: {e}") from e
+            if n != expected:
+                raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
+
+        def open_array_record(path, expected):
+            return tf.data.Dataset.from_generator(serialized, output_signature=tf.TensorSpec([None], tf.string),
+                                                  args=(path, expected))
+
+        ds = files.interleave(open_array_record, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=deterministic)
+        return ds.map(lambda s: parse_examples(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=deterministic).unbatch()
 
     dtypes = {"uint8": tf.uint8, "int32": tf.int32, "float32": tf.float32, "string": tf.string}
     signature = {f.name: tf.TensorSpec(schema.shape(f), dtypes[f.dtype]) for f in schema.fields}
@@ -76,8 +104,6 @@ def _counted_tfrecords(path: Any, expected: Any) -> Any:
 
 def _encode(v: Any) -> Any:
     """str object arrays -> UTF-8 bytes object arrays (tf.string); other arrays unchanged."""
-    import numpy as np
-
     if v.dtype == object:
         return np.array([s.encode("utf-8") for s in v.reshape(-1)], dtype=object).reshape(v.shape)
     return v

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._schema import Schema
+from ._schema import RecordError, Schema
 
 
 def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
@@ -57,4 +57,35 @@ def parse_examples(serialized: Any, schema: Schema) -> dict[str, Any]:
         elif f.dtype == "int32":
             t = tf.cast(t, tf.int32)
         out[f.name] = t
+    return out
+
+
+def decode_example(serialized: bytes, schema: Schema) -> dict[str, np.ndarray]:
+    """One serialized Example (a TFRecord or ArrayRecord record) as a numpy record dict (the packer's dtypes;
+    strings as str object arrays), through the protobuf alone, no TF ops: for per-record readers such as
+    Grain over array_record's ArrayRecordDataSource. RecordError if it does not fit the schema."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.example import example_pb2
+
+    try:
+        feats = example_pb2.Example.FromString(serialized).features.feature
+        out = {}
+        for f in schema.fields:
+            if f.name not in feats:
+                raise RecordError(f"field {f.name} is missing")
+            feat, shape = feats[f.name], schema.shape(f)
+            if f.dtype == "uint8":
+                (raw,) = feat.bytes_list.value
+                v = np.frombuffer(raw, np.uint8).reshape(shape).copy()
+            elif f.dtype == "int32":
+                v = np.array(feat.int64_list.value, np.int64).astype(np.int32).reshape(shape)
+            elif f.dtype == "float32":
+                v = np.array(feat.float_list.value, np.float32).reshape(shape)
+            else:
+                v = np.array([b.decode("utf-8") for b in feat.bytes_list.value], dtype=object).reshape(shape)
+            out[f.name] = v
+    except RecordError:
+        raise
+    except (DecodeError, ValueError) as e:
+        raise RecordError(f"not a serialized Example of this schema: {e}") from e
     return out

@@ -51,7 +51,7 @@ def _files(directory) -> dict[str, bytes]:
     return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
 
 
-@pytest.mark.parametrize("fmt", ["tfrecord", "parquet"])
+@pytest.mark.parametrize("fmt", ["tfrecord", "parquet", "array_record"])
 def test_output_byte_identical_with_one_and_two_worker_processes(image_dir, tmp_path, fmt):
     job1 = _job(image_dir, tmp_path / "w1", fmt=fmt, num_shards=3, group_size=8, epochs=2)
     job2 = _job(image_dir, tmp_path / "w2", fmt=fmt, num_shards=3, group_size=8, epochs=2)

@@ -14,7 +14,7 @@ from PIL import Image
 import packer
 import schemas
 
-FORMATS = ["tfrecord", "arrow", "parquet"]
+FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
 META = ("caption", "tags")
 
 
@@ -293,3 +293,41 @@ def test_arrow_and_parquet_open_with_hugging_face_datasets(packed, outputs):
         row = ds[0]
         assert b"".join(row["patches"]) == first["patches"].tobytes()
         assert row["segment_ids"] == first["segment_ids"].tolist()
+
+
+def test_array_record_random_access_like_grain(packed, outputs):
+    """Grain reads ArrayRecord by global index through ArrayRecordDataSource: index i is record i."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    _, records = packed
+    d = outputs["array_record"]
+    manifest = schemas.read_manifest(d)
+    schema = schemas.Schema.from_manifest(manifest)
+    paths = schemas.shard_paths(d, manifest)
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(records))]
+    with ArrayRecordDataSource(paths) as source:
+        assert len(source) == len(records)
+        assert_same_records([schemas.decode_example(source[i], schema) for i in order], [records[i] for i in order])
+        batch = source.__getitems__(order[:5])
+    assert_same_records([schemas.decode_example(b, schema) for b in batch], [records[i] for i in order[:5]])
+    reader = ArrayRecordReader(paths[1])
+    assert "group_size:1," in reader.writer_options_string()
+    first = manifest["shards"][0]["num_sequences"]
+    j = reader.num_records() - 1
+    assert_same_records([schemas.decode_example(reader.read([j])[0], schema)], [records[first + j]])
+    reader.close()
+
+
+def test_decode_example_refuses_other_bytes(packed, outputs):
+    d = outputs["array_record"]
+    schema = schemas.Schema.from_manifest(schemas.read_manifest(d))
+    other = schemas.Schema(schema.seq_len * 2, schema.token_dim, schema.max_images, schema.meta_fields)
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(schemas.shard_paths(d, schemas.read_manifest(d))[0])
+    raw = reader.read([0])[0]
+    reader.close()
+    for bad, s in ((b"\xff\x00garbage", schema), (raw, other)):
+        with pytest.raises(schemas.RecordError):
+            schemas.decode_example(bad, s)

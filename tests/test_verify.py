@@ -15,7 +15,7 @@ import packer
 import schemas
 from pipelines import cli
 
-FORMATS = ["tfrecord", "arrow", "parquet"]
+FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
 BAD = "packed-00001-of-00002"
 
 
@@ -134,6 +134,41 @@ def test_arrow_truncation_caught_without_the_sha256(clean, tmp_path, fmt):
         truncate(path, off)
         rehash(d, path)
         check_detected(d, fmt)
+
+
+def test_array_record_damage_caught_without_the_sha256(clean, tmp_path):
+    """Riegeli chunk hashes catch a flipped byte in data or index, and a truncated file loses its footer, so
+    even with check_sha256=False a read either raises CorruptShard or returns exactly the clean records
+    (flips in never-decoded block padding are harmless; only the sha256 sees them)."""
+    import tensorflow as tf
+
+    src = os.path.join(clean["array_record"], f"{BAD}.array_record")
+    want = list(schemas.read(clean["array_record"]))
+    data = np.frombuffer(open(src, "rb").read(), np.uint8)
+    used = np.flatnonzero(data)  # chunk headers, records, index; the rest is zero block padding
+    must = [int(used[len(used) * q // 8]) for q in (1, 3, 5)]  # inside record chunks
+    spread = [int(o) for o in np.linspace(0, data.size - 1, 40)] + [int(o) for o in used[:: max(1, used.size // 40)]]
+    for i, off in enumerate(must + spread):
+        d, path = copy_of(clean, "array_record", tmp_path / f"flip{i}")
+        flip(path, off)
+        rehash(d, path)
+        try:
+            got = list(schemas.read(d, check_sha256=False))
+        except schemas.CorruptShard as e:
+            assert e.shard == f"{BAD}.array_record"
+            continue
+        assert off not in must, f"flip at {off} not detected"
+        for a, b in zip(got, want, strict=True):
+            assert all(np.array_equal(a[k], b[k]) for k in b), f"flip at {off} changed a record silently"
+    for i, off in enumerate(offsets(src)):
+        d, path = copy_of(clean, "array_record", tmp_path / f"cut{i}")
+        truncate(path, off)
+        rehash(d, path)
+        check_detected(d, "array_record")
+        with pytest.raises(schemas.CorruptShard, match=BAD):
+            list(schemas.read(d, check_sha256=False))
+        with pytest.raises(tf.errors.OpError, match=BAD):
+            list(schemas.tf_dataset(d))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
