@@ -1,4 +1,4 @@
-"""Write and read throughput of each output format (TFRecord, Arrow IPC, Parquet).
+"""Write and read throughput of each output format (TFRecord, Arrow IPC, Parquet, ArrayRecord).
 
 The same packed records (real packer output from random-pixel images, so nothing compresses) are
 written as one dataset per format with schemas.write_dataset, then read back with schemas.read (numpy,

@@ -1,5 +1,6 @@
 """`verify(dir)`: every shard against the manifest (presence, sha256, record count) and every record's
-integrity (TFRecord CRCs, Arrow full validation, Parquet page checksums, schema and cross-field checks)."""
+integrity (TFRecord CRCs, ArrayRecord chunk hashes, Arrow full validation, Parquet page checksums, schema
+and cross-field checks)."""
 from __future__ import annotations
 
 import dataclasses
