@@ -28,11 +28,9 @@ FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "labels")
 
 def to_batch(records: list[dict[str, np.ndarray]], max_images: int) -> dict[str, np.ndarray]:
     """Stack numpy records into one batch, with the attention mask [B, L, L] and the per-image pooling
-    matrix [B, E, L]. schemas.attention_mask leaves padding rows empty; adding the diagonal lets each
-    padding token attend to itself, so no softmax row is all -inf (which would give NaN)."""
+    matrix [B, E, L]."""
     batch = {k: np.stack([r[k] for r in records]) for k in FIELDS}
-    L = batch["segment_ids"].shape[1]
-    batch["mask"] = schemas.attention_mask(batch["segment_ids"]) | np.eye(L, dtype=bool)
+    batch["mask"] = schemas.attention_mask(batch["segment_ids"])
     batch["pool"] = schemas.pooling_matrix(batch["segment_ids"], max_images)
     return batch
 

@@ -19,6 +19,8 @@ from typing import Mapping
 import keras
 import tensorflow as tf
 
+import schemas
+
 POSITIONS = ("absolute", "fractional", "fractional-mlp")
 # Record fields the model reads (labels only for the loss).
 MODEL_FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "grid_h", "grid_w", "labels")
@@ -54,12 +56,6 @@ class NaViTConfig:
     @property
     def token_dim(self) -> int:
         return self.patch_size * self.patch_size * self.channels
-
-
-def attention_mask(segment_ids: tf.Tensor) -> tf.Tensor:
-    """[B, L] -> bool [B, L, L]: query i may attend key j iff they carry the same segment id.
-    Padding (0) attends to padding only: no image sees it, and no softmax row is empty."""
-    return tf.equal(segment_ids[:, :, None], segment_ids[:, None, :])
 
 
 def pooling_weights(segment_ids: tf.Tensor, max_images: int) -> tf.Tensor:
@@ -155,7 +151,7 @@ class NaViT(keras.Model):
         grid_h = per_token(tf.cast(batch["grid_h"], tf.int32), seg)
         grid_w = per_token(tf.cast(batch["grid_w"], tf.int32), seg)
         x = x + self.position(tf.cast(batch["pos_y"], tf.int32), tf.cast(batch["pos_x"], tf.int32), grid_h, grid_w)
-        mask = attention_mask(seg)
+        mask = schemas.tf_attention_mask(seg)  # same segment id; padding sees only padding
         for block in self.blocks:
             x = block(x, mask)
         pool = pooling_weights(seg, c.max_images)

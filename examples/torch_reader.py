@@ -26,12 +26,9 @@ FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "labels")
 
 
 def to_torch(records: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack numpy records into one batch, with the attention mask [B, 1, L, L] (True: may attend).
-    schemas.attention_mask leaves padding rows empty; adding the diagonal lets each padding token
-    attend to itself, so no softmax row is all -inf (which would give NaN)."""
+    """Stack numpy records into one batch, with the attention mask [B, 1, L, L] (True: may attend)."""
     batch = {k: np.stack([r[k] for r in records]) for k in FIELDS}
-    L = batch["segment_ids"].shape[1]
-    mask = schemas.attention_mask(batch["segment_ids"]) | np.eye(L, dtype=bool)
+    mask = schemas.attention_mask(batch["segment_ids"])
     out = {k: torch.from_numpy(v) for k, v in batch.items()}
     out["mask"] = torch.from_numpy(mask)[:, None]
     return out

@@ -7,9 +7,11 @@ import numpy as np
 
 
 def attention_mask(segment_ids: np.ndarray) -> np.ndarray:
-    """bool [..., L, L]: True where query and key tokens belong to the same image (padding attends to nothing)."""
+    """bool [..., L, L]: True where query and key tokens carry the same segment id. An image's tokens see
+    only that image; padding (0) sees only padding, so no softmax row is empty (an all-masked row is NaN
+    in PyTorch and JAX) and no image ever sees padding."""
     s = np.asarray(segment_ids)
-    return (s[..., :, None] == s[..., None, :]) & (s[..., :, None] > 0)
+    return s[..., :, None] == s[..., None, :]
 
 
 def pooling_matrix(segment_ids: np.ndarray, max_images: int) -> np.ndarray:
@@ -25,7 +27,7 @@ def tf_attention_mask(segment_ids: Any) -> Any:
     import tensorflow as tf
 
     s = tf.convert_to_tensor(segment_ids)
-    return tf.logical_and(tf.equal(s[..., :, None], s[..., None, :]), s[..., :, None] > 0)
+    return tf.equal(s[..., :, None], s[..., None, :])
 
 
 def tf_pooling_matrix(segment_ids: Any, max_images: int) -> Any:

@@ -251,7 +251,8 @@ def test_masks_numpy_match_tf_and_mean_pool(packed):
                 np.testing.assert_allclose(p[i] @ r["patches"].astype(np.float32), r["patches"][sel].mean(0), rtol=1e-5)
             else:
                 assert not p[i].any()
-        assert not m[r["segment_ids"] == 0].any()
+        pad = r["segment_ids"] == 0
+        assert m[np.ix_(pad, pad)].all() and not m[np.ix_(pad, ~pad)].any() and not m[np.ix_(~pad, pad)].any()
 
 
 def test_arrow_and_parquet_open_with_pyarrow_dataset_and_polars(packed, outputs):
