@@ -274,15 +274,16 @@ class ExactFillWindow(WindowBestFit):
 
     `feasible(item, length, target)` is the cost of re-planning `item` (now `length` long) to exactly
     `target` tokens, or None when its policy does not allow it; the cost must be at least
-    bound_weight * |log(target/length)| (the donor search stops on that bound). A bin with room r is closed by the cheapest of: (a) growing one of
-    its items by r; (b) moving in a donor item re-planned to exactly r (as it is when its length is r);
-    (c) moving in the shortest donor longer than r as it is, and shrinking one of the bin's items to
-    make room for it; (d) swapping one of its items (of length n) back to the donors for a donor
-    re-planned to n + r (as it is when its length is n + r). While none is feasible, the longest donor that fits moves in as it is. Donors
-    are the items the round carries over. A bin that cannot be closed goes back to the window for up
-    to max_defer more rounds (so every item leaves within max_age + max_defer + 1 rounds). At the end of the stream the items
-    of the non-full bins are re-packed, longest first, one bin at a time, each bin closed as above with
-    the rest as donors, so only the last bin may be non-full. Chosen lengths: take_refits()."""
+    bound_weight * |log(target/length)| (the donor search stops on that bound). A bin with room r is
+    closed by the cheapest of: (a) growing one of its items by r; (b) moving in a donor item re-planned
+    to exactly r (as it is when its length is r); (c) moving in the shortest donor longer than r as it
+    is, and shrinking one of the bin's items to make room for it; (d) swapping one of its items (of
+    length n) back to the donors for a donor re-planned to n + r (as it is when its length is n + r).
+    While none is feasible, the longest donor that fits moves in as it is. Donors are the items the
+    round carries over. A bin that cannot be closed goes back to the window for up to max_defer more
+    rounds (so every item leaves within max_age + max_defer + 1 rounds). At the end of the stream the
+    items of the non-full bins are re-packed, longest first, one bin at a time, each bin closed as
+    above with the rest as donors, so only the last bin may be non-full. Chosen lengths: take_refits()."""
 
     def __init__(self, capacity: int, max_items: int, window: int, feasible: Feasible, max_age: int = 1,
                  max_defer: int = 2, max_probes: int = 64, bound_weight: float = 0.25, swap_probes: int = 8):
