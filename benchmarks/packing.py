@@ -479,7 +479,6 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     labels = list(dict.fromkeys(c["packer"] for c in cells))
     seq_lens = sorted({c["seq_len"] for c in cells})
     ref = min(seq_lens, key=lambda L: abs(math.log2(L / reference_len)))
-    tag = lambda s: "_".join(x.replace(":", "-").replace("@", "-") for x in s)  # noqa: E731
 
     # 1. efficiency against L, per (resolution, drop): full range, and zoomed on the best packers.
     # E_max is the first value measured at each L.

@@ -34,7 +34,7 @@ from ._drop import _MAX_RATE, _RESDEP_SIGMA, choose_kept
 from ._image import OpenedImage
 from ._patch import patchify
 from ._plan import grid_for_budget
-from ._process import FillSource, PatchedImage
+from ._process import PatchedImage
 from ._rng import image_rng
 
 FILL_EXTRA_DROP = 0.2  # drop none / const: extra drop rate a re-plan may add (the gap between grid sizes)

@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import packer
 

@@ -6,7 +6,6 @@ Beam as pipeline options, e.g. `-- --runner DataflowRunner --project P --region 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

@@ -42,7 +42,7 @@ def to_batch(records: Sequence[Mapping[str, np.ndarray]], schema: Schema) -> Any
     target = arrow_schema(schema)
     columns = []
     n = len(records)
-    for f, af in zip(schema.fields, target):
+    for f in schema.fields:
         shape = schema.shape(f)
         if f.dtype == "string":
             flat = pa.array([s for r in records for s in r[f.name].reshape(-1)], pa.string())

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import packer
@@ -59,5 +61,5 @@ def test_config_json_round_trip_and_defaults():
 
 def test_config_is_frozen():
     cfg = PackConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seq_len = 5  # type: ignore[misc]
