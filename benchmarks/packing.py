@@ -474,6 +474,14 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+
+    def save(fig, name: str, **layout) -> None:
+        fig.tight_layout(**layout)
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
     cells = result["cells"]
     settings = list(dict.fromkeys((c["resolution"], c["drop"]) for c in cells))
     labels = list(dict.fromkeys(c["packer"] for c in cells))
@@ -515,11 +523,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
                 ax.set_title(f"{res}, drop {drop}: all packers and peers", fontsize=10)
                 ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"Packing efficiency against sequence length ({draws_text(result)})")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (4.6 * len(settings))))
-    path = os.path.join(out_dir, "efficiency_vs_seq_len.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "efficiency_vs_seq_len.png", rect=(0, 0, 1, 1 - 0.35 / (4.6 * len(settings))))
 
     # 2. tokens per image at the reference L
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
@@ -535,11 +539,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     ax.set_title(f"Tokens per image at L = {ref}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "tokens_per_image.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "tokens_per_image.png")
 
     # 3. images per sequence at the reference L, per packer (first setting)
     res, drop = settings[0]
@@ -559,11 +559,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     ax.set_title(f"Images per sequence at L = {ref}, {res}, drop {drop}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "images_per_sequence.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "images_per_sequence.png")
     return paths
 
 
