@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                               description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, metavar="SRC",
                    help="a folder or glob of images (local or gs://), tfds:NAME[/CONFIG]:SPLIT, tfrecord:GLOB, "
-                        "parquet:GLOB, arrow:GLOB or synthetic:N[:SEED], e.g. --input synthetic:2000")
+                        "parquet:GLOB, arrow:GLOB, wds:SHARDS (WebDataset tars, e.g. wds:shards-{000..099}.tar) or "
+                        "synthetic:N[:SEED], e.g. --input synthetic:2000")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://), e.g. --output out")
     p.add_argument("--format", default="tfrecord", metavar="FMT",
                    help="shard format: tfrecord (default), arrow, parquet or array_record (JAX/Grain random "
@@ -57,7 +58,7 @@ def job_from_args(args: argparse.Namespace):
 
     config = options.config_or_error(args)
     return PackJob(
-        input=args.input, output=args.output, config=config,
+        input=options.input_spec(args), output=args.output, config=config,
         fmt=options.parse_choice(args.format, "--format", FORMATS),
         num_shards=options.parse_int(args.num_shards, "--num-shards", 1, allow_none=True),
         epochs=options.parse_int(args.epochs, "--epochs", 1),

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.sources import open_source
 
     try:
-        source = open_source(args.input, labels=args.labels, meta_fields=meta_fields)
+        source = open_source(options.input_spec(args), labels=args.labels, meta_fields=meta_fields)
     except Exception as e:  # noqa: BLE001 - any source error becomes one clear line
         options.fail(f"--input: {e}")
     def interrupt(signum, frame):

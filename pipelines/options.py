@@ -8,6 +8,7 @@ command exits with status 2 before doing any work.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import NoReturn
 
@@ -78,8 +79,34 @@ def parse_meta_fields(value: str | None) -> tuple[str, ...]:
     return names
 
 
+# Sources whose spec takes a `label=NAME` option, which --label-field fills in.
+LABEL_FIELD_SOURCES = ("wds", "tfrecord", "parquet", "arrow")
+
+
+def input_spec(args: argparse.Namespace) -> str:
+    """--input with --label-field folded into it as the source's `label=NAME` option (so that the spec alone,
+    as recorded in the manifest and passed to Beam workers, says where labels come from)."""
+    spec, name = args.input, getattr(args, "label_field", None)
+    if name is None:
+        return spec
+    if not re.fullmatch(r"[A-Za-z0-9_.:/-]+", name):
+        raise OptionError("--label-field", f"must be a field name (letters, digits, _ . : / -), got {name!r}")
+    if args.labels == "none":
+        raise OptionError("--label-field", "names where labels come from, but --labels is none")
+    kind, _, body = spec.partition(":")
+    if kind not in LABEL_FIELD_SOURCES:
+        raise OptionError("--label-field", f"applies to {', '.join(k + ':' for k in LABEL_FIELD_SOURCES)} inputs, "
+                                           f"not {spec!r}")
+    query = body.rpartition("?")[2] if "?" in body else ""
+    if "=" not in query:
+        return f"{spec}?label={name}"
+    if re.search(r"(^|&)label=", query):
+        raise OptionError("--label-field", f"the input {spec!r} already names its label field")
+    return f"{spec}&label={name}"
+
+
 def add_pack_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options that define a PackConfig, plus --labels and --meta-fields."""
+    """Add the options that define a PackConfig, plus --labels, --label-field and --meta-fields."""
     g = parser.add_argument_group("packing options (same names and spec strings as packer.PackConfig)")
     g.add_argument("--seq-len", default="256", metavar="L",
                    help="tokens per packed sequence (default 256), e.g. --seq-len 1024")
@@ -112,6 +139,10 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help="auto (default: from sub-folder names or the dataset's label column), folder (every image must "
                         "sit in a class sub-folder) or none (all -1), "
                         "e.g. --labels none")
+    g.add_argument("--label-field", default=None, metavar="NAME",
+                   help="labels from this field: of each sample's json member for wds: inputs (default: the cls "
+                        "member), the feature or column for tfrecord:, parquet: and arrow:, "
+                        "e.g. --label-field class_id")
     g.add_argument("--meta-fields", default="", metavar="A,B",
                    help="source metadata fields carried per image as meta_<name> columns, e.g. --meta-fields caption,url")
 
@@ -128,6 +159,8 @@ def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
     """Like config_from_args, but raises OptionError (for callers that report errors themselves)."""
     parse_choice(args.labels, "--labels", LABEL_MODES)
     parse_meta_fields(args.meta_fields)
+    if hasattr(args, "input"):
+        input_spec(args)
     values = dict(
         seq_len=parse_int(args.seq_len, "--seq-len", 1),
         patch_size=parse_int(args.patch_size, "--patch-size", 1),

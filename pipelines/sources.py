@@ -7,6 +7,7 @@
   tfrecord:GLOB[?image=F&label=F&key=F] tf.train.Example records with an encoded image feature
   parquet:GLOB[?image=C&label=C&key=C]  Hugging Face datasets layout (image struct {bytes, path} or bytes)
   arrow:GLOB[?image=C&label=C&key=C]    the same, Arrow IPC files or streams
+  wds:PATH|GLOB|gs://...[?label=F]      WebDataset tar shards, brace ranges {000..099} allowed
   synthetic:N[:SEED]           N generated ImageNet-like images (the built-in default input)
 
 A Source is split into `units()`: small strings naming independently readable pieces (a batch of files,
@@ -185,7 +186,8 @@ def open_source(spec: str, *, labels: str = "auto", meta_fields: Sequence[str] =
     labels: "auto" (use the labels the input has: sub-folder names, a label column or feature), "none"
     (no labels), or "folder" (folders only: every image must sit in a class sub-folder).
     meta_fields: names of extra per-image values to carry into `SourceRecord.meta` (columns or features
-    for tables and TFDS; "path" and "class_name" for folders; "class_name" and "format" for synthetic).
+    for tables and TFDS; fields of the json member for wds; "path" and "class_name" for folders; "class_name"
+    and "format" for synthetic).
     Raises SourceError for a malformed spec, a missing input or one with no images."""
     if not isinstance(spec, str) or not spec.strip():
         raise SourceError(str(spec), "empty input spec")
@@ -204,11 +206,14 @@ def open_source(spec: str, *, labels: str = "auto", meta_fields: Sequence[str] =
     if kind in ("parquet", "arrow"):
         from .sources_tables import ArrowSource
         return ArrowSource.from_spec(spec, body, kind=kind, labels=labels, meta_fields=meta_fields)
+    if kind == "wds":
+        from .sources_wds import WdsSource
+        return WdsSource.from_spec(spec, body, labels=labels, meta_fields=meta_fields)
     if kind == "sizes":
         raise SourceError(spec, "sizes:FILE.csv holds image sizes, not images: use read_sizes() (benchmarks only)")
     if body and re.fullmatch(r"[a-z][a-z0-9_]+", kind) and not has_scheme(spec) and not os.path.exists(spec):
         raise SourceError(spec, f"unknown source type {kind!r}; expected a folder, a glob, a gs:// path, or one of "
-                                "tfds:, tfrecord:, parquet:, arrow:, synthetic:")
+                                "tfds:, tfrecord:, parquet:, arrow:, wds:, synthetic:")
     from .sources_files import FileSource
     return FileSource.from_spec(spec, labels=labels, meta_fields=meta_fields)
 

@@ -70,6 +70,10 @@ def _epoch_units(units: Sequence[str], seed: int, epoch: int, shuffle: bool) -> 
 
 
 def _prepare(config: PackConfig, record, epoch: int, images_seen: int) -> "PatchedImage | ImageRejected":
+    """The record's image ready to pack, or its rejection (the source's own, such as duplicate_key, first)."""
+    reject = getattr(record, "reject", None)  # duck-typed records may have no reject field
+    if reject is not None:
+        return ImageRejected(reject, getattr(record, "detail", ""))
     try:
         return packer.prepare_image(record.data, record.key, config, epoch=epoch, images_seen=images_seen,
                                     label=record.label, meta=record.meta)
