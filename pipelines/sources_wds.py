@@ -181,7 +181,8 @@ class WdsSource(Source):
             raise SourceError(spec, "labels='folder' applies to image folders only")
         pattern, options = split_options(spec, body, _OPTIONS) if "=" in body.rpartition("?")[2] else (body, {})
         if not pattern:
-            raise SourceError(spec, "expected wds:PATH|GLOB|gs://...[?label=JSON_FIELD], e.g. wds:shards-{000..009}.tar")
+            raise SourceError(spec, "expected wds:PATH|GLOB|gs://...[?label=JSON_FIELD], "
+                                    "e.g. wds:shards-{000..009}.tar")
         label_field = options.get("label")
         if label_field is not None and labels == "none":
             raise SourceError(spec, f"?label={label_field} asks for labels, but labels='none'")
