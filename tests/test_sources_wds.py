@@ -174,6 +174,24 @@ def test_units_pickle_and_read_alone(tmp_path):
         ["s0.tar/k0", "s0.tar/k1", "s0.tar/k2"], ["s1.tar/k0", "s1.tar/k1", "s1.tar/k2"]]
 
 
+def test_through_beam_filesystems_matches_local(tmp_path, monkeypatch):
+    """gs:// and other schemes are listed and streamed through Beam's FileSystems: here on local paths."""
+    pytest.importorskip("apache_beam")
+    for i in range(3):
+        write_shard(tmp_path / f"s-{i}.tar", [(f"k{i}.jpg", JPG), (f"k{i}.cls", b"1"), (f"m{i}.png", PNG)])
+    spec = f"wds:{tmp_path}/s-{{0..1}}.tar"
+    local = [(r.key, r.data, r.label) for r in open_source(spec)]
+    opened = []
+    from pipelines import sources_files
+    real_open = sources_files.open_file
+    monkeypatch.setattr(sources_wds, "has_scheme", lambda path: True)
+    monkeypatch.setattr(sources_wds, "open_file", lambda path, use_beam: opened.append(use_beam) or
+                        real_open(path, use_beam=use_beam))
+    assert [(r.key, r.data, r.label) for r in open_source(spec)] == local
+    assert opened == [True, True]
+    assert len(open_source(f"wds:{tmp_path}/s-*.tar").units()) == 3  # a glob listed by FileSystems.match
+
+
 def test_repeated_key_in_a_shard_is_a_duplicate(tmp_path):
     write_shard(tmp_path / "s.tar", [("a.jpg", JPG), ("b.jpg", PNG), ("a.jpg", WEBP)])
     records = list(open_source(f"wds:{tmp_path}/s.tar"))
