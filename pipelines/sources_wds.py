@@ -110,7 +110,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- reading
 class _ShardDamaged(Exception):
-    """The tar stream cannot be read on from here; `detail` says where and why."""
+    """The tar stream cannot be read on from here; the message says where and why."""
 
 
 class _HeaderWatch(tarfile.TarInfo):
@@ -138,8 +138,9 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         if member is None:
             reason = getattr(tar, "stop_reason", None)
             if not isinstance(reason, tarfile.EOFHeaderError):
-                why = "the tar ends without its end-of-archive marker" if isinstance(reason, tarfile.EmptyHeaderError) \
-                    else f"{type(reason).__name__}: {reason}"
+                why = f"{type(reason).__name__}: {reason}" if reason is not None else "the stream ended"
+                if isinstance(reason, tarfile.EmptyHeaderError):
+                    why = "the tar ends without its end-of-archive marker"
                 raise _ShardDamaged(f"at byte {tar.offset}: {why}")
             return
         yield member
@@ -234,7 +235,7 @@ class WdsSource(Source):
     def _take(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, extension: str, sample: _Sample) -> None:
         """Read the member into the sample if the record needs it; the stream skips it otherwise."""
         if extension in IMAGE_TYPES:
-            if sample.image is not None or sample.image_member:
+            if sample.image_member:
                 sample.extra_images.append(name)
                 return
             sample.image_member = name

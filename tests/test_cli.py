@@ -57,7 +57,8 @@ def test_help_gives_an_example_for_every_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["pack", "--help"])
     text = "".join(capsys.readouterr().out.split())  # help wraps lines, even inside flags
-    for flag in list(options.CONFIG_FLAGS.values()) + ["--labels", "--label-field", "--meta-fields", "--format", "--num-shards",
+    for flag in list(options.CONFIG_FLAGS.values()) + ["--labels", "--label-field", "--meta-fields", "--format",
+                                                        "--num-shards",
                                                         "--epochs", "--workers", "--input", "--output"]:
         assert f"e.g.{flag}" in text, flag
 

@@ -246,6 +246,13 @@ def test_compressed_shard(tmp_path):
     write_shard(tmp_path / "s.tar.gz", [("a.jpg", JPG), ("a.cls", b"2")], mode="w:gz")
     (record,) = open_source(f"wds:{tmp_path}")
     assert (record.key, record.data, record.label) == ("s.tar.gz/a", JPG, 2)
+    pngs = [image("PNG", 20, 20, i) for i in range(30)]
+    write_shard(tmp_path / "cut.tgz", [(f"{i:02d}.png", data) for i, data in enumerate(pngs)], mode="w:gz")
+    data = (tmp_path / "cut.tgz").read_bytes()
+    (tmp_path / "cut.tgz").write_bytes(data[:len(data) // 2])
+    records = list(open_source(f"wds:{tmp_path}/cut.tgz"))
+    assert 5 < len(records) < 30 and records[-1].reject == "truncated"
+    assert [r.data for r in records[:-1]] == pngs[:len(records) - 1]
 
 
 def test_oversized_member_rejected_from_its_header_unread(tmp_path, monkeypatch):
