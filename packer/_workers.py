@@ -1,0 +1,452 @@
+"""FillPool: fill and assemble packing decisions in worker processes, results in decision order.
+
+The main process plans and decides (packer._engine.PackingCore); the pool does the rest. Each
+decision is a task: its images' encoded bytes are copied into a shared-memory input ring, the task
+(plans and byte offsets, a few hundred bytes) goes to the least-loaded worker over its own socket,
+and the worker decodes, resizes, patchifies, drops and assembles the whole sequence straight into
+its row of a shared-memory output slot. Only (task id, failed slots) comes back. This is the PyTorch
+DataLoader's shape (per-worker task queues, a bounded number of tasks in flight, a reorder buffer),
+with assembly in the workers as the plan/fill design anchors recommend.
+
+- Order: results come out in submission order whatever the number of workers or their timing.
+- Window: at most `num_slots * rows_per_slot` decisions are submitted and not yet taken; each
+  worker holds at most `prefetch` tasks.
+- Slots: `rows_per_slot` decisions share one output slot (a batch); `get()` returns a slot once all
+  its rows are filled (or it was sealed short), as numpy views valid until `release()`.
+- Crashes: before each image a worker writes (task, image) into a shared heartbeat. When a worker
+  dies (a decoder segfault, an OOM kill) it is replaced, the image it held is rejected
+  `worker_crashed` (its slot becomes padding, see packer._engine) and its tasks are re-issued:
+  nothing else is lost and the output is the same as if the image had failed to decode.
+  Test hook: a worker SIGKILLs itself before filling the key named by the environment variable
+  NAVIT_PACK_TEST_CRASH_KEY (read when the worker starts).
+- Processes: started with subprocess (`python -c`, importing packer only: no TensorFlow, no
+  re-import of the caller's __main__), SIGINT ignored (the parent decides), single-threaded codecs.
+  Shared memory is anonymous (memfd) and passed by descriptor, so nothing can leak in /dev/shm even
+  when the parent is killed; workers exit when their socket closes. close() (or the context manager)
+  stops them.
+- num_workers=0: the same API, filled in the calling process at submit().
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection, Pipe, wait
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ._config import PackConfig
+from ._engine import Decision, FillReject, ImagePlan, assemble_into, fill_image
+from ._image import ImageRejected
+from ._packer import PER_IMAGE_FIELDS
+
+CRASH_KEY_ENV = "NAVIT_PACK_TEST_CRASH_KEY"
+_ALIGN = 64
+_MAX_RESPAWNS_WITHOUT_PROGRESS = 3
+
+
+class WorkerError(RuntimeError):
+    """The fill workers cannot go on (they keep dying without filling anything, or a task failed)."""
+
+
+def slot_layout(config: PackConfig, rows: int) -> tuple[dict[str, tuple[int, tuple[int, ...], np.dtype]], int]:
+    """{field: (byte offset, shape, dtype)} of one output slot of `rows` records, and its size in bytes."""
+    L, E = config.seq_len, config.max_images_per_seq
+    fields: list[tuple[str, tuple[int, ...], Any]] = [
+        ("patches", (rows, L, config.token_dim), np.uint8), ("segment_ids", (rows, L), np.int32),
+        ("pos_y", (rows, L), np.int32), ("pos_x", (rows, L), np.int32), ("num_images", (rows,), np.int32)]
+    fields += [(name, (rows, E), dtype) for name, (dtype, _) in PER_IMAGE_FIELDS.items()]
+    layout, offset = {}, 0
+    for name, shape, dtype in fields:
+        dtype = np.dtype(dtype)
+        layout[name] = (offset, shape, dtype)
+        offset += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+def _views(buffer, base: int, layout) -> dict[str, np.ndarray]:
+    return {name: np.ndarray(shape, dtype, buffer=buffer, offset=base + off) for name, (off, shape, dtype) in layout.items()}
+
+
+def _shared(size: int, name: str) -> tuple[int, mmap.mmap]:
+    """An anonymous shared-memory file of `size` bytes (fd, writable map)."""
+    fd = os.memfd_create(name) if hasattr(os, "memfd_create") else _unlinked_tempfile()
+    os.ftruncate(fd, max(size, 1))
+    return fd, mmap.mmap(fd, max(size, 1))
+
+
+def _unlinked_tempfile() -> int:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="navit-pack-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.unlink(path)
+    return fd
+
+
+@dataclasses.dataclass
+class _Task:
+    tid: int
+    decision: Decision
+    refs: list  # per image: (offset, length) in the input ring, or the bytes themselves
+    slot: int
+    row: int
+    ring_end: int  # ring position after this task's bytes (freed up to here when its slot is released)
+    masked: dict = dataclasses.field(default_factory=dict)  # image index -> (reason, detail)
+    worker: int = -1
+    done: bool = False
+    failed: list = dataclasses.field(default_factory=list)  # [(image index, reason, detail)]
+
+
+@dataclasses.dataclass
+class SlotResult:
+    """A filled output slot: the decisions of its rows (in order), their numeric fields as views into
+    shared memory (leading dimension: rows, only the first len(decisions) used), the failed fills."""
+
+    slot: int
+    decisions: list[Decision]
+    arrays: dict[str, np.ndarray]
+    rejects: list[list[FillReject]]
+
+
+class FillPool:
+    """Worker processes that fill and assemble decisions into shared memory (see the module doc)."""
+
+    def __init__(self, config: PackConfig, num_workers: int, *, rows_per_slot: int = 1, num_slots: Optional[int] = None,
+                 prefetch: int = 2, ring_bytes: int = 64 << 20):
+        if num_workers < 0 or rows_per_slot < 1 or prefetch < 1:
+            raise ValueError("num_workers must be >= 0, rows_per_slot and prefetch >= 1")
+        self.config, self.num_workers, self.rows, self.prefetch = config, num_workers, rows_per_slot, prefetch
+        self.num_slots = num_slots or max(2, -(-(prefetch * max(1, num_workers) + 2) // rows_per_slot) + 1)
+        self._layout, self._slot_bytes = slot_layout(config, rows_per_slot)
+        self._closed = False
+        self._tasks: dict[int, _Task] = {}
+        self._order: collections.deque[int] = collections.deque()  # task ids not yet released, in order
+        self._next_tid = 0
+        # Slots are numbered 0, 1, ... (slot n lives at n % num_slots) and released in that order.
+        self._slot_head = 0  # oldest slot not yet released
+        self._next_slot = 0  # the next slot to open
+        self._open: Optional[int] = None  # the slot taking rows, if any
+        self._slot_rows: dict[int, list[int]] = {}  # slot -> its task ids, in row order
+        self.crashes = 0
+        if num_workers == 0:
+            self._out_buf = bytearray(self._slot_bytes * self.num_slots)
+            self._ring_size = self._ring_head = 0
+            return
+        self._ring_size = ring_bytes
+        self._ring_fd, self._ring = _shared(ring_bytes, "navit-pack-input")
+        self._ring_head = 0  # next write position (monotonic; modulo ring size)
+        self._ring_tail = 0  # oldest position still in use
+        self._out_fd, self._out = _shared(self._slot_bytes * self.num_slots, "navit-pack-output")
+        self._out_buf = self._out
+        self._hb_fd, self._hb_map = _shared(16 * num_workers, "navit-pack-heartbeat")
+        self._hb = np.ndarray((num_workers, 2), np.int64, buffer=self._hb_map)
+        self._hb[:] = -1
+        self._procs: list[Optional[subprocess.Popen]] = [None] * num_workers
+        self._conns: list[Optional[Connection]] = [None] * num_workers
+        self._assigned: list[list[int]] = [[] for _ in range(num_workers)]
+        self._waiting: collections.deque[int] = collections.deque()
+        self._respawns_without_progress = 0
+        try:
+            for w in range(num_workers):
+                self._spawn(w)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- workers
+    def _spawn(self, w: int) -> None:
+        parent, child = Pipe(duplex=True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                f"from packer._workers import _worker_main; _worker_main({child.fileno()})")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        fds = (child.fileno(), self._ring_fd, self._out_fd, self._hb_fd)
+        self._procs[w] = subprocess.Popen([sys.executable, "-c", code], pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
+                                          start_new_session=False)
+        child.close()
+        self._hb[w] = -1
+        parent.send((self.config, w, self.rows, self.num_slots, self._ring_fd, self._ring_size, self._out_fd,
+                     self._hb_fd, self.num_workers))
+        self._conns[w] = parent
+
+    def _dispatch(self) -> None:
+        while self._waiting:
+            loads = [len(a) for a in self._assigned]
+            w = min(range(self.num_workers), key=lambda i: (loads[i], i))
+            if loads[w] >= self.prefetch:
+                return
+            task = self._tasks[self._waiting.popleft()]
+            task.worker = w
+            self._assigned[w].append(task.tid)
+            try:
+                self._conns[w].send((task.tid, task.slot, task.row, task.decision.plans, task.refs, task.masked))
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                pass  # the worker died; _pump notices and re-issues its tasks
+
+    def _worker_died(self, w: int) -> None:
+        proc = self._procs[w]
+        code = proc.wait() if proc is not None else None
+        tid, image = (int(x) for x in self._hb[w])
+        blamed = False
+        if tid >= 0 and tid in self._tasks and image >= 0 and not self._tasks[tid].done:
+            self._tasks[tid].masked[image] = ("worker_crashed", f"the worker process filling it died (exit code {code})")
+            blamed = True
+        self.crashes += 1
+        self._respawns_without_progress = 0 if blamed else self._respawns_without_progress + 1
+        if self._respawns_without_progress > _MAX_RESPAWNS_WITHOUT_PROGRESS:
+            raise WorkerError(f"fill worker {w} died {self._respawns_without_progress} times without filling (exit code {code})")
+        self._conns[w].close()
+        requeue = [t for t in self._assigned[w] if not self._tasks[t].done]
+        self._assigned[w] = []
+        self._waiting.extendleft(reversed(requeue))
+        self._spawn(w)
+
+    def _pump(self, timeout: Optional[float]) -> None:
+        """Receive what the workers finished (waiting up to `timeout`), replace dead ones, dispatch."""
+        self._dispatch()
+        ready = wait([c for c in self._conns if c is not None], timeout)
+        for conn in ready:
+            w = self._conns.index(conn)
+            while True:
+                try:
+                    if not conn.poll():
+                        break
+                    tid, failed = conn.recv()
+                except (EOFError, OSError):
+                    self._worker_died(w)
+                    break
+                if isinstance(tid, str):  # the worker raised: a bug, not a bad image
+                    raise WorkerError(f"fill worker {w} failed: {failed}")
+                task = self._tasks[tid]
+                task.done, task.failed = True, failed
+                self._assigned[w].remove(tid)
+        if not ready:
+            for w, proc in enumerate(self._procs):
+                if proc is not None and proc.poll() is not None:
+                    self._worker_died(w)
+        self._dispatch()
+
+    # ---------------------------------------------------------------- submit / get
+    def can_submit(self, datas: Sequence[bytes] = ()) -> bool:
+        """Whether a decision with these bytes can be submitted now without waiting for a release."""
+        if self._open is None and self._next_slot - self._slot_head >= self.num_slots:
+            return False
+        if self.num_workers == 0:
+            return True
+        size = sum(len(d) for d in datas)
+        waste = max((len(d) for d in datas), default=0)  # skipped at the ring's end, at most one image's length
+        return size > self._ring_size // 2 or self._ring_head + size + waste - self._ring_tail <= self._ring_size
+
+    def submit(self, decision: Decision, datas: Sequence[bytes]) -> None:
+        """Queue `decision` (its images' encoded bytes in slot order) for filling; see can_submit()."""
+        if self._closed:
+            raise WorkerError("the pool is closed")
+        if len(datas) != len(decision.items):
+            raise ValueError(f"decision {decision.seq} has {len(decision.items)} images, got {len(datas)} byte strings")
+        if not self.can_submit(datas):
+            raise WorkerError("no room: get() and release() results first")
+        if self._open is None:
+            self._open = self._next_slot
+            self._next_slot += 1
+            self._slot_rows[self._open] = []
+        rows = self._slot_rows[self._open]
+        slot, row = self._open % self.num_slots, len(rows)
+        refs = self._store(datas)
+        task = _Task(self._next_tid, decision, refs, slot, row, self._ring_head)
+        self._next_tid += 1
+        self._tasks[task.tid] = task
+        self._order.append(task.tid)
+        rows.append(task.tid)
+        if len(rows) == self.rows:
+            self._open = None
+        if self.num_workers == 0:
+            task.failed = _fill_task(self.config, decision.plans, refs, None, _views(self._out_buf, slot * self._slot_bytes,
+                                     self._layout), row, {}, None, None)
+            task.done = True
+        else:
+            self._waiting.append(task.tid)
+            self._dispatch()
+
+    def _store(self, datas: Sequence[bytes]) -> list:
+        if self.num_workers == 0 or sum(len(d) for d in datas) > self._ring_size // 2:
+            return [bytes(d) for d in datas] if self.num_workers else list(datas)
+        refs = []
+        for d in datas:
+            n = len(d)
+            pos = self._ring_head % self._ring_size
+            if pos + n > self._ring_size:  # does not fit before the end: skip to the start
+                self._ring_head += self._ring_size - pos
+                pos = 0
+            self._ring[pos:pos + n] = d
+            refs.append((pos, n))
+            self._ring_head += n
+        return refs
+
+    def seal(self) -> None:
+        """Close the slot being filled short (end of stream): get() returns it with fewer rows."""
+        self._open = None
+
+    @property
+    def pending(self) -> int:
+        """Decisions submitted and not yet released."""
+        return len(self._order)
+
+    def ready(self) -> bool:
+        """Whether get() would return without waiting."""
+        if self.num_workers:
+            self._pump(0)
+        return self._head_complete()
+
+    def _head_complete(self) -> bool:
+        head = self._slot_head
+        if head == self._next_slot or head == self._open:
+            return False
+        return all(self._tasks[t].done for t in self._slot_rows[head])
+
+    def get(self, timeout: Optional[float] = None) -> SlotResult:
+        """The oldest slot once complete (blocking); call release() when done with its arrays."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._slot_head == self._next_slot:
+            raise WorkerError("nothing submitted to get")
+        while not self._head_complete():
+            if self.num_workers == 0 or self._slot_head == self._open:
+                raise WorkerError("the slot being filled is not full: seal() it first")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("no result within the timeout")
+            self._pump(1.0 if left is None else min(1.0, left))
+        head = self._slot_head
+        tasks = [self._tasks[t] for t in self._slot_rows[head]]
+        slot = head % self.num_slots
+        arrays = _views(self._out_buf, slot * self._slot_bytes, self._layout)
+        rejects = []
+        for t in tasks:
+            items = t.decision.items
+            rejects.append([FillReject(i, items[i][0].key, reason, detail, items[i][1], items[i][0].final_tokens)
+                            for i, reason, detail in t.failed])
+        return SlotResult(slot, [t.decision for t in tasks], arrays, rejects)
+
+    def release(self) -> None:
+        """Free the oldest slot (after get()); its arrays must not be used afterwards."""
+        head = self._slot_head
+        tids = self._slot_rows.pop(head)
+        for t in tids:
+            task = self._tasks.pop(t)
+            self._order.popleft()
+            if self._ring_size:
+                self._ring_tail = max(self._ring_tail, task.ring_end)
+        self._slot_head += 1
+
+    # ---------------------------------------------------------------- shutdown
+    def close(self) -> None:
+        """Stop the workers and free the shared memory (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.num_workers == 0:
+            return
+        for conn in self._conns:
+            if conn is not None:
+                try:
+                    conn.send(None)
+                except Exception:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self._procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()
+        self._hb = None
+        for m, fd in ((self._ring, self._ring_fd), (self._out, self._out_fd), (self._hb_map, self._hb_fd)):
+            try:
+                m.close()
+            except BufferError:  # a caller still holds a view: the map goes when it does
+                pass
+            os.close(fd)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None] if self.num_workers else []
+
+    def __enter__(self) -> "FillPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _fill_task(config: PackConfig, plans: list[ImagePlan], refs: list, ring, out: dict, row: int, masked: dict,
+               heartbeat, crash_key: Optional[str]) -> list[tuple[int, str, str]]:
+    """Fill the images of one decision and assemble it into row `row` of `out`; returns the failed slots."""
+    filled = []
+    for j, (plan, ref) in enumerate(zip(plans, refs)):
+        if j in masked:
+            filled.append(ImageRejected(*masked[j]))
+            continue
+        if heartbeat is not None:
+            heartbeat[1] = j
+        if crash_key is not None and plan.key == crash_key:
+            os.kill(os.getpid(), signal.SIGKILL)
+        data = ref if isinstance(ref, (bytes, bytearray, memoryview)) else ring[ref[0]:ref[0] + ref[1]]
+        try:
+            filled.append(fill_image(data, plan, config))
+        except ImageRejected as e:
+            filled.append(e)
+    if heartbeat is not None:
+        heartbeat[1] = -1
+    rows = {name: arr[row, ...] for name, arr in out.items()}  # views, 0-d for num_images
+    rejects = assemble_into(rows, Decision(-1, tuple((p, None) for p in plans)), filled, config)
+    return [(r.slot, r.reason, r.detail) for r in rejects]
+
+
+def _worker_main(fd: int) -> None:
+    """A fill worker: receive tasks on socket `fd`, fill them into the shared output, reply (task id, failed)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    try:
+        config, w, rows, num_slots, ring_fd, ring_size, out_fd, hb_fd, num_workers = conn.recv()
+    except EOFError:
+        return
+    layout, slot_bytes = slot_layout(config, rows)
+    ring = memoryview(mmap.mmap(ring_fd, max(ring_size, 1), prot=mmap.PROT_READ))
+    out = mmap.mmap(out_fd, slot_bytes * num_slots)
+    hb = np.ndarray((num_workers, 2), np.int64, buffer=mmap.mmap(hb_fd, 16 * num_workers))[w]
+    crash_key = os.environ.get(CRASH_KEY_ENV) or None
+    slots = [_views(out, s * slot_bytes, layout) for s in range(num_slots)]
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        tid, slot, row, plans, refs, masked = msg
+        hb[1] = -1
+        hb[0] = tid
+        try:
+            failed = _fill_task(config, plans, refs, ring, slots[slot], row, masked, hb, crash_key)
+        except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
+            conn.send((f"error:{tid}", f"{type(e).__name__}: {e}"))
+            return
+        hb[0] = -1
+        conn.send((tid, failed))
+
