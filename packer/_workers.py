@@ -122,7 +122,9 @@ class FillPool:
         if num_workers < 0 or rows_per_slot < 1 or prefetch < 1:
             raise ValueError("num_workers must be >= 0, rows_per_slot and prefetch >= 1")
         self.config, self.num_workers, self.rows, self.prefetch = config, num_workers, rows_per_slot, prefetch
-        self.num_slots = num_slots or max(2, -(-(prefetch * max(1, num_workers) + 2) // rows_per_slot) + 1)
+        # Room for every worker's prefetch twice over, so that the workers stay busy while the caller
+        # reads and plans a burst of images (a window-bfd round decides many sequences at once).
+        self.num_slots = num_slots or max(2, -(-(2 * prefetch * max(1, num_workers) + 4) // rows_per_slot) + 1)
         self._layout, self._slot_bytes = slot_layout(config, rows_per_slot)
         self._closed = False
         self._tasks: dict[int, _Task] = {}
@@ -296,6 +298,12 @@ class FillPool:
     def pending(self) -> int:
         """Decisions submitted and not yet released."""
         return len(self._order)
+
+    def poll(self) -> None:
+        """Take in finished work and hand queued tasks to idle workers without waiting (call it now and
+        then while doing other work, e.g. reading and planning)."""
+        if self.num_workers and not self._closed:
+            self._pump(0)
 
     def ready(self) -> bool:
         """Whether get() would return without waiting."""

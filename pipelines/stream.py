@@ -279,6 +279,7 @@ class PackedStream:
         self._core = PackingCore(self.config, self.meta_fields, max_rejects=self.max_rejects)
         self._pos = (0, 0, 0, 0)  # (epoch, block start unit index, block start offset in unit, consumed in block)
         self._reader: Optional[Iterator] = None
+        self._reads = 0
         self._reader_done = False
         self._accepted_in_epoch = 0
         self._data: dict[int, bytes] = {}  # images_seen -> encoded bytes, for images not yet submitted
@@ -335,6 +336,9 @@ class PackedStream:
                 pool.submit(d, [self._data.pop(prov[3]) for prov in d.provenances])
             if not self._decided and not self._reader_done and pool.can_submit():
                 self._read_one()
+                self._reads += 1
+                if self._reads % 8 == 0:  # keep the workers fed while reading a burst
+                    pool.poll()
                 continue
             if self._reader_done and not self._decided:
                 pool.seal()
