@@ -13,6 +13,8 @@ and redraws resolutions and drops), NaViT pretraining config: L=256, P=16, R ~ U
 3. tf.data peer: decode_jpeg, resize to 224x224, batch 64, parallel map, on the same cores.
 4. Packing efficiency of the decisions alone, and peak RSS streaming 10k / 100k small synthetic images.
 5. The cores needed to feed TARGET_IMAGES_PER_S from the per-core rate at the largest N measured.
+CPU us/image (main + workers, from /proc) next to the wall-clock rates: on a shared, noisy machine
+the CPU cost per image against prepare_image's is the steadier figure of the stream's overhead.
 Results: a table on stdout and JSON (--json).
 """
 from __future__ import annotations
@@ -89,9 +91,17 @@ def _pin(cores: int) -> None:
 
 
 # ----------------------------------------------------------------------------- child processes
-def _cpu_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by running processes (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def child_prepare(data_dir: str, cores: int, images: int) -> dict:
@@ -103,12 +113,13 @@ def child_prepare(data_dir: str, cores: int, images: int) -> dict:
     data = _load(data_dir)
     for key, d in data[:20]:  # warm up
         packer.prepare_image(d, key, config)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for i in range(images):
         key, d = data[i % len(data)]
         packer.prepare_image(d, key, config, epoch=i // len(data))
     seconds = time.perf_counter() - start
-    return {"images_per_s": images / seconds, "images": images, "seconds": seconds}
+    cpu = time.process_time() - cpu0
+    return {"images_per_s": images / seconds, "images": images, "seconds": seconds, "cpu_us_per_image": 1e6 * cpu / images}
 
 
 def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batch: int = 0) -> dict:
@@ -128,12 +139,14 @@ def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batc
     while packed < 100:  # warm up (workers started, pool full)
         packed += int(np.sum(next(items)["num_images"]))
     s0 = stream.stats
-    start, cpu0, kids0 = time.perf_counter(), time.process_time(), _cpu_children()
+    pids = stream._pool.worker_pids  # noqa: SLF001 - to read the workers' CPU time
+    start, cpu0, kids0 = time.perf_counter(), time.process_time(), _cpu_of(pids)
     packed = 0
     while packed < images:
         packed += int(np.sum(next(items)["num_images"]))
     seconds = time.perf_counter() - start
     main_cpu = time.process_time() - cpu0
+    workers_cpu = _cpu_of(pids) - kids0
     s1 = stream.stats
     sequences = s1["sequences"] - s0["sequences"]
     real = s1["tokens_real"] - s0["tokens_real"]
@@ -141,7 +154,8 @@ def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batc
     return {"images_per_s": packed / seconds, "sequences_per_s": sequences / seconds,
             "tokens_per_s": real / seconds, "efficiency": real / (sequences * config.seq_len), "images": packed,
             "seconds": seconds, "main_cpu_us_per_image": 1e6 * main_cpu / packed,
-            "main_cpu_share": main_cpu / seconds, "workers_cpu_s": _cpu_children() - kids0}
+            "main_cpu_share": main_cpu / seconds, "workers_cpu_us_per_image": 1e6 * workers_cpu / packed,
+            "cpu_us_per_image": 1e6 * (main_cpu + workers_cpu) / packed}
 
 
 def child_packing(data_dir: str, images: int) -> dict:
@@ -248,6 +262,7 @@ def main(argv=None) -> int:
                      "throughput": [], "memory": []}
     prepare = _run_child("prepare", args.data, 1, images)
     results["prepare_image_1_core_images_per_s"] = prepare["images_per_s"]
+    results["prepare_image_cpu_us_per_image"] = prepare["cpu_us_per_image"]
     for cores in counts:
         row = {"cores": cores, "stream": _run_child("stream", args.data, cores, images, cores)}
         if args.batch:
@@ -274,9 +289,10 @@ def _summarize(results: dict) -> None:
     base = results["prepare_image_1_core_images_per_s"]
     rows = results["throughput"]
     one = next((r["stream"]["images_per_s"] for r in rows if r["cores"] == 1), None)
-    print(f"prepare_image alone, 1 core: {base:.0f} img/s (baseline)")
+    base_cpu = results["prepare_image_cpu_us_per_image"]
+    print(f"prepare_image alone, 1 core: {base:.0f} img/s, {base_cpu:.0f} CPU us/image (baseline)")
     print(f"{'cores':>5} {'stream img/s':>12} {'per core/base':>13} {'vs 1 core':>9} {'batches img/s':>13} "
-          f"{'tf224 img/s':>11} {'main us/img':>11} {'main CPU':>8} {'eff':>7}")
+          f"{'tf224 img/s':>11} {'main us/img':>11} {'main CPU':>8} {'CPU us/img':>10} {'CPU/base':>8} {'eff':>7}")
     for r in rows:
         s = r["stream"]
         r["per_core_vs_prepare"] = s["images_per_s"] / r["cores"] / base
@@ -285,7 +301,9 @@ def _summarize(results: dict) -> None:
         tf = r.get("tf_fixed224_images_per_s")
         print(f"{r['cores']:>5} {s['images_per_s']:>12.0f} {r['per_core_vs_prepare']:>13.2f} "
               f"{(r['scaling_vs_1_core'] or float('nan')):>9.2f} {b or float('nan'):>13.0f} {tf or float('nan'):>11.0f} "
-              f"{s['main_cpu_us_per_image']:>11.0f} {100 * s['main_cpu_share']:>7.0f}% {100 * s['efficiency']:>6.2f}%")
+              f"{s['main_cpu_us_per_image']:>11.0f} {100 * s['main_cpu_share']:>7.0f}% {s['cpu_us_per_image']:>10.0f} "
+              f"{s['cpu_us_per_image'] / base_cpu:>8.2f} {100 * s['efficiency']:>6.2f}%")
+        r["cpu_vs_prepare"] = s["cpu_us_per_image"] / base_cpu
     best = max(rows, key=lambda r: r["cores"]) if rows else None
     if best:
         per_core = best["stream"]["images_per_s"] / best["cores"]

@@ -32,7 +32,7 @@ from ._algorithms import make_algorithm
 from ._config import ConfigError, PackConfig
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._fill import plan_fill
-from ._image import ImageRejected, OpenedImage
+from ._image import ImageRejected, JpegHeader, OpenedImage, read_header
 from ._packer import META_PREFIX, PER_IMAGE_FIELDS, meta_text
 from ._patch import patchify
 from ._plan import plan_grid
@@ -124,9 +124,9 @@ def _drop_draw(config: PackConfig, key: str, epoch: int, images_seen: float, n: 
     return rng, rate, kept_count(n, rate)
 
 
-def plan_opened(opened: OpenedImage, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
+def plan_opened(opened: "OpenedImage | JpegHeader", key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
                 label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
-    """plan_header for an image whose header is already read."""
+    """plan_header for an image whose header is already read (only its display height and width count)."""
     label = check_label(label)
     grid_h, grid_w = plan_grid(opened.height, opened.width, config, image_rng(config.seed, key, epoch, "resolution"))
     n = grid_h * grid_w
@@ -141,7 +141,7 @@ def plan_header(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, im
     """Encoded bytes -> ImagePlan from the header alone (no pixel decoding), or ImageRejected
     (empty, undecodable header, too_many_pixels, bad_label)."""
     label = check_label(label)
-    return plan_opened(OpenedImage(data, config.max_pixels), key, config, epoch=epoch, images_seen=images_seen,
+    return plan_opened(read_header(data, config.max_pixels), key, config, epoch=epoch, images_seen=images_seen,
                        label=label, meta=meta)
 
 

@@ -23,20 +23,25 @@ with assembly in the workers as the plan/fill design anchors recommend.
   re-import of the caller's __main__), SIGINT ignored (the parent decides), single-threaded codecs.
   Shared memory is anonymous (memfd) and passed by descriptor, so nothing can leak in /dev/shm even
   when the parent is killed; workers exit when their socket closes. close() (or the context manager)
-  stops them.
+  detaches the workers: they wait idle for this process's next pool (a new process costs a few
+  hundred ms), and end with it, or with stop_idle_workers().
 - num_workers=0: the same API, filled in the calling process at submit().
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import gc
 import mmap
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection, Pipe, wait
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -163,19 +168,21 @@ class FillPool:
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, w: int) -> None:
-        parent, child = Pipe(duplex=True)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {root!r}); "
-                f"from packer._workers import _worker_main; _worker_main({child.fileno()})")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        fds = (child.fileno(), self._ring_fd, self._out_fd, self._hb_fd)
-        self._procs[w] = subprocess.Popen([sys.executable, "-c", code], pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
-                                          start_new_session=False)
-        child.close()
+        """Give slot w a worker: an idle one of this process if any, else a new process; attach it."""
+        proc, conn = _take_idle() or _start_worker()
+        crash_key = os.environ.get(CRASH_KEY_ENV) or None
+        try:
+            conn.send((self.config, w, self.rows, self.num_slots, self._ring_size, self.num_workers, crash_key))
+            for fd in (self._ring_fd, self._out_fd, self._hb_fd):
+                send_handle(conn, fd, proc.pid)
+        except OSError:  # an idle worker that died meanwhile: start a fresh one
+            _kill(proc, conn)
+            proc, conn = _start_worker()
+            conn.send((self.config, w, self.rows, self.num_slots, self._ring_size, self.num_workers, crash_key))
+            for fd in (self._ring_fd, self._out_fd, self._hb_fd):
+                send_handle(conn, fd, proc.pid)
         self._hb[w] = -1
-        parent.send((self.config, w, self.rows, self.num_slots, self._ring_fd, self._ring_size, self._out_fd,
-                     self._hb_fd, self.num_workers))
-        self._conns[w] = parent
+        self._procs[w], self._conns[w] = proc, conn
 
     def _dispatch(self) -> None:
         while self._waiting:
@@ -204,6 +211,7 @@ class FillPool:
         if self._respawns_without_progress > _MAX_RESPAWNS_WITHOUT_PROGRESS:
             raise WorkerError(f"fill worker {w} died {self._respawns_without_progress} times without filling (exit code {code})")
         self._conns[w].close()
+        self._procs[w] = None
         requeue = [t for t in self._assigned[w] if not self._tasks[t].done]
         self._assigned[w] = []
         self._waiting.extendleft(reversed(requeue))
@@ -353,30 +361,28 @@ class FillPool:
 
     # ---------------------------------------------------------------- shutdown
     def close(self) -> None:
-        """Stop the workers and free the shared memory (idempotent)."""
+        """Detach the workers (they wait, idle, for the next pool of this process: starting a process
+        costs a few hundred ms) and free the shared memory. Idempotent. stop_idle_workers() ends idle
+        workers; they also end with this process."""
         if self._closed:
             return
         self._closed = True
         if self.num_workers == 0:
             return
-        for conn in self._conns:
-            if conn is not None:
-                try:
-                    conn.send(None)
-                except Exception:
-                    pass
-        deadline = time.monotonic() + 5
-        for proc in self._procs:
+        for w, (proc, conn) in enumerate(zip(self._procs, self._conns)):
             if proc is None:
                 continue
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
+                conn.send("detach")
+            except OSError:
+                _kill(proc, conn)
+                continue
+            if not _wait_detached(conn, timeout=5.0):
+                _kill(proc, conn)
+            else:
+                _give_idle(proc, conn)
+        self._procs = [None] * self.num_workers
+        self._conns = [None] * self.num_workers
         self._hb = None
         for m, fd in ((self._ring, self._ring_fd), (self._out, self._out_fd), (self._hb_map, self._hb_fd)):
             try:
@@ -427,34 +433,134 @@ def _fill_task(config: PackConfig, plans: list[ImagePlan], refs: list, ring, out
 
 
 def _worker_main(fd: int) -> None:
-    """A fill worker: receive tasks on socket `fd`, fill them into the shared output, reply (task id, failed)."""
+    """A fill worker: attach to a pool (config and shared memory), fill its tasks into the shared
+    output replying (task id, failed slots), detach, wait for the next pool; exit on None or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
-    try:
-        config, w, rows, num_slots, ring_fd, ring_size, out_fd, hb_fd, num_workers = conn.recv()
-    except EOFError:
-        return
-    layout, slot_bytes = slot_layout(config, rows)
-    ring = memoryview(mmap.mmap(ring_fd, max(ring_size, 1), prot=mmap.PROT_READ))
-    out = mmap.mmap(out_fd, slot_bytes * num_slots)
-    hb = np.ndarray((num_workers, 2), np.int64, buffer=mmap.mmap(hb_fd, 16 * num_workers))[w]
-    crash_key = os.environ.get(CRASH_KEY_ENV) or None
-    slots = [_views(out, s * slot_bytes, layout) for s in range(num_slots)]
     while True:
         try:
-            msg = conn.recv()
+            init = conn.recv()
+            if init is None:
+                return
+            config, w, rows, num_slots, ring_size, num_workers, crash_key = init
+            ring_fd, out_fd, hb_fd = (recv_handle(conn) for _ in range(3))
         except (EOFError, OSError):
             return
-        if msg is None:
+        if not _serve_pool(conn, config, w, rows, num_slots, ring_size, num_workers, crash_key, ring_fd, out_fd, hb_fd):
             return
-        tid, slot, row, plans, refs, masked = msg
-        hb[1] = -1
-        hb[0] = tid
-        try:
-            failed = _fill_task(config, plans, refs, ring, slots[slot], row, masked, hb, crash_key)
-        except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
-            conn.send((f"error:{tid}", f"{type(e).__name__}: {e}"))
-            return
-        hb[0] = -1
-        conn.send((tid, failed))
 
+
+def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slots: int, ring_size: int,
+                num_workers: int, crash_key: Optional[str], ring_fd: int, out_fd: int, hb_fd: int) -> bool:
+    """Serve one pool's tasks; True when detached (ready for another pool), False to exit."""
+    layout, slot_bytes = slot_layout(config, rows)
+    maps = [mmap.mmap(ring_fd, max(ring_size, 1), prot=mmap.PROT_READ), mmap.mmap(out_fd, slot_bytes * num_slots),
+            mmap.mmap(hb_fd, 16 * num_workers)]
+    for fd in (ring_fd, out_fd, hb_fd):
+        os.close(fd)
+    ring = maps[0]
+    hb = np.ndarray((num_workers, 2), np.int64, buffer=maps[2])[w]
+    slots = [_views(maps[1], s * slot_bytes, layout) for s in range(num_slots)]
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return False
+            if msg is None:
+                return False
+            if msg == "detach":
+                conn.send("detached")
+                return True
+            tid, slot, row, plans, refs, masked = msg
+            hb[1] = -1
+            hb[0] = tid
+            try:
+                failed = _fill_task(config, plans, refs, ring, slots[slot], row, masked, hb, crash_key)
+            except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
+                conn.send((f"error:{tid}", f"{type(e).__name__}: {e}"))
+                return False
+            hb[0] = -1
+            conn.send((tid, failed))
+    finally:
+        del slots, hb
+        gc.collect()  # views into the maps may sit in reference cycles (e.g. a caught exception's frame)
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:  # still referenced: unmapped when the last view goes
+                pass
+
+
+# ---------------------------------------------------------------------------- idle workers of this process
+_IDLE: list[tuple[int, subprocess.Popen, Connection]] = []  # (owner pid, process, socket)
+_IDLE_LOCK = threading.Lock()
+_MAX_IDLE = 32
+
+
+def _start_worker() -> tuple[subprocess.Popen, Connection]:
+    parent, child = Pipe(duplex=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {root!r}); "
+            f"from packer._workers import _worker_main; _worker_main({child.fileno()})")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+    child.close()
+    return proc, parent
+
+
+def _take_idle() -> Optional[tuple[subprocess.Popen, Connection]]:
+    with _IDLE_LOCK:
+        while _IDLE:
+            owner, proc, conn = _IDLE.pop()
+            if owner == os.getpid() and proc.poll() is None:
+                return proc, conn
+    return None
+
+
+def _give_idle(proc: subprocess.Popen, conn: Connection) -> None:
+    with _IDLE_LOCK:
+        if len(_IDLE) < _MAX_IDLE:
+            _IDLE.append((os.getpid(), proc, conn))
+            return
+    _stop(proc, conn)
+
+
+def _wait_detached(conn: Connection, timeout: float) -> bool:
+    """Drain a detaching worker's last results until it confirms."""
+    deadline = time.monotonic() + timeout
+    try:
+        while conn.poll(max(0.0, deadline - time.monotonic())):
+            if conn.recv() == "detached":
+                return True
+    except (EOFError, OSError):
+        pass
+    return False
+
+
+def _stop(proc: subprocess.Popen, conn: Connection) -> None:
+    try:
+        conn.send(None)
+        proc.wait(5)
+    except (OSError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    conn.close()
+
+
+def _kill(proc: subprocess.Popen, conn: Connection) -> None:
+    proc.kill()
+    proc.wait()
+    conn.close()
+
+
+def stop_idle_workers() -> None:
+    """End this process's idle fill workers (they end with the process anyway)."""
+    with _IDLE_LOCK:
+        idle = [(p, c) for owner, p, c in _IDLE if owner == os.getpid()]
+        _IDLE.clear()
+    for proc, conn in idle:
+        _stop(proc, conn)
+
+
+atexit.register(stop_idle_workers)

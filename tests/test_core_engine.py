@@ -218,3 +218,53 @@ def test_assemble_refuses_a_fill_that_does_not_match_its_plan():
         dataclasses.replace(filled[0], patches=np.concatenate([filled[0].patches] * 2))
     with pytest.raises(ValueError, match="plan has"):
         packer.assemble(d, filled, config)
+
+
+def jpeg_variants():
+    """JPEGs a fast header reader could get wrong: orientations, progressive, grey, CMYK, XMP, 2 EXIF blocks."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (h, w) in enumerate([(30, 50), (64, 17), (9, 9)]):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for orientation in range(0, 10):
+            exif = Image.Exif()
+            if orientation:
+                exif[0x0112] = orientation
+            for kw in ({}, {"progressive": True}):
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", exif=exif.tobytes(), **kw)
+                out.append((f"o{orientation}-{i}-{len(kw)}", buf.getvalue()))
+        for mode in ("L", "CMYK"):
+            buf = io.BytesIO()
+            img.convert(mode).save(buf, "JPEG")
+            out.append((f"{mode}-{i}", buf.getvalue()))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+        out.append((f"xmp-{i}", buf.getvalue()))
+        plain = out[-3][1]
+        exif6 = Image.Exif()
+        exif6[0x0112] = 6
+        app1 = b"Exif\x00\x00" + exif6.tobytes()[6:] if exif6.tobytes().startswith(b"Exif") else b"Exif\x00\x00" + exif6.tobytes()
+        segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+        out.append((f"two-exif-{i}", plain[:2] + segment + segment + plain[2:]))
+        out.append((f"after-sof-{i}", plain[:-2] + b"\xff\xd9"))
+    return out
+
+
+def test_fast_jpeg_header_agrees_with_pillow():
+    from packer._image import OpenedImage, jpeg_header
+
+    fast = 0
+    config = CONFIGS["uniform-beta"]
+    for key, data in jpeg_variants():
+        pillow = OpenedImage(data, 10**9)
+        head = jpeg_header(data)
+        if head is not None:
+            fast += 1
+            assert (head.height, head.width, head.orientation) == (pillow.height, pillow.width, pillow.orientation), key
+        plan = packer.plan_header(data, key, config)
+        assert (plan.orig_h, plan.orig_w) == (pillow.height, pillow.width), key
+        assert packer.fill_image(data, plan, config).num_tokens == plan.num_tokens
+    assert fast >= 60  # most take the fast path
+    for bad in (b"\xff\xd8", b"\xff\xd8\xff\xc0\x00\x11" + b"\x00" * 4, b"GIF89a", b"\xff\xd8\xff\xe1\xff\xff"):
+        assert jpeg_header(bad) is None

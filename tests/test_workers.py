@@ -133,18 +133,31 @@ def gone(pid, timeout=10.0):
     return False
 
 
-def test_close_stops_workers_and_frees_everything(decided):
+def test_close_detaches_workers_for_reuse_and_frees_everything(decided):
     decisions, data = decided
+    packer._workers.stop_idle_workers()
     fds = open_fds()
     pool = packer.FillPool(CONFIG, 2)
     pids = pool.worker_pids
-    pool.submit(decisions[0], [data[p.key] for p in decisions[0].plans])
+    pool.submit(decisions[0], [data[p.key] for p in decisions[0].plans])  # closed with a task in flight
     pool.close()
     pool.close()  # idempotent
-    assert all(gone(p) for p in pids)
-    assert open_fds() <= fds
     with pytest.raises(packer.WorkerError, match="closed"):
         pool.submit(decisions[1], [data[p.key] for p in decisions[1].plans])
+    other = CONFIGS["exact"]  # another config, another slot layout: the idle workers serve it
+    images = make_images(30, seed=5)
+    _, other_decisions, other_data = run_core(other, images)
+    with packer.FillPool(other, 2, rows_per_slot=3) as again:
+        assert sorted(again.worker_pids) == sorted(pids)
+        got = run_pool(again, other_decisions, other_data)
+    expected = [packer.assemble(d, [packer.fill_image(other_data[p.key], p, other) for p in d.plans], other)[0]
+                for d in other_decisions]
+    for (a, _), b in zip(got, expected):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    packer._workers.stop_idle_workers()
+    assert all(gone(p) for p in pids)
+    assert open_fds() <= fds
 
 
 PARENT = textwrap.dedent("""
