@@ -35,12 +35,13 @@ import dataclasses
 import gc
 import mmap
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, Pipe, wait
+from multiprocessing.connection import Connection, Pipe
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Optional, Sequence
 
@@ -54,6 +55,7 @@ from ._packer import PER_IMAGE_FIELDS
 CRASH_KEY_ENV = "NAVIT_PACK_TEST_CRASH_KEY"
 _ALIGN = 64
 _MAX_RESPAWNS_WITHOUT_PROGRESS = 3
+_HB_IMAGES = 1 << 16  # heartbeat: job index in the task * _HB_IMAGES + image index
 
 
 class WorkerError(RuntimeError):
@@ -95,17 +97,27 @@ def _unlinked_tempfile() -> int:
 
 
 @dataclasses.dataclass
-class _Task:
-    tid: int
+class _Job:
+    """One submitted decision: where its bytes are and which output row it fills."""
+
     decision: Decision
     refs: list  # per image: (offset, length) in the input ring, or the bytes themselves
-    slot: int
+    slot: int  # slot number (its memory: slot % num_slots)
     row: int
-    ring_end: int  # ring position after this task's bytes (freed up to here when its slot is released)
+    ring_end: int  # ring position after this decision's bytes (freed up to here when released)
     masked: dict = dataclasses.field(default_factory=dict)  # image index -> (reason, detail)
-    worker: int = -1
     done: bool = False
     failed: list = dataclasses.field(default_factory=list)  # [(image index, reason, detail)]
+
+
+@dataclasses.dataclass
+class _Task:
+    """What one message to a worker carries: a few consecutive jobs (fewer messages per image)."""
+
+    tid: int
+    jobs: list  # job ids
+    worker: int = -1
+    done: bool = False
 
 
 @dataclasses.dataclass
@@ -123,23 +135,28 @@ class FillPool:
     """Worker processes that fill and assemble decisions into shared memory (see the module doc)."""
 
     def __init__(self, config: PackConfig, num_workers: int, *, rows_per_slot: int = 1, num_slots: Optional[int] = None,
-                 prefetch: int = 2, ring_bytes: int = 64 << 20):
-        if num_workers < 0 or rows_per_slot < 1 or prefetch < 1:
-            raise ValueError("num_workers must be >= 0, rows_per_slot and prefetch >= 1")
+                 prefetch: int = 2, task_size: int = 4, ring_bytes: int = 64 << 20):
+        if num_workers < 0 or rows_per_slot < 1 or prefetch < 1 or task_size < 1:
+            raise ValueError("num_workers must be >= 0; rows_per_slot, prefetch and task_size >= 1")
         self.config, self.num_workers, self.rows, self.prefetch = config, num_workers, rows_per_slot, prefetch
+        self.task_size = task_size
         # Room for every worker's prefetch twice over, so that the workers stay busy while the caller
         # reads and plans a burst of images (a window-bfd round decides many sequences at once).
-        self.num_slots = num_slots or max(2, -(-(2 * prefetch * max(1, num_workers) + 4) // rows_per_slot) + 1)
+        in_flight = (2 * prefetch * max(1, num_workers) + 1) * task_size
+        self.num_slots = num_slots or max(2, -(-in_flight // rows_per_slot) + 1)
         self._layout, self._slot_bytes = slot_layout(config, rows_per_slot)
         self._closed = False
-        self._tasks: dict[int, _Task] = {}
-        self._order: collections.deque[int] = collections.deque()  # task ids not yet released, in order
+        self._jobs: dict[int, _Job] = {}  # submitted, not yet released
+        self._next_job = 0
+        self._building: list[int] = []  # jobs not yet in a task
+        self._tasks: dict[int, _Task] = {}  # sent or waiting to be sent, not yet done
         self._next_tid = 0
         # Slots are numbered 0, 1, ... (slot n lives at n % num_slots) and released in that order.
         self._slot_head = 0  # oldest slot not yet released
         self._next_slot = 0  # the next slot to open
         self._open: Optional[int] = None  # the slot taking rows, if any
-        self._slot_rows: dict[int, list[int]] = {}  # slot -> its task ids, in row order
+        self._slot_rows: dict[int, list[int]] = {}  # slot -> its job ids, in row order
+        self._slot_waiting: dict[int, int] = {}  # slot -> its jobs not done yet
         self.crashes = 0
         if num_workers == 0:
             self._out_buf = bytearray(self._slot_bytes * self.num_slots)
@@ -158,6 +175,8 @@ class FillPool:
         self._conns: list[Optional[Connection]] = [None] * num_workers
         self._assigned: list[list[int]] = [[] for _ in range(num_workers)]
         self._waiting: collections.deque[int] = collections.deque()
+        self._poller = select.poll()
+        self._fd_worker: dict[int, int] = {}
         self._respawns_without_progress = 0
         try:
             for w in range(num_workers):
@@ -183,33 +202,52 @@ class FillPool:
                 send_handle(conn, fd, proc.pid)
         self._hb[w] = -1
         self._procs[w], self._conns[w] = proc, conn
+        self._poller.register(conn.fileno(), select.POLLIN)
+        self._fd_worker[conn.fileno()] = w
 
     def _dispatch(self) -> None:
+        if self._building and any(not a for a in self._assigned):  # an idle worker takes what there is
+            self._make_task()
         while self._waiting:
-            loads = [len(a) for a in self._assigned]
-            w = min(range(self.num_workers), key=lambda i: (loads[i], i))
-            if loads[w] >= self.prefetch:
+            w = min(range(self.num_workers), key=lambda i: (len(self._assigned[i]), i))
+            if len(self._assigned[w]) >= self.prefetch:
                 return
             task = self._tasks[self._waiting.popleft()]
             task.worker = w
             self._assigned[w].append(task.tid)
+            jobs = [self._jobs[j] for j in task.jobs]
+            message = (task.tid, [(job.slot % self.num_slots, job.row, job.decision.plans, job.refs, job.masked)
+                                  for job in jobs])
             try:
-                self._conns[w].send((task.tid, task.slot, task.row, task.decision.plans, task.refs, task.masked))
+                self._conns[w].send(message)
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 pass  # the worker died; _pump notices and re-issues its tasks
+
+    def _make_task(self) -> None:
+        """The jobs submitted since the last task become one task, queued for the next free worker."""
+        if self._building:
+            task = _Task(self._next_tid, self._building)
+            self._next_tid += 1
+            self._building = []
+            self._tasks[task.tid] = task
+            self._waiting.append(task.tid)
 
     def _worker_died(self, w: int) -> None:
         proc = self._procs[w]
         code = proc.wait() if proc is not None else None
-        tid, image = (int(x) for x in self._hb[w])
+        tid, where = (int(x) for x in self._hb[w])
         blamed = False
-        if tid >= 0 and tid in self._tasks and image >= 0 and not self._tasks[tid].done:
-            self._tasks[tid].masked[image] = ("worker_crashed", f"the worker process filling it died (exit code {code})")
+        if tid in self._tasks and where >= 0 and not self._tasks[tid].done:
+            job_index, image = divmod(where, _HB_IMAGES)
+            job = self._jobs[self._tasks[tid].jobs[job_index]]
+            job.masked[image] = ("worker_crashed", f"the worker process filling it died (exit code {code})")
             blamed = True
         self.crashes += 1
         self._respawns_without_progress = 0 if blamed else self._respawns_without_progress + 1
         if self._respawns_without_progress > _MAX_RESPAWNS_WITHOUT_PROGRESS:
             raise WorkerError(f"fill worker {w} died {self._respawns_without_progress} times without filling (exit code {code})")
+        self._poller.unregister(self._conns[w].fileno())
+        del self._fd_worker[self._conns[w].fileno()]
         self._conns[w].close()
         self._procs[w] = None
         requeue = [t for t in self._assigned[w] if not self._tasks[t].done]
@@ -220,22 +258,28 @@ class FillPool:
     def _pump(self, timeout: Optional[float]) -> None:
         """Receive what the workers finished (waiting up to `timeout`), replace dead ones, dispatch."""
         self._dispatch()
-        ready = wait([c for c in self._conns if c is not None], timeout)
-        for conn in ready:
-            w = self._conns.index(conn)
-            while True:
-                try:
-                    if not conn.poll():
-                        break
-                    tid, failed = conn.recv()
-                except (EOFError, OSError):
-                    self._worker_died(w)
-                    break
-                if isinstance(tid, str):  # the worker raised: a bug, not a bad image
-                    raise WorkerError(f"fill worker {w} failed: {failed}")
-                task = self._tasks[tid]
-                task.done, task.failed = True, failed
-                self._assigned[w].remove(tid)
+        # One message per ready socket per round: poll() is one system call, cheaper than draining
+        # each socket with Connection.poll (a selector built per call).
+        ready = self._poller.poll(None if timeout is None else int(timeout * 1000))
+        for fd, _ in ready:
+            w = self._fd_worker.get(fd)
+            if w is None:
+                continue
+            conn = self._conns[w]
+            try:
+                tid, failed = conn.recv()
+            except (EOFError, OSError):
+                self._worker_died(w)
+                continue
+            if isinstance(tid, str):  # the worker raised: a bug, not a bad image
+                raise WorkerError(f"fill worker {w} failed: {failed}")
+            task = self._tasks.pop(tid)
+            task.done = True
+            for j, job_failed in zip(task.jobs, failed):
+                job = self._jobs[j]
+                job.done, job.failed = True, job_failed
+                self._slot_waiting[job.slot] -= 1
+            self._assigned[w].remove(tid)
         if not ready:
             for w, proc in enumerate(self._procs):
                 if proc is not None and proc.poll() is not None:
@@ -265,23 +309,28 @@ class FillPool:
             self._open = self._next_slot
             self._next_slot += 1
             self._slot_rows[self._open] = []
+            self._slot_waiting[self._open] = 0
         rows = self._slot_rows[self._open]
         slot, row = self._open % self.num_slots, len(rows)
         refs = self._store(datas)
-        task = _Task(self._next_tid, decision, refs, slot, row, self._ring_head)
-        self._next_tid += 1
-        self._tasks[task.tid] = task
-        self._order.append(task.tid)
-        rows.append(task.tid)
+        job = _Job(decision, refs, self._open, row, self._ring_head)
+        jid = self._next_job
+        self._next_job += 1
+        self._jobs[jid] = job
+        rows.append(jid)
+        if self.num_workers:
+            self._slot_waiting[self._open] += 1
         if len(rows) == self.rows:
             self._open = None
         if self.num_workers == 0:
-            task.failed = _fill_task(self.config, decision.plans, refs, None, _views(self._out_buf, slot * self._slot_bytes,
-                                     self._layout), row, {}, None, None)
-            task.done = True
-        else:
-            self._waiting.append(task.tid)
-            self._dispatch()
+            out = _views(self._out_buf, slot * self._slot_bytes, self._layout)
+            job.failed = _fill_job(self.config, decision.plans, refs, None, out, row, {}, None, 0, None)
+            job.done = True
+            return
+        self._building.append(jid)
+        if len(self._building) >= self.task_size:
+            self._make_task()
+        self._dispatch()
 
     def _store(self, datas: Sequence[bytes]) -> list:
         if self.num_workers == 0 or sum(len(d) for d in datas) > self._ring_size // 2:
@@ -301,11 +350,13 @@ class FillPool:
     def seal(self) -> None:
         """Close the slot being filled short (end of stream): get() returns it with fewer rows."""
         self._open = None
+        if self.num_workers:
+            self._make_task()
 
     @property
     def pending(self) -> int:
         """Decisions submitted and not yet released."""
-        return len(self._order)
+        return len(self._jobs)
 
     def poll(self) -> None:
         """Take in finished work and hand queued tasks to idle workers without waiting (call it now and
@@ -323,7 +374,7 @@ class FillPool:
         head = self._slot_head
         if head == self._next_slot or head == self._open:
             return False
-        return all(self._tasks[t].done for t in self._slot_rows[head])
+        return self._slot_waiting[head] == 0
 
     def get(self, timeout: Optional[float] = None) -> SlotResult:
         """The oldest slot once complete (blocking); call release() when done with its arrays."""
@@ -333,30 +384,31 @@ class FillPool:
         while not self._head_complete():
             if self.num_workers == 0 or self._slot_head == self._open:
                 raise WorkerError("the slot being filled is not full: seal() it first")
+            if self._building:
+                self._make_task()  # about to wait: send what is not sent yet
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError("no result within the timeout")
             self._pump(1.0 if left is None else min(1.0, left))
         head = self._slot_head
-        tasks = [self._tasks[t] for t in self._slot_rows[head]]
+        jobs = [self._jobs[j] for j in self._slot_rows[head]]
         slot = head % self.num_slots
         arrays = _views(self._out_buf, slot * self._slot_bytes, self._layout)
         rejects = []
-        for t in tasks:
-            items = t.decision.items
+        for job in jobs:
+            items = job.decision.items
             rejects.append([FillReject(i, items[i][0].key, reason, detail, items[i][1], items[i][0].final_tokens)
-                            for i, reason, detail in t.failed])
-        return SlotResult(slot, [t.decision for t in tasks], arrays, rejects)
+                            for i, reason, detail in job.failed])
+        return SlotResult(slot, [job.decision for job in jobs], arrays, rejects)
 
     def release(self) -> None:
         """Free the oldest slot (after get()); its arrays must not be used afterwards."""
         head = self._slot_head
-        tids = self._slot_rows.pop(head)
-        for t in tids:
-            task = self._tasks.pop(t)
-            self._order.popleft()
+        del self._slot_waiting[head]
+        for j in self._slot_rows.pop(head):
+            job = self._jobs.pop(j)
             if self._ring_size:
-                self._ring_tail = max(self._ring_tail, task.ring_end)
+                self._ring_tail = max(self._ring_tail, job.ring_end)
         self._slot_head += 1
 
     # ---------------------------------------------------------------- shutdown
@@ -408,16 +460,16 @@ class FillPool:
             pass
 
 
-def _fill_task(config: PackConfig, plans: list[ImagePlan], refs: list, ring, out: dict, row: int, masked: dict,
-               heartbeat, crash_key: Optional[str]) -> list[tuple[int, str, str]]:
+def _fill_job(config: PackConfig, plans: list[ImagePlan], refs: list, ring, out: dict, row: int, masked: dict,
+              heartbeat, job_index: int, crash_key: Optional[str]) -> list[tuple[int, str, str]]:
     """Fill the images of one decision and assemble it into row `row` of `out`; returns the failed slots."""
     filled = []
-    for j, (plan, ref) in enumerate(zip(plans, refs)):
-        if j in masked:
-            filled.append(ImageRejected(*masked[j]))
+    for i, (plan, ref) in enumerate(zip(plans, refs)):
+        if i in masked:
+            filled.append(ImageRejected(*masked[i]))
             continue
         if heartbeat is not None:
-            heartbeat[1] = j
+            heartbeat[1] = job_index * _HB_IMAGES + i
         if crash_key is not None and plan.key == crash_key:
             os.kill(os.getpid(), signal.SIGKILL)
         data = ref if isinstance(ref, (bytes, bytearray, memoryview)) else ring[ref[0]:ref[0] + ref[1]]
@@ -472,11 +524,12 @@ def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slo
             if msg == "detach":
                 conn.send("detached")
                 return True
-            tid, slot, row, plans, refs, masked = msg
+            tid, jobs = msg
             hb[1] = -1
             hb[0] = tid
             try:
-                failed = _fill_task(config, plans, refs, ring, slots[slot], row, masked, hb, crash_key)
+                failed = [_fill_job(config, plans, refs, ring, slots[slot], row, masked, hb, k, crash_key)
+                          for k, (slot, row, plans, refs, masked) in enumerate(jobs)]
             except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
                 conn.send((f"error:{tid}", f"{type(e).__name__}: {e}"))
                 return False
