@@ -454,10 +454,19 @@ class FillPool:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        # Not close(): when the pool is collected as part of a reference cycle, its sockets may already
+        # be finalized (closed behind their Connection objects), so they must not be used or handed to
+        # another pool. Free the shared memory; the workers exit when their sockets close.
+        if getattr(self, "_closed", True) or not self.num_workers:
+            return
+        self._closed = True
+        for name in ("_ring_fd", "_out_fd", "_hb_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def _fill_job(config: PackConfig, plans: list[ImagePlan], refs: list, ring, out: dict, row: int, masked: dict,

@@ -250,12 +250,6 @@ class PackedStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def __iter__(self) -> "PackedStream":
         return self
 

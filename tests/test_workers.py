@@ -194,3 +194,22 @@ def test_workers_end_when_the_parent_is_interrupted_or_killed(how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_pool_collected_in_a_reference_cycle_leaves_the_next_pools_working(decided):
+    """A pool garbage-collected unclosed (in a cycle) must not hand its finalized sockets to later pools."""
+    import gc
+
+    decisions, data = decided
+    for _ in range(2):
+        with packer.FillPool(CONFIG, 2):  # idle workers to reuse
+            pass
+        pool = packer.FillPool(CONFIG, 2)
+        pool.submit(decisions[0], [data[p.key] for p in decisions[0].plans])
+        pool.cycle = pool
+        pids = pool.worker_pids
+        del pool
+        gc.collect()
+        assert all(gone(p) for p in pids)  # its workers saw their sockets close and exited
+        with packer.FillPool(CONFIG, 2) as fresh:
+            assert_same(run_pool(fresh, decisions[:6], data), reference(decisions[:6], data))
