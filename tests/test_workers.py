@@ -211,5 +211,7 @@ def test_pool_collected_in_a_reference_cycle_leaves_the_next_pools_working(decid
         del pool
         gc.collect()
         assert all(gone(p) for p in pids)  # its workers saw their sockets close and exited
+        for _, _, conn in packer._workers._IDLE:  # the idle workers' sockets are still open
+            os.fstat(conn.fileno())
         with packer.FillPool(CONFIG, 2) as fresh:
             assert_same(run_pool(fresh, decisions[:6], data), reference(decisions[:6], data))
