@@ -241,6 +241,7 @@ def main(argv=None) -> int:
                                                     "worker processes pinned to that many cores (default 1,2)")
     p.add_argument("--images", type=int, default=None, help="images per measurement (default 2000, --quick 600)")
     p.add_argument("--batch", type=int, default=64, help="batch size of the batches() measurement (0: skip)")
+    p.add_argument("--repeat", type=int, default=1, help="run every measurement this many times, keep the fastest")
     p.add_argument("--no-tf", action="store_true", help="skip the tf.data fixed-224 peer")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "streaming.json"))
@@ -260,15 +261,32 @@ def main(argv=None) -> int:
         print(f"skipping {skipped}: only {available} cores available", file=sys.stderr)
     results: dict = {"config": CONFIG, "data": args.data, "images_per_run": images, "cores_available": available,
                      "throughput": [], "memory": []}
-    prepare = _run_child("prepare", args.data, 1, images)
-    results["prepare_image_1_core_images_per_s"] = prepare["images_per_s"]
-    results["prepare_image_cpu_us_per_image"] = prepare["cpu_us_per_image"]
+    # Every measurement `--repeat` times, interleaved (a round runs each once), keeping the fastest:
+    # on a shared machine the best of a few runs is the one least disturbed by other work.
+    best: dict = {}
+
+    def measure(name: str, kind: str, *params) -> None:
+        result = _run_child(kind, *params)
+        if name not in best or result["images_per_s"] > best[name]["images_per_s"]:
+            best[name] = result
+
+    for _ in range(args.repeat):
+        measure("prepare", "prepare", args.data, 1, images)
+        for cores in counts:
+            measure(f"stream{cores}", "stream", args.data, cores, images, cores)
+            if args.batch:
+                measure(f"batches{cores}", "stream", args.data, cores, images, cores, args.batch)
+            if not args.no_tf:
+                measure(f"tf{cores}", "tf", args.data, cores, images)
+    results["repeat"] = args.repeat
+    results["prepare_image_1_core_images_per_s"] = best["prepare"]["images_per_s"]
+    results["prepare_image_cpu_us_per_image"] = best["prepare"]["cpu_us_per_image"]
     for cores in counts:
-        row = {"cores": cores, "stream": _run_child("stream", args.data, cores, images, cores)}
+        row = {"cores": cores, "stream": best[f"stream{cores}"]}
         if args.batch:
-            row["batches"] = _run_child("stream", args.data, cores, images, cores, args.batch)
+            row["batches"] = best[f"batches{cores}"]
         if not args.no_tf:
-            row["tf_fixed224_images_per_s"] = _run_child("tf", args.data, cores, images)["images_per_s"]
+            row["tf_fixed224_images_per_s"] = best[f"tf{cores}"]["images_per_s"]
         results["throughput"].append(row)
     results["packing"] = child_packing(args.data, 20_000)
     if not args.no_memory:
