@@ -1,15 +1,15 @@
 """FillPool: fill and assemble packing decisions in worker processes, results in decision order.
 
-The main process plans and decides (packer._engine.PackingCore); the pool does the rest. Each
-decision is a task: its images' encoded bytes are copied into a shared-memory input ring, the task
-(plans and byte offsets, a few hundred bytes) goes to the least-loaded worker over its own socket,
-and the worker decodes, resizes, patchifies, drops and assembles the whole sequence straight into
-its row of a shared-memory output slot. Only (task id, failed slots) comes back. This is the PyTorch
-DataLoader's shape (per-worker task queues, a bounded number of tasks in flight, a reorder buffer),
-with assembly in the workers as the plan/fill design anchors recommend.
+The main process plans and decides (packer._engine.PackingCore); the pool does the rest. The images'
+encoded bytes are copied into a shared-memory input ring; a few consecutive decisions make a task
+(plans and byte offsets, a few hundred bytes a decision) that goes to the least-loaded worker over
+its own socket; the worker decodes, resizes, patchifies, drops and assembles each whole sequence
+straight into its row of a shared-memory output slot. Only (task id, failed slots) comes back. This
+is the PyTorch DataLoader's shape (per-worker task queues, a bounded number of tasks in flight, a
+reorder buffer), with assembly in the workers as the plan/fill design anchors recommend.
 
 - Order: results come out in submission order whatever the number of workers or their timing.
-- Window: at most `num_slots * rows_per_slot` decisions are submitted and not yet taken; each
+- Window: at most `num_slots * rows_per_slot` decisions are submitted and not yet released; each
   worker holds at most `prefetch` tasks.
 - Slots: `rows_per_slot` decisions share one output slot (a batch); `get()` returns a slot once all
   its rows are filled (or it was sealed short), as numpy views valid until `release()`.
@@ -18,7 +18,7 @@ with assembly in the workers as the plan/fill design anchors recommend.
   `worker_crashed` (its slot becomes padding, see packer._engine) and its tasks are re-issued:
   nothing else is lost and the output is the same as if the image had failed to decode.
   Test hook: a worker SIGKILLs itself before filling the key named by the environment variable
-  NAVIT_PACK_TEST_CRASH_KEY (read when the worker starts).
+  NAVIT_PACK_TEST_CRASH_KEY (read by the pool when it attaches its workers).
 - Processes: started with subprocess (`python -c`, importing packer only: no TensorFlow, no
   re-import of the caller's __main__), SIGINT ignored (the parent decides), single-threaded codecs.
   Shared memory is anonymous (memfd) and passed by descriptor, so nothing can leak in /dev/shm even
