@@ -10,7 +10,8 @@ reorder buffer), with assembly in the workers as the plan/fill design anchors re
 
 - Order: results come out in submission order whatever the number of workers or their timing.
 - Window: at most `num_slots * rows_per_slot` decisions are submitted and not yet released; each
-  worker holds at most `prefetch` tasks.
+  worker holds at most `prefetch` tasks of up to `task_size` decisions (an idle worker gets what
+  has been submitted at once).
 - Slots: `rows_per_slot` decisions share one output slot (a batch); `get()` returns a slot once all
   its rows are filled (or it was sealed short), as numpy views valid until `release()`.
 - Crashes: before each image a worker writes (task, image) into a shared heartbeat. When a worker
