@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ._algorithms import make_algorithm
-from ._config import ConfigError, PackConfig
+from ._config import ConfigError, ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._fill import plan_fill
 from ._image import ImageRejected, JpegHeader, OpenedImage, read_header
@@ -128,9 +128,15 @@ def plan_opened(opened: "OpenedImage | JpegHeader", key: str, config: PackConfig
                 label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
     """plan_header for an image whose header is already read (only its display height and width count)."""
     label = check_label(label)
-    grid_h, grid_w = plan_grid(opened.height, opened.width, config, image_rng(config.seed, key, epoch, "resolution"))
+    # Generators only for the policies that draw (building one costs more than the rest of the plan).
+    random_size = isinstance(config.resolution, (Uniform, TruncNormal))
+    rng = image_rng(config.seed, key, epoch, "resolution") if random_size else None
+    grid_h, grid_w = plan_grid(opened.height, opened.width, config, rng)
     n = grid_h * grid_w
-    _, _, kept = _drop_draw(config, key, epoch, images_seen, n)
+    if isinstance(config.token_drop, (NoDrop, ConstDrop)):  # no draw: the rate is the policy's
+        kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
+    else:
+        _, _, kept = _drop_draw(config, key, epoch, images_seen, n)
     return ImagePlan(key=key, epoch=int(epoch), images_seen=images_seen, label=label, meta=dict(meta or {}),
                      orig_h=opened.height, orig_w=opened.width, grid_h=grid_h, grid_w=grid_w, num_tokens=kept,
                      drop_rate=1.0 - kept / n)
