@@ -15,6 +15,9 @@ and redraws resolutions and drops), NaViT pretraining config: L=256, P=16, R ~ U
 5. The cores needed to feed TARGET_IMAGES_PER_S from the per-core rate at the largest N measured.
 CPU us/image (main + workers, from /proc) next to the wall-clock rates: on a shared, noisy machine
 the CPU cost per image against prepare_image's is the steadier figure of the stream's overhead.
+"worker idle": the share of the workers' time asleep waiting for work from the main process (from
+/proc/PID/schedstat; the rest is running or waiting for a CPU): near 0 means the main process keeps
+them fed and the rate is bound by the cores alone.
 Results: a table on stdout and JSON (--json).
 """
 from __future__ import annotations
@@ -104,6 +107,19 @@ def _cpu_of(pids: list[int]) -> float:
     return total
 
 
+def _schedstat(pids: list[int]) -> list[tuple[int, int]]:
+    """(ns running, ns runnable but waiting for a CPU) per process (Linux /proc/PID/schedstat)."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                running, waiting, _ = f.read().split()
+            out.append((int(running), int(waiting)))
+        except (OSError, ValueError):
+            out.append((0, 0))
+    return out
+
+
 def child_prepare(data_dir: str, cores: int, images: int) -> dict:
     """packer.prepare_image alone (decode, resize, patchify, drop), one image after another: the per-core baseline."""
     _pin(cores)
@@ -140,13 +156,19 @@ def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batc
         packed += int(np.sum(next(items)["num_images"]))
     s0 = stream.stats
     pids = stream._pool.worker_pids  # noqa: SLF001 - to read the workers' CPU time
-    start, cpu0, kids0 = time.perf_counter(), time.process_time(), _cpu_of(pids)
+    start, cpu0, kids0, sched0 = time.perf_counter(), time.process_time(), _cpu_of(pids), _schedstat(pids)
     packed = 0
     while packed < images:
         packed += int(np.sum(next(items)["num_images"]))
     seconds = time.perf_counter() - start
     main_cpu = time.process_time() - cpu0
     workers_cpu = _cpu_of(pids) - kids0
+    sched = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(sched0, _schedstat(pids))]
+    wall_ns = seconds * 1e9 * max(1, len(pids))
+    # Worker time split: running, runnable but waiting for a CPU (other processes), and idle (asleep:
+    # waiting for work from the main process). Idle near 0 means the main process keeps them fed.
+    workers = {"running": sum(r for r, _ in sched) / wall_ns, "waiting_for_cpu": sum(w for _, w in sched) / wall_ns}
+    workers["idle"] = max(0.0, 1 - workers["running"] - workers["waiting_for_cpu"]) if pids else None
     s1 = stream.stats
     sequences = s1["sequences"] - s0["sequences"]
     real = s1["tokens_real"] - s0["tokens_real"]
@@ -155,7 +177,7 @@ def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batc
             "tokens_per_s": real / seconds, "efficiency": real / (sequences * config.seq_len), "images": packed,
             "seconds": seconds, "main_cpu_us_per_image": 1e6 * main_cpu / packed,
             "main_cpu_share": main_cpu / seconds, "workers_cpu_us_per_image": 1e6 * workers_cpu / packed,
-            "cpu_us_per_image": 1e6 * (main_cpu + workers_cpu) / packed}
+            "cpu_us_per_image": 1e6 * (main_cpu + workers_cpu) / packed, "workers_time": workers if pids else None}
 
 
 def child_packing(data_dir: str, images: int) -> dict:
@@ -310,7 +332,8 @@ def _summarize(results: dict) -> None:
     base_cpu = results["prepare_image_cpu_us_per_image"]
     print(f"prepare_image alone, 1 core: {base:.0f} img/s, {base_cpu:.0f} CPU us/image (baseline)")
     print(f"{'cores':>5} {'stream img/s':>12} {'per core/base':>13} {'vs 1 core':>9} {'batches img/s':>13} "
-          f"{'tf224 img/s':>11} {'main us/img':>11} {'main CPU':>8} {'CPU us/img':>10} {'CPU/base':>8} {'eff':>7}")
+          f"{'tf224 img/s':>11} {'main us/img':>11} {'main CPU':>8} {'CPU us/img':>10} {'CPU/base':>8} {'eff':>7} "
+          f"{'worker idle':>11}")
     for r in rows:
         s = r["stream"]
         r["per_core_vs_prepare"] = s["images_per_s"] / r["cores"] / base
@@ -320,7 +343,8 @@ def _summarize(results: dict) -> None:
         print(f"{r['cores']:>5} {s['images_per_s']:>12.0f} {r['per_core_vs_prepare']:>13.2f} "
               f"{(r['scaling_vs_1_core'] or float('nan')):>9.2f} {b or float('nan'):>13.0f} {tf or float('nan'):>11.0f} "
               f"{s['main_cpu_us_per_image']:>11.0f} {100 * s['main_cpu_share']:>7.0f}% {s['cpu_us_per_image']:>10.0f} "
-              f"{s['cpu_us_per_image'] / base_cpu:>8.2f} {100 * s['efficiency']:>6.2f}%")
+              f"{s['cpu_us_per_image'] / base_cpu:>8.2f} {100 * s['efficiency']:>6.2f}% "
+              f"{(100 * s['workers_time']['idle']) if s.get('workers_time') else float('nan'):>10.0f}%")
         r["cpu_vs_prepare"] = s["cpu_us_per_image"] / base_cpu
     best = max(rows, key=lambda r: r["cores"]) if rows else None
     if best:
