@@ -15,7 +15,10 @@ from ._image import ImageRejected, OpenedImage, image_size, to_rgb
 from ._packer import META_PREFIX, PER_IMAGE_FIELDS, SequencePacker, build_record, meta_text, unpack
 from ._patch import patchify, unpatchify
 from ._plan import grid_for_budget, grid_for_scale, plan_grid, plan_image, sample_resolution
-from ._process import FillSource, PatchedImage, check_label, prepare_image
+from ._process import FillSource, PatchedImage, check_label
+from ._workers import FillPool, SlotResult, WorkerError, stop_idle_workers
+from ._engine import (NUMERIC_FIELDS, Decision, FillReject, ImagePlan, PackingCore, Refit, RejectBudgetExceeded, assemble,
+                      assemble_into, empty_record, fill_image, plan_header, prepare_image, text_fields)
 from ._rng import image_rng, stable_hash, unit_fraction
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,5 +1,5 @@
-"""The per-image transform that Beam and tf.data both wrap: bytes -> decode -> plan -> resize ->
-patchify -> drop. Pure: the result depends only on (bytes, key, config, epoch, images_seen)."""
+"""A prepared image (PatchedImage) and label checks; the transform itself (prepare_image = plan_header +
+fill_image) lives in packer._engine."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +7,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ._config import PackConfig
-from ._drop import choose_kept, kept_count, sample_drop_rate
-from ._image import ImageRejected, OpenedImage
-from ._patch import patchify
-from ._plan import plan_grid
-from ._rng import image_rng
+from ._image import ImageRejected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +52,3 @@ def check_label(label: Any) -> int:
     if not np.isfinite(value) or value != int(value) or value < -1 or value > 2**31 - 1:
         raise ImageRejected("bad_label", f"label {label!r} is not an integer in [-1, 2^31)")
     return int(value)
-
-
-def prepare_image(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
-                  label: Any = -1, meta: Mapping[str, Any] | None = None) -> PatchedImage:
-    """Encoded image bytes -> PatchedImage, or ImageRejected with a reason."""
-    label = check_label(label)
-    opened = OpenedImage(data, config.max_pixels)
-    grid_h, grid_w = plan_grid(opened.height, opened.width, config, image_rng(config.seed, key, epoch, "resolution"))
-    p = config.patch_size
-    pixels = opened.decode_resized(grid_h * p, grid_w * p, config.background)
-    patches, pos_y, pos_x = patchify(pixels, p)
-    n = grid_h * grid_w
-    rng = image_rng(config.seed, key, epoch, "drop")
-    rate = sample_drop_rate(config.token_drop, rng, n, config.max_tokens_per_image, images_seen)
-    kept = kept_count(n, rate)
-    if kept < n:
-        idx = choose_kept(rng, n, kept)
-        patches, pos_y, pos_x = patches[idx], pos_y[idx], pos_x[idx]
-    return PatchedImage(key=key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=grid_h, grid_w=grid_w,
-                        orig_h=opened.height, orig_w=opened.width, drop_rate=1.0 - kept / n, label=label,
-                        meta=dict(meta or {}), source=FillSource(data, epoch) if config.fill == "exact" else None)

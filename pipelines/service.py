@@ -4,8 +4,10 @@ dataset graph trainers read from them.
 Graph. `service_dataset` is `range(epochs * num_units).batch(group_units).flat_map(pack the group)`:
 the source elements are (epoch, unit) indices; index i is unit (i mod U) of epoch i // U, in the
 epoch's order (units ordered by stable_hash(unit, f"{seed}/{epoch}/unit"), as in PackedStream). Each
-group of up to `group_units` consecutive indices a worker receives is packed on its own (images
-prepared by a thread pool, the packer flushed at the group's end), so no image is ever split or lost.
+group of up to `group_units` consecutive indices a worker receives is packed on its own by the same
+core as PackedStream (packer.PackingCore plans and decides in the tf.data worker's thread; a
+packer.FillPool of `num_parallel` worker processes fills and assembles; the packer is flushed at the
+group's end), so no image is ever split or lost.
 
 Sharding (the `processing_mode` readers pass):
   - "dynamic" (ShardingPolicy.DYNAMIC, the default here): the dispatcher hands the range's elements
@@ -25,9 +27,7 @@ workers (register_dataset with a fixed dataset_id), and trainers in other proces
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import functools
-import os
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
@@ -36,7 +36,7 @@ import numpy as np
 import packer
 from packer import ImageRejected, PackConfig
 
-from .stream import _epoch_units, _prepare, _tf_ready, element_spec, resolve_source
+from .stream import _epoch_units, _tf_ready, default_parallelism, element_spec, resolve_source
 
 SHARDING_MODES = ("dynamic", "off")
 DEFAULT_DATASET_ID = "navit-pack"
@@ -47,24 +47,89 @@ REJECTS: collections.Counter = collections.Counter()
 _REJECTS_LOCK = threading.Lock()
 
 
+class _Pools:
+    """FillPools for the group generators of this process: tf.data may run several at once (one per
+    service worker), each takes a pool of its own and gives it back when its group is done."""
+
+    def __init__(self, config: PackConfig, workers: int):
+        self.config, self.workers = config, workers
+        self._idle: list[packer.FillPool] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> "packer.FillPool":
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return packer.FillPool(self.config, self.workers if self.workers > 1 else 0)
+
+    def give_back(self, pool: "packer.FillPool") -> None:
+        if pool.pending:  # abandoned mid-group: what it holds is stale
+            pool.close()
+            return
+        with self._lock:
+            self._idle.append(pool)
+
+
+def _count_reject(reason: str) -> None:
+    with _REJECTS_LOCK:
+        REJECTS[reason] += 1
+
+
+def _take(pool: "packer.FillPool", config: PackConfig, meta_fields: Sequence[str]) -> dict:
+    """The oldest filled record of the pool (its failed fills counted in REJECTS)."""
+    result = pool.get()
+    try:
+        d, rejects = result.decisions[0], result.rejects[0]
+        record = {k: v[0].copy() for k, v in result.arrays.items()}
+        record["num_images"] = np.int32(record["num_images"])
+        record.update(packer.text_fields(d, (r.slot for r in rejects), config, meta_fields))
+    finally:
+        pool.release()
+    for r in rejects:
+        _count_reject(r.reason)
+    return record
+
+
 def _pack_group(source, units: list[str], config: PackConfig, indices: np.ndarray, *, shuffle: bool,
-                meta_fields: Sequence[str], pool, images_per_unit: float) -> Iterator[dict]:
-    """Packed records of the units named by `indices` (i -> unit i mod U of epoch i // U), flushed at the end."""
+                meta_fields: Sequence[str], pool: "packer.FillPool", images_per_unit: float) -> Iterator[dict]:
+    """Packed records of the units named by `indices` (i -> unit i mod U of epoch i // U), flushed at
+    the end: planned and decided here, filled and assembled by `pool`, yielded in decision order."""
     order = functools.lru_cache(maxsize=4)(lambda e: _epoch_units(units, config.seed, e, shuffle))
-    tasks = []
+    core = packer.PackingCore(config, meta_fields)
+    data: dict[int, bytes] = {}
+    decided: collections.deque = collections.deque()
+    n = 0
     for i in (int(x) for x in indices):
         epoch, pos = divmod(i, len(units))
         for k, rec in enumerate(source.read(order(epoch)[pos])):
-            tasks.append((rec, epoch, int(i * images_per_unit) + k))
-    results = pool.map(lambda t: _prepare(config, *t), tasks) if pool else (_prepare(config, *t) for t in tasks)
-    pk = packer.SequencePacker(config, meta_fields)
-    for result in results:
-        if isinstance(result, ImageRejected):
-            with _REJECTS_LOCK:
-                REJECTS[result.reason] += 1
-            continue
-        yield from pk.add(result)
-    yield from pk.flush()
+            if getattr(rec, "reject", None):
+                _count_reject(rec.reject)
+                continue
+            try:
+                plan = packer.plan_header(rec.data, rec.key, config, epoch=epoch, images_seen=int(i * images_per_unit) + k,
+                                          label=rec.label, meta=rec.meta)
+            except ImageRejected as e:
+                _count_reject(e.reason)
+                continue
+            data[n] = rec.data
+            decided.extend(core.add(plan, n))
+            n += 1
+            while decided:
+                if pool.can_submit():
+                    d = decided.popleft()
+                    pool.submit(d, [data.pop(j) for j in d.provenances])
+                else:
+                    yield _take(pool, config, meta_fields)
+    decided.extend(core.flush())
+    while decided:
+        if pool.can_submit():
+            d = decided.popleft()
+            pool.submit(d, [data.pop(j) for j in d.provenances])
+        else:
+            yield _take(pool, config, meta_fields)
+    pool.seal()
+    while pool.pending:
+        yield _take(pool, config, meta_fields)
 
 
 def service_dataset(source: Any, config: PackConfig, *, epochs: int = 1, group_units: int = 64,
@@ -85,14 +150,17 @@ def service_dataset(source: Any, config: PackConfig, *, epochs: int = 1, group_u
     units = list(src.units())
     if not units:
         raise ValueError("the source has no units")
-    threads = min(8, os.cpu_count() or 1) if num_parallel is None else num_parallel
-    pool = concurrent.futures.ThreadPoolExecutor(threads, "navit-service") if threads > 1 else None
+    pools = _Pools(config, default_parallelism() if num_parallel is None else num_parallel)
     spec = element_spec(config, meta_fields)
 
     def generate(indices):
-        for record in _pack_group(src, units, config, indices, shuffle=shuffle, meta_fields=meta_fields,
-                                  pool=pool, images_per_unit=images_per_unit):
-            yield _tf_ready(record)
+        pool = pools.take()
+        try:
+            for record in _pack_group(src, units, config, indices, shuffle=shuffle, meta_fields=meta_fields,
+                                      pool=pool, images_per_unit=images_per_unit):
+                yield _tf_ready(record)
+        finally:
+            pools.give_back(pool)
 
     def pack(indices):
         return tf.data.Dataset.from_generator(generate, args=(indices,), output_signature=spec)

@@ -2,30 +2,38 @@
 
     stream = PackedStream("photos/", PackConfig(resolution="uniform:64:256"), epochs=None)
     for record in stream: ...              # dicts of numpy arrays, the packer's record fields
+    for batch in stream.batches(64): ...   # or ready batches: the same records stacked, leading dim 64
     saved = stream.state()                 # small JSON; PackedStream(..., state=saved) resumes exactly
 
-Order. Epoch e reads the source's units ordered by stable_hash(unit, f"{seed}/{e}") and shuffles the
+What runs where. The calling process reads records, plans each image from its header
+(packer.plan_header: size and EXIF orientation, no pixels) and decides the sequences on token counts
+(packer.PackingCore). Filling (decode, resize, patchify, drop) and assembling whole sequences run in
+`num_parallel` worker processes (packer.FillPool) that write straight into shared memory; the calling
+process only copies finished records (or batches) out. num_parallel 0 or 1 fills in the calling process.
+The output is the same for every num_parallel.
+
+Order. Epoch e reads the source's units ordered by stable_hash(unit, f"{seed}/{e}/unit") and shuffles the
 records inside consecutive blocks of `shuffle_block` records by stable_hash(key, f"{seed}/{e}"): a pure
 function of (seed, epoch), in memory bounded by the block. Resolution and token drop are drawn per
-(seed, key, epoch) by packer.prepare_image; the drop schedule's images_seen is the number of source
-records the stream has read before the image (rejected ones included), counted across epochs.
+(seed, key, epoch); the drop schedule's images_seen is the number of source records the stream has
+read before the image (rejected ones included), counted across epochs.
 
-Resume. The state names the position (epoch, block start, records consumed in the block), the
-packer's state, whose pending images are named by provenance [unit, offset in unit, epoch,
-images_seen], and the sequences packed but not yet yielded (by the provenance of their images).
-Restoring re-reads those few records and re-creates the images with packer.prepare_image, so the
-restored stream yields exactly what the uninterrupted one yields from that point on.
+Rejects. Every record is packed or rejected with a reason: at read time (the source's own reject,
+or a header that does not plan) or at fill time (pixels that fail to decode, `worker_crashed` when the
+worker process filling it died: the worker is replaced). A failed fill leaves its slot as padding:
+the record holds the other images (see packer._engine). Fill failures are counted when their record is
+returned.
 
-Parallelism. A thread pool runs packer.prepare_image (decode, resize, patchify, drop) on up to
-`num_parallel` images at once, in order. Threads and not processes: Pillow releases the GIL while
-decoding and resizing, which is most of the work, so threads scale with cores without pickling the
-encoded bytes in and the patch arrays out, start instantly, and work inside tf.data's generator thread.
-Results are consumed in submission order, so the output does not depend on `num_parallel`.
+Resume. The state names the read position (epoch, block start, records consumed in the block), the
+core's state, whose pending images are named by provenance [unit index, offset in unit, epoch,
+images_seen], and the sequences decided but not yet returned (by the provenance of their images and
+any exact-fill re-plan). Restoring re-reads those few records and re-plans them (headers only), so the
+restored stream yields exactly what the uninterrupted one yields from that point on. The state never
+holds image content or unit names, so it stays small (tens of kB at window 1024).
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -33,24 +41,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 import packer
-from packer import ImageRejected, PackConfig, PatchedImage, SequencePacker
+from packer import Decision, FillPool, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudgetExceeded, Refit
+from packer._engine import check_budget_spec
 
-STATE_VERSION = 1
-_MAX_REJECT_EXAMPLES = 20  # the stream keeps this many recent rejects (key, reason, detail); counts are complete
-_FRACTION_MIN_IMAGES = 100  # a fractional reject budget is checked from this many images seen on
+STATE_VERSION = 2
+__all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source"]
 
 
 class StreamError(RuntimeError):
     """The stream cannot go on (empty source, a state that does not match, ...)."""
-
-
-class RejectBudgetExceeded(StreamError):
-    """More images were rejected than `max_rejects` allows; `counts` has the rejects by reason."""
-
-    def __init__(self, message: str, counts: dict[str, int], examples: list[dict]):
-        super().__init__(message)
-        self.counts = counts
-        self.examples = examples
 
 
 def resolve_source(source: Any, meta_fields: Sequence[str] = ()):
@@ -63,36 +62,40 @@ def resolve_source(source: Any, meta_fields: Sequence[str] = ()):
     return source
 
 
-def _epoch_units(units: Sequence[str], seed: int, epoch: int, shuffle: bool) -> list[str]:
+def _epoch_order(num_units: int, units: Sequence[str], seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Unit indices in epoch order."""
     if not shuffle:
-        return list(units)
-    return sorted(units, key=lambda u: (packer.stable_hash(u, f"{seed}/{epoch}/unit"), u))
+        return list(range(num_units))
+    return sorted(range(num_units), key=lambda i: (packer.stable_hash(units[i], f"{seed}/{epoch}/unit"), units[i]))
 
 
-def _prepare(config: PackConfig, record, epoch: int, images_seen: int) -> "PatchedImage | ImageRejected":
-    """The record's image ready to pack, or its rejection (the source's own, such as duplicate_key, first)."""
-    reject = getattr(record, "reject", None)  # duck-typed records may have no reject field
-    if reject is not None:
-        return ImageRejected(reject, getattr(record, "detail", ""))
+def _epoch_units(units: Sequence[str], seed: int, epoch: int, shuffle: bool) -> list[str]:
+    """Units in epoch order (the service reads them so too)."""
+    return [units[i] for i in _epoch_order(len(units), units, seed, epoch, shuffle)]
+
+
+def default_parallelism() -> int:
+    """Worker processes by default: the cores this process may run on, at most 16."""
     try:
-        return packer.prepare_image(record.data, record.key, config, epoch=epoch, images_seen=images_seen,
-                                    label=record.label, meta=record.meta)
-    except ImageRejected as e:
-        return e
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(16, cores)
 
 
-class _Item:
-    """One source record on its way through the stream, with where it came from."""
+def _units_fingerprint(units: Sequence[str]) -> list[int]:
+    h = 0
+    for u in units:
+        h = packer.stable_hash(u, str(h))
+    return [len(units), h]
 
-    __slots__ = ("record", "unit", "offset", "epoch", "block_start", "index", "images_seen")
 
-    def __init__(self, record, unit, offset, epoch, block_start, index, images_seen):
-        self.record, self.unit, self.offset, self.epoch = record, unit, offset, epoch
-        self.block_start, self.index, self.images_seen = block_start, index, images_seen
+def _config_diff(theirs: dict, mine: dict) -> str:
+    names = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    return ", ".join(f"{k}: state {theirs.get(k)!r}, stream {mine.get(k)!r}" for k in names)
 
-    @property
-    def provenance(self) -> list:
-        return [self.unit, self.offset, self.epoch, self.images_seen]
+
+_EPOCH_END = object()
 
 
 class PackedStream:
@@ -106,7 +109,8 @@ class PackedStream:
       meta_fields: source metadata fields carried into `meta_<name>` record fields.
       max_rejects: None (no limit), an int (most rejected images allowed) or a float in (0, 1) (most
         rejected fraction of the images seen, checked from the 100th image and at each epoch end).
-      num_parallel: images prepared at once by the thread pool (0 or 1: in the calling thread).
+      num_parallel: worker processes that fill and assemble (0 or 1: in the calling process; default:
+        the cores this process may use, at most 16).
       shuffle_block: records shuffled together (memory is bounded by one block of encoded images).
       state: a `state()` to resume from.
     """
@@ -116,18 +120,17 @@ class PackedStream:
                  num_parallel: Optional[int] = None, shuffle_block: int = 1024, state: Optional[dict] = None):
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or an integer >= 1, got {epochs!r}")
-        if max_rejects is not None and not (
-                (isinstance(max_rejects, int) and max_rejects >= 0) or (isinstance(max_rejects, float) and 0 < max_rejects < 1)):
-            raise ValueError(f"max_rejects must be None, an integer >= 0 or a fraction in (0, 1), got {max_rejects!r}")
+        check_budget_spec(max_rejects)
         if not isinstance(shuffle_block, int) or shuffle_block < 1:
             raise ValueError(f"shuffle_block must be an integer >= 1, got {shuffle_block!r}")
         self.config = config
         self.meta_fields = tuple(meta_fields)
         self.source = resolve_source(source, self.meta_fields)
         self.epochs, self.shuffle, self.max_rejects, self.shuffle_block = epochs, shuffle, max_rejects, shuffle_block
-        self.num_parallel = min(8, os.cpu_count() or 1) if num_parallel is None else max(0, int(num_parallel))
+        self.num_parallel = default_parallelism() if num_parallel is None else max(0, int(num_parallel))
         self._units = list(self.source.units())
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_parallel, "navit-prepare") if self.num_parallel > 1 else None
+        self._pool: Optional[FillPool] = None
+        self._closed = False
         self._reset()
         if state is not None:
             self.restore(state)
@@ -136,64 +139,109 @@ class PackedStream:
     @property
     def rejects(self) -> dict[str, int]:
         """Rejected images so far, by reason."""
-        return dict(self._reject_counts)
+        return dict(self._core.reject_counts)
 
     @property
     def reject_examples(self) -> list[dict]:
-        """The most recent rejects: {key, reason, detail, epoch}."""
-        return list(self._reject_examples)
+        """The most recent rejects: {key, reason, detail, provenance: [unit index, offset, epoch, images_seen]}."""
+        return list(self._core.reject_examples)
 
     @property
     def stats(self) -> dict:
-        """Counters: images read, packed and rejected, sequences yielded, tokens, epoch."""
-        s = dict(self._packer.stats)
-        return {"epoch": self._pos[0], "images_seen": self._images_seen, "images_packed": s["images"],
-                "images_rejected": sum(self._reject_counts.values()), "rejects": self.rejects,
-                "sequences": self._yielded, "tokens_real": s["tokens_real"], "tokens_padding": s["tokens_padding"]}
+        """Counters. Returned: sequences (and the images and tokens in them) the stream has yielded.
+        Pending: read ahead and decided (sequences_pending) or still in the packer's window, not yet
+        returned. images_seen counts every record read (rejects included)."""
+        pending_images = self._core.num_pending + sum(len(d.items) for d in self._inflight)
+        return {"epoch": self._pos[0], "images_seen": self._core.images_seen, "images_packed": self._returned["images"],
+                "images_rejected": self._core.num_rejected, "rejects": self.rejects,
+                "sequences": self._returned["sequences"], "sequences_pending": len(self._inflight),
+                "images_pending": pending_images, "tokens_real": self._returned["tokens_real"],
+                "tokens_padding": self._returned["tokens_padding"]}
 
     def state(self) -> dict:
         """JSON-serializable position: rebuild with PackedStream(..., state=s) or .restore(s)."""
         return {"version": STATE_VERSION, "config": self.config.to_json(), "meta_fields": list(self.meta_fields),
                 "epochs": self.epochs, "shuffle": self.shuffle, "shuffle_block": self.shuffle_block,
-                "position": list(self._pos), "images_seen": self._images_seen, "yielded": self._yielded,
-                "packer": self._packer.state(), "queued": [provs for _, provs in self._out],
-                "finished": self._finished, "accepted_in_epoch": self._accepted_in_epoch, "rejects": dict(self._reject_counts),
-                "reject_examples": list(self._reject_examples)}
+                "units": _units_fingerprint(self._units), "position": list(self._pos), "core": self._core.state(),
+                "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in self._inflight],
+                "finished": self._reader_done, "accepted_in_epoch": self._accepted_in_epoch,
+                "returned": dict(self._returned)}
 
     def restore(self, state: dict) -> None:
         """Continue from `state` as if the stream that saved it had never stopped."""
         if state.get("version") != STATE_VERSION:
             raise StreamError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
         for name, mine in (("config", self.config.to_json()), ("meta_fields", list(self.meta_fields)),
-                           ("epochs", self.epochs), ("shuffle", self.shuffle), ("shuffle_block", self.shuffle_block)):
+                           ("epochs", self.epochs), ("shuffle", self.shuffle), ("shuffle_block", self.shuffle_block),
+                           ("units", _units_fingerprint(self._units))):
             theirs = state[name]
             if name == "config":
                 theirs = PackConfig(**theirs).to_json()
+                if theirs != mine:
+                    raise StreamError(f"state was saved with another config: {_config_diff(theirs, mine)}")
             if theirs != mine:
                 raise StreamError(f"state was saved with {name}={theirs!r}, this stream has {mine!r}")
+        self._drain_pool()
         self._reset()
         self._pos = tuple(state["position"])
-        self._images_seen = int(state["images_seen"])
-        self._yielded = int(state["yielded"])
-        self._finished = bool(state["finished"])
+        self._reader_done = bool(state["finished"])
         self._accepted_in_epoch = int(state["accepted_in_epoch"])
-        self._reject_counts = collections.Counter(state["rejects"])
-        self._reject_examples = collections.deque(state["reject_examples"], maxlen=_MAX_REJECT_EXAMPLES)
-        provs = self._packer.pending_provenance(state["packer"])
+        self._returned = dict(state["returned"])
+        pending = PackingCore.pending_provenance(state["core"])
         queued = state["queued"]
-        images = self._recreate(list(provs) + [p for group in queued for p in group])
-        self._packer.restore(state["packer"], images[:len(provs)])
-        self._next_id = int(state["packer"]["next_id"])
-        self._inflight = {int(i): (prov, im) for (i, prov), im in zip(state["packer"]["pending"], images)}
-        rest = images[len(provs):]
-        for group in queued:
-            batch, rest = rest[:len(group)], rest[len(group):]
-            self._out.append((packer.build_record(batch, self.config, self.meta_fields), group))
+        wanted = [list(p) for p in pending] + [entry[:4] for group in queued for entry in group]
+        plans = self._replan(wanted)
+        self._core.restore(state["core"], plans[:len(pending)])
+        rest = plans[len(pending):]
+        first_seq = self._core.next_seq - len(queued)
+        for n, group in enumerate(queued):
+            items = []
+            for entry in group:
+                plan, rest = rest[0], rest[1:]
+                if len(entry) > 4:
+                    gh, gw, tokens, rerender = entry[4]
+                    plan = plan.with_refit(Refit(gh, gw, tokens, 1.0 - tokens / (gh * gw), bool(rerender)))
+                items.append((plan, entry[:4]))
+            d = Decision(first_seq + n, tuple(items))
+            self._inflight.append(d)
+            self._decided.append(d)
+
+    def batches(self, batch_size: int, *, drop_remainder: bool = False, copy: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Ready batches: every record field stacked with a leading dimension of `batch_size` (the last
+        batch of a finite stream may be shorter unless drop_remainder). Worker processes assemble each
+        batch in one shared-memory slot, so the calling process does no per-record work beyond its own
+        reading and planning. copy=False yields views into shared memory that stay valid until the next
+        batch is requested (saves one copy per batch). state() between batches resumes after the last
+        batch yielded. Cannot be mixed with iterating records on the same stream."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self._start(batch_size)
+        while True:
+            result = self._next_result()
+            if result is None:
+                return
+            n = len(result.decisions)
+            try:
+                if n < batch_size and drop_remainder:
+                    return
+                batch = {k: (v[:n].copy() if copy else v[:n]) for k, v in result.arrays.items()}
+                texts = [packer.text_fields(d, (r.slot for r in rej), self.config, self.meta_fields)
+                         for d, rej in zip(result.decisions, result.rejects)]
+                for name in texts[0]:
+                    batch[name] = np.stack([t[name] for t in texts])
+                self._returned_slot(result)
+            finally:
+                if copy or n < batch_size and drop_remainder:
+                    self._pool.release()
+            yield self._ordered(batch)
+            if not copy:
+                self._pool.release()
 
     def close(self) -> None:
-        """Stop the worker threads (the stream cannot be iterated afterwards)."""
+        """Stop the worker processes (the stream cannot be iterated afterwards)."""
+        self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
 
     def __enter__(self) -> "PackedStream":
@@ -206,44 +254,137 @@ class PackedStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        while not self._out:
-            if self._finished:
-                raise StopIteration
-            self._step()
-        record, _ = self._out.popleft()
-        self._yielded += 1
-        return record
+        self._start(1)
+        result = self._next_result()
+        if result is None:
+            raise StopIteration
+        try:
+            d, rejects = result.decisions[0], result.rejects[0]
+            record = {k: v[0].copy() for k, v in result.arrays.items()}
+            record["num_images"] = np.int32(record["num_images"])
+            record.update(packer.text_fields(d, (r.slot for r in rejects), self.config, self.meta_fields))
+            self._returned_slot(result)
+        finally:
+            self._pool.release()
+        return self._ordered(record)
 
     # ------------------------------------------------------------------ internals
     def _reset(self) -> None:
-        self._packer = SequencePacker(self.config, self.meta_fields)
+        self._core = PackingCore(self.config, self.meta_fields, max_rejects=self.max_rejects)
         self._pos = (0, 0, 0, 0)  # (epoch, block start unit index, block start offset in unit, consumed in block)
-        self._images_seen = 0
-        self._yielded = 0
-        self._finished = False
-        self._out: collections.deque = collections.deque()  # (record, [provenance of its images])
-        self._reject_counts: collections.Counter = collections.Counter()
-        self._reject_examples: collections.deque = collections.deque(maxlen=_MAX_REJECT_EXAMPLES)
+        self._reader: Optional[Iterator] = None
+        self._reads = 0
+        self._reader_done = False
         self._accepted_in_epoch = 0
-        self._pipeline: Optional[Iterator] = None
-        self._inflight: dict[int, tuple[list, PatchedImage]] = {}  # packer item id -> (provenance, image)
-        self._next_id = 0
+        self._data: dict[int, bytes] = {}  # images_seen -> encoded bytes, for images not yet submitted
+        self._inflight: collections.deque[Decision] = collections.deque()  # decided, not yet returned
+        self._decided: collections.deque[Decision] = collections.deque()  # decided, not yet submitted
+        self._returned = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0}
 
-    def _records_from(self, epoch: int, unit_index: int, offset: int) -> Iterator[tuple[int, int, Any]]:
-        """(unit index, offset in unit, SourceRecord) in epoch order, starting at a position."""
-        units = _epoch_units(self._units, self.config.seed, epoch, self.shuffle)
-        for u in range(unit_index, len(units)):
-            start = offset if u == unit_index else 0
-            for off, rec in enumerate(itertools.islice(self.source.read(units[u]), start, None), start):
-                yield u, off, rec
+    def _start(self, rows: int) -> None:
+        if self._closed:
+            raise StreamError("the stream is closed")
+        if self._pool is None:
+            workers = self.num_parallel if self.num_parallel > 1 else 0
+            self._pool = FillPool(self.config, workers, rows_per_slot=rows)
+        elif self._pool.rows != rows:
+            raise StreamError(f"this stream yields {'batches' if self._pool.rows > 1 else 'records'}; "
+                              "records and batches cannot be mixed")
 
-    def _items(self) -> Iterator[_Item]:
-        """Every record from the current position on, in stream order; None marks an epoch end."""
+    def _drain_pool(self) -> None:
+        """Forget what the pool holds (before a restore)."""
+        if self._pool is not None:
+            rows = self._pool.rows
+            self._pool.close()
+            self._pool = None
+            self._start(rows)
+
+    def _queued_image(self, plan: ImagePlan, prov: list) -> list:
+        r = plan.refit
+        return list(prov) if r is None else list(prov) + [[r.grid_h, r.grid_w, r.tokens, int(r.rerender)]]
+
+    def _ordered(self, record: dict) -> dict:
+        order = ["patches", "segment_ids", "pos_y", "pos_x", "num_images", "image_keys", *packer.PER_IMAGE_FIELDS,
+                 *(packer.META_PREFIX + m for m in self.meta_fields)]
+        return {name: record[name] for name in order}
+
+    def _returned_slot(self, result) -> None:
+        """Account for the decisions of a slot being returned: failed fills, returned counters."""
+        for d, rejects in zip(result.decisions, result.rejects):
+            popped = self._inflight.popleft()
+            assert popped is d
+            self._core.fill_failed(rejects)
+            tokens = d.tokens - sum(r.tokens for r in rejects)
+            self._returned["sequences"] += 1
+            self._returned["images"] += len(d.items) - len(rejects)
+            self._returned["tokens_real"] += tokens
+            self._returned["tokens_padding"] += self.config.seq_len - tokens
+
+    def _next_result(self):
+        """The next filled slot in order, or None at the end of the stream. Reads ahead until the pool
+        is full (a deterministic amount), then waits for the oldest slot."""
+        pool = self._pool
+        while True:
+            while self._decided and pool.can_submit():
+                d = self._decided.popleft()
+                pool.submit(d, [self._data.pop(prov[3]) for prov in d.provenances])
+            if not self._decided and not self._reader_done and pool.can_submit():
+                self._read_one()
+                self._reads += 1
+                if self._reads % 8 == 0:  # keep the workers fed while reading a burst
+                    pool.poll()
+                continue
+            if self._reader_done and not self._decided:
+                pool.seal()
+            if pool.pending == 0:
+                return None
+            return pool.get()
+
+    def _read_one(self) -> None:
+        """Read one record (or the epoch end, or the end of the stream) and decide on it."""
+        if self._reader is None:
+            self._reader = self._records()
+        try:
+            item = next(self._reader)
+        except StopIteration:
+            self._decided.extend(self._decide(self._core.flush()))
+            self._reader_done = True
+            return
+        if item is _EPOCH_END:
+            if self._accepted_in_epoch == 0:
+                raise StreamError(f"every image of epoch {self._pos[0]} was rejected: {self.rejects}")
+            self._core.check_budget(final=True)
+            self._pos = (self._pos[0] + 1, 0, 0, 0)
+            self._accepted_in_epoch = 0
+            return
+        epoch, u, off, rec, position = item
+        self._pos = position
+        seen = self._core.images_seen
+        prov = [u, off, epoch, seen]
+        if getattr(rec, "reject", None):
+            self._core.reject(rec.key, rec.reject, getattr(rec, "detail", ""), prov)
+            return
+        try:
+            plan = packer.plan_header(rec.data, rec.key, self.config, epoch=epoch, images_seen=seen, label=rec.label,
+                                      meta=rec.meta)
+        except ImageRejected as e:
+            self._core.reject(rec.key, e.reason, e.detail, prov)
+            return
+        self._accepted_in_epoch += 1
+        self._data[seen] = rec.data
+        self._decided.extend(self._decide(self._core.add(plan, prov)))
+
+    def _decide(self, decisions: list[Decision]) -> list[Decision]:
+        self._inflight.extend(decisions)
+        return decisions
+
+    def _records(self) -> Iterator:
+        """(epoch, unit index, offset, record, position after it) from the current position on, in
+        stream order; _EPOCH_END after each epoch."""
         epoch, unit_index, offset, skip = self._pos
-        seen = self._images_seen
         while self.epochs is None or epoch < self.epochs:
-            units = _epoch_units(self._units, self.config.seed, epoch, self.shuffle)
-            reader = self._records_from(epoch, unit_index, offset)
+            order = _epoch_order(len(self._units), self._units, self.config.seed, epoch, self.shuffle)
+            reader = self._read_from(order, unit_index, offset)
             block_start = (unit_index, offset)
             any_read = unit_index > 0 or offset > 0 or skip > 0
             while True:
@@ -255,122 +396,43 @@ class PackedStream:
                     block.sort(key=lambda t: (packer.stable_hash(t[2].key, f"{self.config.seed}/{epoch}"), t[0], t[1]))
                 for i, (u, off, rec) in enumerate(block):
                     if i >= skip:
-                        yield _Item(rec, units[u], off, epoch, block_start, i, seen)
-                        seen += 1
+                        yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], i + 1)
                 skip = 0
                 last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
                 block_start = (last_u, last_off + 1)
             if not any_read:
                 raise StreamError("the source has no records")
-            yield None
+            yield _EPOCH_END
             epoch, unit_index, offset, skip = epoch + 1, 0, 0, 0
 
-    def _pipeline_iter(self) -> Iterator[tuple[Optional[_Item], Any]]:
-        """(item, PatchedImage or ImageRejected) in stream order, prepared up to num_parallel at once."""
-        items = self._items()
-        if self._pool is None:
-            for it in items:
-                yield it, (None if it is None else _prepare(self.config, it.record, it.epoch, it.images_seen))
-            return
-        window: collections.deque = collections.deque()
-        ahead = 4 * self.num_parallel
-        for it in items:
-            fut = None if it is None else self._pool.submit(_prepare, self.config, it.record, it.epoch, it.images_seen)
-            window.append((it, fut))
-            if len(window) >= ahead:
-                it0, f0 = window.popleft()
-                yield it0, (None if f0 is None else f0.result())
-        while window:
-            it0, f0 = window.popleft()
-            yield it0, (None if f0 is None else f0.result())
+    def _read_from(self, order: list[int], position: int, offset: int) -> Iterator[tuple[int, int, Any]]:
+        """(position in the epoch's unit order, offset in unit, SourceRecord) from a position on."""
+        for p in range(position, len(order)):
+            start = offset if p == position else 0
+            for off, rec in enumerate(itertools.islice(self.source.read(self._units[order[p]]), start, None), start):
+                yield p, off, rec
 
-    def _step(self) -> None:
-        """Consume one record (or the epoch end, or the end of the stream)."""
-        if self._pipeline is None:
-            self._pipeline = self._pipeline_iter()
-        try:
-            item, result = next(self._pipeline)
-        except StopIteration:
-            self._emit(self._packer.flush())
-            self._finished = True
-            return
-        if item is None:  # epoch end
-            if self._accepted_in_epoch == 0:
-                raise StreamError(f"every image of epoch {self._pos[0]} was rejected: {self.rejects}")
-            self._check_budget(final=True)
-            self._pos = (self._pos[0] + 1, 0, 0, 0)
-            self._accepted_in_epoch = 0
-            return
-        self._images_seen = item.images_seen + 1
-        self._pos = (item.epoch, item.block_start[0], item.block_start[1], item.index + 1)
-        if isinstance(result, ImageRejected):
-            self._reject_counts[result.reason] += 1
-            self._reject_examples.append({"key": item.record.key, "reason": result.reason, "detail": result.detail,
-                                          "epoch": item.epoch})
-            self._check_budget(final=False)
-            return
-        self._accepted_in_epoch += 1
-        self._inflight[self._next_id] = (item.provenance, result)
-        self._next_id += 1
-        self._emit(self._packer.add(result, item.provenance))
-
-    def _emit(self, records: list[dict]) -> None:
-        """Queue records the packer closed, each with the provenance of its images (for state())."""
-        if not records:
-            return
-        pending = {int(i) for i, _ in self._packer.state()["pending"]}
-        emitted = [i for i in self._inflight if i not in pending]
-        for rec in records:
-            seg = rec["segment_ids"]
-            provs = []
-            for j in range(int(rec["num_images"])):
-                sel = seg == j + 1
-                for i in emitted:
-                    prov, im = self._inflight[i]
-                    # The first in-flight image equal to this slot; equal images are interchangeable.
-                    if im.key == rec["image_keys"][j] and im.num_tokens == int(sel.sum()) and \
-                            np.array_equal(im.pos_y, rec["pos_y"][sel]) and np.array_equal(im.pos_x, rec["pos_x"][sel]) and \
-                            np.array_equal(im.patches, rec["patches"][sel]):
-                        emitted.remove(i)
-                        del self._inflight[i]
-                        provs.append(prov)
-                        break
-                else:
-                    raise AssertionError(f"packed image {rec['image_keys'][j]!r} not found among the images in flight")
-            self._out.append((rec, provs))
-
-    def _check_budget(self, final: bool) -> None:
-        budget, rejected, seen = self.max_rejects, sum(self._reject_counts.values()), self._images_seen
-        if budget is None:
-            return
-        if isinstance(budget, int):
-            over = rejected > budget
-            limit = f"{budget} images"
-        else:
-            over = (final or seen >= _FRACTION_MIN_IMAGES) and rejected > budget * seen
-            limit = f"{budget:.2%} of the images seen"
-        if over:
-            raise RejectBudgetExceeded(
-                f"{rejected} of {seen} images rejected, over the budget max_rejects={budget} ({limit}); "
-                f"by reason: {dict(self._reject_counts)}; last: {list(self._reject_examples)[-3:]}",
-                dict(self._reject_counts), list(self._reject_examples))
-
-    def _recreate(self, provenances: list) -> list[PatchedImage]:
-        """Re-create images from [unit, offset, epoch, images_seen], reading each unit once."""
-        wanted: dict[str, dict[int, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    def _replan(self, provenances: list[list]) -> list[ImagePlan]:
+        """Re-plan images from [unit index, offset, epoch, images_seen], reading each unit once; keeps
+        their bytes for filling."""
+        wanted: dict[int, dict[int, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for i, (unit, offset, _, _) in enumerate(provenances):
-            wanted[unit][int(offset)].append(i)
-        out: list[Optional[PatchedImage]] = [None] * len(provenances)
+            wanted[int(unit)][int(offset)].append(i)
+        out: list[Optional[ImagePlan]] = [None] * len(provenances)
         for unit, offsets in wanted.items():
             last = max(offsets)
-            for off, rec in enumerate(itertools.islice(self.source.read(unit), last + 1)):
+            if not 0 <= unit < len(self._units):
+                break
+            for off, rec in enumerate(itertools.islice(self.source.read(self._units[unit]), last + 1)):
                 for i in offsets.get(off, ()):
                     _, _, epoch, seen = provenances[i]
-                    result = _prepare(self.config, rec, int(epoch), int(seen))
-                    if isinstance(result, ImageRejected):
-                        raise StreamError(f"image {rec.key!r} (unit {unit!r}) was accepted before but now fails: {result}")
-                    out[i] = result
-        missing = [provenances[i] for i, im in enumerate(out) if im is None]
+                    try:
+                        out[i] = packer.plan_header(rec.data, rec.key, self.config, epoch=int(epoch), images_seen=int(seen),
+                                                    label=rec.label, meta=rec.meta)
+                    except ImageRejected as e:
+                        raise StreamError(f"image {rec.key!r} (unit {unit}) was accepted before but now fails: {e}") from None
+                    self._data[int(seen)] = rec.data
+        missing = [provenances[i] for i, p in enumerate(out) if p is None]
         if missing:
             raise StreamError(f"the source no longer has the records {missing[:3]} named in the state")
         return out  # type: ignore[return-value]
@@ -401,10 +463,10 @@ def _tf_ready(record: dict) -> dict:
 def as_tf_dataset(source: Any, config: PackConfig, *, state: Optional[dict] = None, **stream_kwargs):
     """A tf.data.Dataset of packed records (unbatched; every shape static, so the caller batches).
 
-    It wraps a PackedStream (same arguments) in Dataset.from_generator: decoding and resizing run in
-    the stream's thread pool (`num_parallel`), not in tf.data map calls, because packing is a
-    sequential, stateful step that tf.data cannot parallelize and py_function calls would hold the GIL;
-    add `.prefetch()` to overlap packing with the training step. Each iteration of the dataset starts a
+    It wraps a PackedStream (same arguments) in Dataset.from_generator: decoding, resizing and
+    assembly run in the stream's worker processes (`num_parallel`), not in tf.data map calls, because
+    packing is a sequential, stateful step that tf.data cannot parallelize and py_function calls would
+    hold the GIL; add `.prefetch()` to overlap packing with the training step. Each iteration of the dataset starts a
     fresh stream (from `state` when given)."""
     import tensorflow as tf
 

@@ -96,3 +96,22 @@ def test_serve_command_feeds_a_trainer_in_another_process():
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def test_group_generator_counts_fill_failures_and_crashes(records, monkeypatch):
+    """The service's group generator runs on the same core: a truncated image (header plans, pixels
+    fail) and an image whose worker process dies are rejected and counted; the rest is packed once."""
+    recs = list(records)
+    recs[2] = type(recs[2])(recs[2].key, recs[2].data[: len(recs[2].data) // 2], recs[2].label)
+    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, recs[9].key)
+    src = ListSource(recs, per_unit=1)
+    units = src.units()
+    before = collections.Counter(service.REJECTS)
+    with packer.FillPool(CONFIG, 2) as pool:
+        out = list(service._pack_group(src, units, CONFIG, np.arange(len(units)), shuffle=True, meta_fields=(),
+                                       pool=pool, images_per_unit=1.0))
+    counted = collections.Counter(service.REJECTS)
+    counted.subtract(before)
+    assert +counted == {"undecodable": 2, "worker_crashed": 1}  # img004 (bad header) and the truncated one
+    keys = collections.Counter(str(k) for r in out for k in r["image_keys"][: int(r["num_images"])])
+    assert set(keys) == {r.key for r in recs} - {"img004.jpg", recs[2].key, recs[9].key} and set(keys.values()) == {1}

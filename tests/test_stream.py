@@ -214,3 +214,100 @@ def test_tf_dataset_static_shapes_and_same_records():
         np.testing.assert_array_equal(g["patches"], e["patches"])
         assert [k.decode() for k in g["image_keys"]] == list(e["image_keys"])
         assert [k.decode() for k in g["meta_caption"]] == list(e["meta_caption"])
+
+
+def test_state_stays_small_on_a_large_folder(tmp_path):
+    """Issue 18: the state names units and images by index, never by content or file lists."""
+    from pipelines.sources import open_source
+
+    sizes = [(h, w) for h in (48, 120, 300, 500) for w in (64, 200, 375, 512)]
+    blobs = [jpeg(h, w, i) if i < 4 else None for i, (h, w) in enumerate(sizes)]
+    solid = {}
+    for i, (h, w) in enumerate(sizes):  # cheap to decode: flat colour
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (i * 10, 80, 160)).save(buf, "JPEG")
+        solid[i] = buf.getvalue()
+    for i in range(10_000):
+        folder = tmp_path / f"n{i % 10:08d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"n{i % 10:08d}_{i:06d}_a_long_file_name.JPEG").write_bytes(blobs[i % 16] or solid[i % 16])
+    config = packer.PackConfig(resolution="uniform:64:256")  # default window (1024), L=256
+    assert config.window == 1024
+    spec = str(tmp_path)
+    stream = PackedStream(open_source(spec), config, num_parallel=0)
+    first = take(stream, 3)
+    state = stream.state()
+    size = len(json.dumps(state))
+    stats = stream.stats
+    assert stats["images_pending"] > 500  # a full window is waiting, so the bound is tested
+    assert size < 64_000, size
+    assert stats["sequences"] == 3 and stats["sequences_pending"] >= 1
+    assert stats["images_seen"] == stats["images_packed"] + stats["images_rejected"] + stats["images_pending"]
+    expected = take(stream, 4)
+    resumed = PackedStream(open_source(spec), config, num_parallel=0, state=json.loads(json.dumps(state)))
+    for a, b in zip(take(resumed, 4), expected):
+        assert_same(a, b)
+    assert first
+
+
+@pytest.mark.parametrize("num_parallel", [0, 2])
+def test_batches_are_the_records_stacked_and_resume(num_parallel):
+    recs = make_records(30, bad={4})
+    kwargs = dict(epochs=2, meta_fields=("caption",), shuffle_block=7)
+    records = list(PackedStream(ListSource(recs), CONFIG, num_parallel=0, **kwargs))
+    stream = PackedStream(ListSource(recs), CONFIG, num_parallel=num_parallel, **kwargs)
+    batches = stream.batches(4)
+    got = [next(batches) for _ in range(3)]
+    saved = json.loads(json.dumps(stream.state()))
+    got += list(batches)
+    stream.close()
+    assert [len(b["num_images"]) for b in got[:-1]] == [4] * (len(got) - 1) and 1 <= len(got[-1]["num_images"]) <= 4
+    stacked = {k: np.concatenate([b[k] for b in got]) for k in got[0]}
+    assert len(stacked["num_images"]) == len(records)
+    for i, r in enumerate(records):
+        assert_same({k: stacked[k][i] for k in r}, {k: np.asarray(v) for k, v in r.items()})
+    with PackedStream(ListSource(recs), CONFIG, num_parallel=num_parallel, state=saved, **kwargs) as resumed:
+        # copy=False: views valid until the next batch is requested, so copy them here
+        rest = [{k: v.copy() for k, v in b.items()} for b in resumed.batches(4, copy=False, drop_remainder=True)]
+    assert len(rest) == (len(records) - 12) // 4
+    for b, expected in zip(rest, got[3:]):
+        assert_same(b, expected)
+    with pytest.raises(StreamError, match="mixed"):
+        s = PackedStream(ListSource(recs), CONFIG, num_parallel=0, **kwargs)
+        next(s.batches(2))
+        next(s)
+
+
+def test_resume_with_exact_fill_and_decided_sequences_in_flight():
+    recs = make_records(40)
+    config = dataclasses.replace(CONFIG, fill="exact", window=12)
+    full = list(PackedStream(ListSource(recs), config, epochs=1, num_parallel=0))
+    assert all(int((r["segment_ids"] > 0).sum()) == config.seq_len for r in full[:-1])
+    for k in (1, 4):
+        s = PackedStream(ListSource(recs), config, epochs=1, num_parallel=0)
+        take(s, k)
+        state = json.loads(json.dumps(s.state()))
+        assert any(len(entry) > 4 for group in state["queued"] for entry in group)  # a re-planned image waits
+        rest = list(PackedStream(ListSource(recs), config, epochs=1, num_parallel=2, state=state))
+        assert len(rest) == len(full) - k
+        for a, b in zip(rest, full[k:]):
+            assert_same(a, b)
+
+
+def test_crashed_worker_loses_only_its_image(monkeypatch):
+    recs = make_records(20)
+    expected = list(PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=0))
+    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, "img006.jpg")
+    s = PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=2)
+    got = list(s)
+    s.close()
+    assert s.rejects == {"worker_crashed": 1}
+    assert [e["key"] for e in s.reject_examples] == ["img006.jpg"]
+    assert s.stats["images_packed"] == 19 and s.stats["images_rejected"] == 1
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        keys = [str(k) for k in b["image_keys"][: int(b["num_images"])]]
+        if "img006.jpg" in keys:
+            b = packer.build_record([im for im in packer.unpack(b) if im.key != "img006.jpg"], CONFIG)
+            a = {k: a[k] for k in b}
+        assert_same(a, b)
