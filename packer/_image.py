@@ -100,6 +100,41 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation from a JPEG's first Exif APP1 block, read without Pillow (1: absent or unreadable).
+    Markers are walked up to the start of scan; only IFD0's orientation entry is read."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan or end of image: the header is over
+            return 1
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10:pos + 2 + length])
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry:entry + 2], order) == _EXIF_ORIENTATION_TAG:
+            kind = int.from_bytes(tiff[entry + 2:entry + 4], order)
+            width = {3: 2, 4: 4}.get(kind)  # SHORT or LONG
+            value = int.from_bytes(tiff[entry + 8:entry + 8 + width], order) if width else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 def _apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """Stored -> displayed orientation (EXIF 1..8), as Pillow's ImageOps.exif_transpose."""
     if orientation == 2:
@@ -149,6 +184,17 @@ def resize_rgb(pixels: np.ndarray, height: int, width: int, kernel: str = "defau
     return cv2.resize(doubled, (width, height), interpolation=cv2.INTER_AREA)
 
 
+def _turbo_header(data: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colorspace) of a JPEG that libjpeg-turbo can read, else None (Pillow reads it)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:  # simplejpeg raises ValueError for streams it cannot parse
+        return None
+    return height, width, colorspace
+
+
 class OpenedImage:
     """An image whose header has been read (size, mode, orientation) but whose pixels are not decoded yet.
 
@@ -160,16 +206,19 @@ class OpenedImage:
         if not data:
             raise ImageRejected("empty", "0 bytes")
         self._data = data
-        try:
+        self._img: Image.Image | None = None
+        header = _turbo_header(data)
+        if header is not None:  # a JPEG: libjpeg-turbo reads the size, a short walk of the markers the orientation
+            raw_h, raw_w, self._colorspace = header
+            self.format = "JPEG"
+            self.orientation = _jpeg_orientation(data)
+        else:
+            self._colorspace = None
+            self._open_pillow()
+            raw_w, raw_h = self._img.size
+            self.format = self._img.format
             with _decoder_warnings(self.warnings):
-                self._img = Image.open(io.BytesIO(data))
-                raw_w, raw_h = self._img.size
-                self.format = self._img.format
                 self.orientation = _orientation(self._img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise self._rejected("too_many_pixels", _describe(e)) from None
-        except Exception as e:  # Pillow raises many types for unknown or broken headers
-            raise self._rejected("undecodable", _describe(e)) from None
         if raw_w < 1 or raw_h < 1:
             raise self._rejected("undecodable", f"declared size {raw_w}x{raw_h}")
         if raw_w * raw_h > max_pixels:
@@ -177,6 +226,16 @@ class OpenedImage:
         self._raw_h, self._raw_w = raw_h, raw_w
         swap = self.orientation in _TRANSPOSING_ORIENTATIONS
         self.height, self.width = (raw_w, raw_h) if swap else (raw_h, raw_w)
+
+    def _open_pillow(self) -> None:
+        """Pillow reads the header (lazily for JPEGs, which need it only where libjpeg-turbo cannot decode)."""
+        try:
+            with _decoder_warnings(self.warnings):
+                self._img = Image.open(io.BytesIO(self._data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise self._rejected("too_many_pixels", _describe(e)) from None
+        except Exception as e:  # Pillow raises many types for unknown or broken headers
+            raise self._rejected("undecodable", _describe(e)) from None
 
     def _rejected(self, reason: str, detail: str) -> ImageRejected:
         if self.warnings:
@@ -197,7 +256,7 @@ class OpenedImage:
         raw_target = (width, height) if swap else (height, width)
         try:
             with _decoder_warnings(self.warnings):
-                pixels = self._decode_turbo(*raw_target) if self.format in _JPEG_FORMATS else None
+                pixels = self._decode_turbo(*raw_target, resize == "fast") if self._colorspace else None
                 if pixels is None:
                     pixels = self._decode_pillow(*raw_target, background)
                 pixels = resize_rgb(pixels, *raw_target, kernel=resize)
@@ -207,15 +266,16 @@ class OpenedImage:
             raise self._rejected("undecodable", _describe(e)) from None
         return _apply_orientation(pixels, self.orientation)
 
-    def _decode_turbo(self, target_h: int, target_w: int) -> np.ndarray | None:
+    def _decode_turbo(self, target_h: int, target_w: int, fast: bool) -> np.ndarray | None:
         """libjpeg-turbo decode at 1/2^k scale, or None where Pillow must decode (CMYK/YCCK, or libjpeg
-        reports a problem: Pillow is more lenient, and its error is the one a rejection reports)."""
+        reports a problem: Pillow is more lenient, and its error is the one a rejection reports). Chroma is
+        upsampled by replication (no measurable loss after the resize); `fast` also uses the fast integer IDCT."""
+        if self._colorspace not in _TURBO_COLORSPACES:
+            return None
         try:
-            _, _, colorspace, _ = simplejpeg.decode_jpeg_header(self._data)
-            if colorspace not in _TURBO_COLORSPACES:
-                return None
             k = _dct_halvings(self._raw_h, self._raw_w, target_h, target_w)
-            pixels = simplejpeg.decode_jpeg(self._data, "rgb", min_height=math.ceil(self._raw_h / 2 ** k),
+            pixels = simplejpeg.decode_jpeg(self._data, "rgb", fastupsample=True, fastdct=fast,
+                                            min_height=math.ceil(self._raw_h / 2 ** k),
                                             min_width=math.ceil(self._raw_w / 2 ** k))
         except Exception as e:  # simplejpeg raises ValueError for broken or unusual streams
             self.warnings.append(f"libjpeg-turbo: {e}")
@@ -223,6 +283,8 @@ class OpenedImage:
         return pixels
 
     def _decode_pillow(self, target_h: int, target_w: int, background: tuple[int, int, int]) -> np.ndarray:
+        if self._img is None:
+            self._open_pillow()
         img = self._img
         if img.format in _JPEG_FORMATS and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             img.draft(img.mode, (target_w, target_h))  # DCT scaling by 1/2, 1/4 or 1/8 down to >= the target

@@ -7,10 +7,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ._config import PackConfig
+from ._config import NoDrop, PackConfig
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._image import ImageRejected, OpenedImage
-from ._patch import patchify
+from ._patch import grid_positions, patch_view, patchify
 from ._plan import plan_grid
 from ._rng import image_rng
 
@@ -67,14 +67,18 @@ def prepare_image(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, 
     grid_h, grid_w = plan_grid(opened.height, opened.width, config, image_rng(config.seed, key, epoch, "resolution"))
     p = config.patch_size
     pixels = opened.decode_resized(grid_h * p, grid_w * p, config.background, config.resize)
-    patches, pos_y, pos_x = patchify(pixels, p)
     n = grid_h * grid_w
-    rng = image_rng(config.seed, key, epoch, "drop")
+    # NoDrop draws nothing: building its generator would cost more than the rest of this function.
+    rng = None if isinstance(config.token_drop, NoDrop) else image_rng(config.seed, key, epoch, "drop")
     rate = sample_drop_rate(config.token_drop, rng, n, config.max_tokens_per_image, images_seen)
     kept = kept_count(n, rate)
     if kept < n:
+        pos_y, pos_x = grid_positions(grid_h, grid_w)
         idx = choose_kept(rng, n, kept)
-        patches, pos_y, pos_x = patches[idx], pos_y[idx], pos_x[idx]
+        pos_y, pos_x = pos_y[idx], pos_x[idx]
+        patches = patch_view(pixels, p)[pos_y, pos_x].view(np.uint8).reshape(kept, -1)  # copies kept patches only
+    else:
+        patches, pos_y, pos_x = patchify(pixels, p)
     return PatchedImage(key=key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=grid_h, grid_w=grid_w,
                         orig_h=opened.height, orig_w=opened.width, drop_rate=1.0 - kept / n, label=label,
                         meta=dict(meta or {}), source=FillSource(data, epoch) if config.fill == "exact" else None)

@@ -147,14 +147,21 @@ def test_library_versions_name_decoder_and_resizer():
 
 # --- decoder warnings (issue 18 item 5) -----------------------------------------------------------
 
-def _jpeg_with_broken_exif() -> bytes:
-    """A valid JPEG whose EXIF block declares a tag far longer than the block: Pillow warns while reading it."""
+def _png_with_broken_exif() -> bytes:
+    """A valid PNG whose EXIF block declares a tag far longer than the block: Pillow warns while reading it."""
     exif = Image.Exif()
     exif[0x010E] = "description " * 4
     block = bytearray(exif.tobytes())
-    at = block.find(b"\x01\x0e\x00\x02") if block[6:8] == b"MM" else block.find(b"\x0e\x01\x02\x00")
-    block[at + 4:at + 8] = (10**6).to_bytes(4, "big" if block[6:8] == b"MM" else "little")
-    return encode(photo(64, 96, seed=3), "JPEG", quality=90, exif=bytes(block))
+    big_endian = b"MM" in block[:8]
+    at = block.find(b"\x01\x0e\x00\x02" if big_endian else b"\x0e\x01\x02\x00")
+    block[at + 4:at + 8] = (10**6).to_bytes(4, "big" if big_endian else "little")
+    return encode(photo(64, 96, seed=3), "PNG", exif=bytes(block))
+
+
+def _jpeg_with_extraneous_bytes() -> bytes:
+    """Garbage before the end marker: libjpeg-turbo (strict) refuses it, Pillow decodes it."""
+    data = encode(photo(64, 96, seed=3), "JPEG", quality=90)
+    return data[:-2] + b"\x00" * 5 + data[-2:]
 
 
 def _broken_lzw_tiff() -> bytes:
@@ -165,26 +172,32 @@ def _broken_lzw_tiff() -> bytes:
     return bytes(data)
 
 
-def test_warnings_of_an_accepted_image_are_dropped(capfd):
-    data = _jpeg_with_broken_exif()
+@pytest.mark.parametrize("make,expected", [(_png_with_broken_exif, "Truncated File Read"),
+                                           (_jpeg_with_extraneous_bytes, "extraneous bytes")])
+def test_warnings_of_an_accepted_image_are_dropped(capfd, make, expected):
+    data = make()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         image = packer.prepare_image(data, "k", packer.PackConfig())
     assert image.num_tokens > 0
     assert not seen
     assert capfd.readouterr().err == ""
-    assert OpenedImage(data, 10**8).warnings  # the input does make Pillow warn
+    opened = OpenedImage(data, 10**8)
+    opened.decode_resized(64, 96)
+    assert any(expected in w for w in opened.warnings)  # the input does make a decoder warn
 
 
-def test_warnings_of_a_rejected_image_go_into_its_detail(capfd):
-    data = _jpeg_with_broken_exif()
-    cut = data[: len(data) - 300]  # header and EXIF intact, scan data truncated
+@pytest.mark.parametrize("make,expected", [(_png_with_broken_exif, "Truncated File Read"),
+                                           (_jpeg_with_extraneous_bytes, "Premature end of JPEG file")])
+def test_warnings_of_a_rejected_image_go_into_its_detail(capfd, make, expected):
+    data = make()
+    cut = data[: len(data) - 500]  # header intact, pixel data truncated
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with pytest.raises(ImageRejected) as err:
             packer.prepare_image(cut, "k", packer.PackConfig())
     assert err.value.reason == "undecodable"
-    assert "decoder warnings" in err.value.detail and "Truncated File Read" in err.value.detail
+    assert "decoder warnings" in err.value.detail and expected in err.value.detail
     assert not seen
     assert capfd.readouterr().err == ""
 
@@ -194,3 +207,14 @@ def test_libtiff_messages_go_into_the_detail_not_stderr(capfd):
         packer.prepare_image(_broken_lzw_tiff(), "k", packer.PackConfig())
     assert "Using code not yet in table" in err.value.detail
     assert capfd.readouterr().err == ""
+
+
+def test_dropped_image_keeps_the_full_grid_patches_at_its_positions():
+    data = encode(photo(300, 400, seed=4), "JPEG", quality=90)
+    config = packer.PackConfig(resolution="uniform:64:256", token_drop="const:0.5")
+    image = packer.prepare_image(data, "key", config)
+    assert 0 < image.num_tokens < image.grid_h * image.grid_w
+    pixels = OpenedImage(data, 10**8).decode_resized(image.grid_h * 16, image.grid_w * 16)
+    full, _, _ = packer.patchify(pixels, 16)
+    assert np.array_equal(image.patches, full[image.pos_y * image.grid_w + image.pos_x])
+    assert np.all(np.diff(image.pos_y * image.grid_w + image.pos_x) > 0)
