@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Iterator
 
@@ -59,10 +60,15 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
+# Capturing warnings changes process-wide state (the warnings filters, file descriptor 2): one thread at a
+# time. The libjpeg-turbo path needs no capture, so JPEG decoding and all resizing stay parallel.
+_CAPTURE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _decoder_warnings(sink: list[str]) -> Iterator[None]:
     """Collect the Python warnings the decoders raise into `sink` instead of printing them."""
-    with warnings.catch_warnings(record=True) as caught:
+    with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -79,8 +85,8 @@ def _native_stderr(sink: list[str]) -> Iterator[None]:
     """Collect what C libraries (libtiff) write to file descriptor 2 into `sink`. Used around TIFF
     decoding only: it redirects the whole process's fd 2 for that time."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    with _CAPTURE_LOCK, tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
             yield
@@ -255,11 +261,10 @@ class OpenedImage:
         swap = self.orientation in _TRANSPOSING_ORIENTATIONS
         raw_target = (width, height) if swap else (height, width)
         try:
-            with _decoder_warnings(self.warnings):
-                pixels = self._decode_turbo(*raw_target, resize == "fast") if self._colorspace else None
-                if pixels is None:
-                    pixels = self._decode_pillow(*raw_target, background)
-                pixels = resize_rgb(pixels, *raw_target, kernel=resize)
+            pixels = self._decode_turbo(*raw_target, resize == "fast") if self._colorspace else None
+            if pixels is None:
+                pixels = self._decode_pillow(*raw_target, background)
+            pixels = resize_rgb(pixels, *raw_target, kernel=resize)
         except ImageRejected:
             raise
         except Exception as e:
@@ -283,14 +288,16 @@ class OpenedImage:
         return pixels
 
     def _decode_pillow(self, target_h: int, target_w: int, background: tuple[int, int, int]) -> np.ndarray:
+        """Pillow decode (other formats, CMYK/YCCK JPEGs), its Python warnings and libtiff's messages collected."""
         if self._img is None:
             self._open_pillow()
         img = self._img
         if img.format in _JPEG_FORMATS and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             img.draft(img.mode, (target_w, target_h))  # DCT scaling by 1/2, 1/4 or 1/8 down to >= the target
-        with _native_stderr(self.warnings) if img.format == "TIFF" else contextlib.nullcontext():
-            img.load()
-        return np.asarray(to_rgb(img, background), dtype=np.uint8)
+        with _decoder_warnings(self.warnings):
+            with _native_stderr(self.warnings) if img.format == "TIFF" else contextlib.nullcontext():
+                img.load()
+            return np.asarray(to_rgb(img, background), dtype=np.uint8)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

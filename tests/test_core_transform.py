@@ -218,3 +218,28 @@ def test_dropped_image_keeps_the_full_grid_patches_at_its_positions():
     full, _, _ = packer.patchify(pixels, 16)
     assert np.array_equal(image.patches, full[image.pos_y * image.grid_w + image.pos_x])
     assert np.all(np.diff(image.pos_y * image.grid_w + image.pos_x) > 0)
+
+
+def test_warning_capture_is_safe_across_threads(capfd):
+    """The streaming path decodes in threads: every image keeps its own warnings, nothing reaches stderr,
+    and the process's warning filters are as they were."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    filters_before = list(warnings.filters)
+    inputs = [_broken_lzw_tiff(), _png_with_broken_exif(), _jpeg_with_extraneous_bytes(),
+              encode(photo(96, 128, seed=5), "JPEG", quality=90)] * 8
+
+    def outcome(data: bytes) -> str:
+        try:
+            packer.prepare_image(data, "k", packer.PackConfig())
+            return "packed"
+        except ImageRejected as e:
+            return e.detail
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(outcome, inputs))
+    for i in range(0, len(inputs), 4):
+        assert "Using code not yet in table" in results[i]
+        assert results[i + 1:i + 4] == ["packed"] * 3
+    assert capfd.readouterr().err == ""
+    assert warnings.filters == filters_before
