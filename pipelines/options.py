@@ -19,7 +19,7 @@ CONFIG_FLAGS = {
     "seq_len": "--seq-len", "patch_size": "--patch-size", "resolution": "--resolution",
     "token_drop": "--token-drop", "max_images_per_seq": "--max-images-per-seq",
     "max_tokens_per_image": "--max-tokens-per-image", "packer": "--packer", "window": "--window",
-    "seed": "--seed", "max_pixels": "--max-pixels", "fill": "--fill",
+    "seed": "--seed", "max_pixels": "--max-pixels", "fill": "--fill", "resize": "--resize",
 }
 
 
