@@ -17,6 +17,8 @@ Accuracy: for every dev image (and every large photo), the output of decode_resi
 a full Pillow decode, EXIF transpose and Pillow's antialiased bicubic resize to the same grid: mean
 absolute difference (/255, mean over images) and PSNR (5th percentile and median over images).
 
+prepare_image step by step (header, plan, decode + resize, patchify, drop, record), timed in the loop.
+
 Overhead after the transform, per image at L=256: prepare_image with the pixels already decoded
 (plan, patchify, drop; the header read is measured apart), SequencePacker (packing decisions and
 build_record), and schemas.write_shard (TFRecord serialization and write; outside packer/).
@@ -181,6 +183,39 @@ def overhead(blobs: list[bytes], keys: list[str], config: packer.PackConfig, rou
     return result
 
 
+def step_profile(work: list[tuple[bytes, int, int]], keys: list[str], config: packer.PackConfig,
+                 rounds: int) -> dict[str, float]:
+    """ms per image of each step of prepare_image, timed in the loop as the pipeline runs it (each step
+    runs right after the previous image's decode, with the caches that leaves)."""
+    from packer._patch import patchify
+
+    steps = ("header", "plan", "decode_resize", "patchify", "drop", "record")
+    spent = dict.fromkeys(steps, 0.0)
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for (data, _, _), key in zip(work, keys * (len(work) // len(keys) + 1)):
+            t0 = clock()
+            opened = packer.OpenedImage(data, config.max_pixels)
+            t1 = clock()
+            gh, gw = packer.plan_grid(opened.height, opened.width, config,
+                                      packer.image_rng(config.seed, key, 0, "resolution"))
+            t2 = clock()
+            pixels = opened.decode_resized(gh * config.patch_size, gw * config.patch_size, config.background,
+                                           config.resize)
+            t3 = clock()
+            patches, pos_y, pos_x = patchify(pixels, config.patch_size)
+            t4 = clock()
+            kept = packer.kept_count(gh * gw, packer.sample_drop_rate(config.token_drop, None, gh * gw,
+                                                                      config.max_tokens_per_image))
+            t5 = clock()
+            packer.PatchedImage(key=key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=gh, grid_w=gw,
+                                orig_h=opened.height, orig_w=opened.width, drop_rate=1.0 - kept / (gh * gw))
+            t6 = clock()
+            for name, begin, end in zip(steps, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6)):
+                spent[name] += end - begin
+    return {name: total / rounds / len(work) * 1e3 for name, total in spent.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -232,6 +267,8 @@ def main() -> None:
     if args.large:
         result["accuracy_large"] = {k: accuracy(large, large_targets, k) for k in ("default", "fast")}
     result["overhead_ms"] = overhead(blobs, keys, config, args.rounds)
+    result["steps_ms"] = {kernel: step_profile(work, keys, cfg, 2) for kernel, cfg in
+                          (("default", config), ("fast", fast_config))}
 
     print(f"{len(blobs)} JPEGs from {args.data} ({len(work)} decodes per round), {args.resolution}, P=16, "
           f"L={args.seq_len}, pinned to core {core}, median of {args.rounds} rounds; {result['versions']}")
@@ -253,6 +290,9 @@ def main() -> None:
     print("\nOverhead per image (ms), pixels decoded beforehand\n| step | ms/image |\n|---|---|")
     for name, ms in result["overhead_ms"].items():
         print(f"| {name} | {ms:.4f} |")
+    print("\nprepare_image step by step, in the loop (ms/image; token drop none)\n| step | default | fast |\n|---|---|---|")
+    for name in result["steps_ms"]["default"]:
+        print(f"| {name} | {result['steps_ms']['default'][name]:.3f} | {result['steps_ms']['fast'][name]:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
