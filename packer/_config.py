@@ -276,6 +276,7 @@ class PackConfig:
     max_pixels: int = 100_000_000
     background: tuple[int, int, int] = (255, 255, 255)
     fill: Literal["none", "exact"] = "none"
+    resize: Literal["default", "fast"] = "default"  # resize kernel: antialiased, or linear (faster, less faithful)
 
     def __post_init__(self):
         def is_int(v) -> bool:
@@ -305,6 +306,7 @@ class PackConfig:
                  f"must be three integers in [0, 255], got {self.background!r}")
         set_("background", tuple(self.background))
         _require(self.fill in ("none", "exact"), "fill", f"must be none or exact, got {self.fill!r}")
+        _require(self.resize in ("default", "fast"), "resize", f"must be default or fast, got {self.resize!r}")
 
     @property
     def token_dim(self) -> int:

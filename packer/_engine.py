@@ -34,7 +34,7 @@ from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._fill import plan_fill
 from ._image import ImageRejected, JpegHeader, OpenedImage, read_header
 from ._packer import META_PREFIX, PER_IMAGE_FIELDS, meta_text
-from ._patch import patchify
+from ._patch import grid_positions, patch_view, patchify
 from ._plan import plan_grid
 from ._process import FillSource, PatchedImage, check_label
 from ._rng import image_rng
@@ -158,20 +158,27 @@ def fill_opened(opened: OpenedImage, plan: ImagePlan, config: PackConfig) -> Pat
     p = config.patch_size
     refit = plan.refit
     if refit is not None and refit.rerender:
-        pixels = opened.decode_resized(refit.grid_h * p, refit.grid_w * p, config.background)
-        patches, pos_y, pos_x = patchify(pixels, p)
-        idx = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), patches.shape[0], refit.tokens)
+        grid_h, grid_w = refit.grid_h, refit.grid_w
+        idx = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), grid_h * grid_w, refit.tokens)
     else:
-        pixels = opened.decode_resized(plan.grid_h * p, plan.grid_w * p, config.background)
-        patches, pos_y, pos_x = patchify(pixels, p)
-        n = plan.grid_h * plan.grid_w
-        rng, _, kept = _drop_draw(config, plan.key, plan.epoch, plan.images_seen, n)
-        idx = choose_kept(rng, n, kept) if kept < n else None
+        grid_h, grid_w = plan.grid_h, plan.grid_w
+        n = grid_h * grid_w
+        if isinstance(config.token_drop, NoDrop):  # no draw: building the generator costs more than the rest
+            idx = None
+        else:
+            rng, _, kept = _drop_draw(config, plan.key, plan.epoch, plan.images_seen, n)
+            idx = choose_kept(rng, n, kept) if kept < n else None
         if refit is not None:  # a subset of the kept tokens, at the same grid
-            sub = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), kept, refit.tokens)
+            sub = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), n if idx is None else idx.size,
+                              refit.tokens)
             idx = sub if idx is None else idx[sub]
-    if idx is not None:
-        patches, pos_y, pos_x = patches[idx], pos_y[idx], pos_x[idx]
+    pixels = opened.decode_resized(grid_h * p, grid_w * p, config.background, config.resize)
+    if idx is None:
+        patches, pos_y, pos_x = patchify(pixels, p)
+    else:  # copy the kept patches only
+        pos_y, pos_x = grid_positions(grid_h, grid_w)
+        pos_y, pos_x = pos_y[idx], pos_x[idx]
+        patches = patch_view(pixels, p)[pos_y, pos_x].view(np.uint8).reshape(idx.size, -1)
     grid_h, grid_w = plan.final_grid
     return PatchedImage(key=plan.key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=grid_h, grid_w=grid_w,
                         orig_h=plan.orig_h, orig_w=plan.orig_w, drop_rate=plan.final_drop_rate, label=plan.label,

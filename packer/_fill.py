@@ -161,7 +161,7 @@ def refit_image(image: PatchedImage, plan: FillPlan, config: PackConfig) -> Patc
     if plan.rerender:
         p = config.patch_size
         opened = OpenedImage(image.source.data, config.max_pixels)
-        pixels = opened.decode_resized(plan.grid_h * p, plan.grid_w * p, config.background)
+        pixels = opened.decode_resized(plan.grid_h * p, plan.grid_w * p, config.background, config.resize)
         patches, pos_y, pos_x = patchify(pixels, p)
     else:
         patches, pos_y, pos_x = image.patches, image.pos_y, image.pos_x

@@ -1,23 +1,54 @@
 """Decoding and resizing: encoded bytes -> RGB uint8, with header checks, EXIF orientation and
-reduced-size (DCT) decoding. Every failure is an ImageRejected with a short reason code."""
+reduced-size (DCT) decoding. Every failure is an ImageRejected with a short reason code.
+
+JPEGs in YCbCr, RGB or grayscale are decoded by libjpeg-turbo (simplejpeg) at the smallest 1/2^k DCT
+scale that still covers the target, and the remaining step is resized by OpenCV. Pillow reads the header,
+size and EXIF orientation, and decodes everything else (other formats, CMYK/YCCK JPEGs). The kernels
+were chosen by measurement against a full Pillow decode + Pillow antialiased bicubic resize
+(benchmarks/transform.py, benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import os
 import re
+import sys
+import tempfile
+import threading
 import warnings
+from typing import Iterator
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+import simplejpeg
+from PIL import Image
 
+# The pipeline parallelizes across processes; OpenCV's own thread pool would only oversubscribe the cores.
+cv2.setNumThreads(1)
+
+RESIZE_KERNELS = ("default", "fast")
 # EXIF orientations 5..8 transpose the image, so its displayed height and width swap.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_JPEG_FORMATS = ("JPEG", "MPO")
+_TURBO_COLORSPACES = ("YCbCr", "RGB", "Gray")  # libjpeg-turbo converts these to RGB; CMYK and YCCK go to Pillow
+_MAX_DCT_HALVINGS = 3  # DCT scaling goes down to 1/8
+_MAX_WARNINGS_KEPT = 5
 
 
 def _describe(error: Exception) -> str:
     """The error as text, without object addresses, so that the same input gives the same reason in any process."""
     return _OBJECT_ADDRESS.sub("", f"{type(error).__name__}: {error}")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the decoding and resizing libraries: pixel bytes may differ across them."""
+    import PIL
+
+    return {"pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__, "opencv": cv2.__version__,
+            "numpy": np.__version__}
 
 
 class ImageRejected(Exception):
@@ -29,6 +60,44 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
+# Capturing warnings changes process-wide state (the warnings filters, file descriptor 2): one thread at a
+# time. The libjpeg-turbo path needs no capture, so JPEG decoding and all resizing stay parallel.
+_CAPTURE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _decoder_warnings(sink: list[str]) -> Iterator[None]:
+    """Collect the Python warnings the decoders raise into `sink` instead of printing them."""
+    with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                text = _OBJECT_ADDRESS.sub("", f"{w.category.__name__}: {w.message}")
+                if text not in sink:
+                    sink.append(text)
+
+
+@contextlib.contextmanager
+def _native_stderr(sink: list[str]) -> Iterator[None]:
+    """Collect what C libraries (libtiff) write to file descriptor 2 into `sink`. Used around TIFF
+    decoding only: it redirects the whole process's fd 2 for that time."""
+    sys.stderr.flush()
+    with _CAPTURE_LOCK, tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines()
+            sink.extend(line.strip() for line in lines if line.strip())
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
@@ -37,52 +106,176 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored -> displayed orientation (EXIF 1..8), as Pillow's ImageOps.exif_transpose."""
+    if orientation == 2:
+        pixels = pixels[:, ::-1]
+    elif orientation == 3:
+        pixels = pixels[::-1, ::-1]
+    elif orientation == 4:
+        pixels = pixels[::-1]
+    elif orientation == 5:
+        pixels = pixels.transpose(1, 0, 2)
+    elif orientation == 6:
+        pixels = pixels.transpose(1, 0, 2)[:, ::-1]
+    elif orientation == 7:
+        pixels = pixels.transpose(1, 0, 2)[::-1, ::-1]
+    elif orientation == 8:
+        pixels = pixels.transpose(1, 0, 2)[::-1]
+    return np.ascontiguousarray(pixels)
+
+
+def _dct_halvings(height: int, width: int, target_h: int, target_w: int) -> int:
+    """The largest k <= 3 such that the 1/2^k DCT-scaled decode still covers the target on both axes."""
+    k = 0
+    while (k < _MAX_DCT_HALVINGS and math.ceil(height / 2 ** (k + 1)) >= target_h
+           and math.ceil(width / 2 ** (k + 1)) >= target_w):
+        k += 1
+    return k
+
+
+# The default kernel's upsampling before the 2x2 box is bicubic below this remaining ratio, linear above
+# it: closer to the reference there, and cheaper (measured on the dev images, benchmarks/transform.py;
+# a plain bicubic without the box for small ratios was measured too, and lowered the PSNR 5th percentile).
+_LINEAR_UPSAMPLE_RATIO = 1.7
+
+
+def resize_rgb(pixels: np.ndarray, height: int, width: int, kernel: str = "default") -> np.ndarray:
+    """RGB uint8 [h, w, 3] -> [height, width, 3].
+
+    Reductions of 2x or more (what remains below the 1/8 DCT scale) are box-averaged (INTER_AREA).
+    Below 2x, "default" upsamples to twice the target (bicubic, or linear from a 1.7x reduction) and
+    box-averages 2x2, an antialiased filter close to Pillow's bicubic; "fast" resizes linearly without
+    antialiasing. Enlargements are bicubic (default) or linear (fast)."""
+    h, w = pixels.shape[:2]
+    if (h, w) == (height, width):
+        return pixels
+    ratio = max(h / height, w / width)
+    if ratio >= 2.0:
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+    if kernel == "fast":
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
+    if ratio <= 1.0:
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_CUBIC)
+    upsample = cv2.INTER_CUBIC if ratio < _LINEAR_UPSAMPLE_RATIO else cv2.INTER_LINEAR
+    doubled = cv2.resize(pixels, (2 * width, 2 * height), interpolation=upsample)
+    return cv2.resize(doubled, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _turbo_header(data: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colorspace) of a JPEG that libjpeg-turbo can read, else None (Pillow reads it)."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:  # simplejpeg raises ValueError for streams it cannot parse
+        return None
+    return height, width, colorspace
+
+
 class OpenedImage:
-    """An image whose header has been read (size, mode, orientation) but whose pixels are not decoded yet."""
+    """An image whose header has been read (size, mode, orientation) but whose pixels are not decoded yet.
+
+    `warnings` lists the decoder warnings seen so far (they are never printed); a rejection carries them
+    in its detail."""
 
     def __init__(self, data: bytes, max_pixels: int):
+        self.warnings: list[str] = []
         if not data:
             raise ImageRejected("empty", "0 bytes")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                self._img = Image.open(io.BytesIO(data))
-                raw_w, raw_h = self._img.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRejected("too_many_pixels", _describe(e)) from None
-        except Exception as e:  # Pillow raises many types for unknown or broken headers
-            raise ImageRejected("undecodable", _describe(e)) from None
+        self._data = data
+        self._img: Image.Image | None = None
+        header = _turbo_header(data)
+        if header is not None:  # a JPEG: libjpeg-turbo reads the size, a short walk of the markers the orientation
+            raw_h, raw_w, self._colorspace = header
+            self.format = "JPEG"
+            plain = jpeg_header(data)  # orientation without Pillow for plain files; Pillow decides the rest
+            if plain is not None:
+                self.orientation = plain.orientation
+            else:
+                self._open_pillow()
+                with _decoder_warnings(self.warnings):
+                    self.orientation = _orientation(self._img)
+        else:
+            self._colorspace = None
+            self._open_pillow()
+            raw_w, raw_h = self._img.size
+            self.format = self._img.format
+            with _decoder_warnings(self.warnings):
+                self.orientation = _orientation(self._img)
         if raw_w < 1 or raw_h < 1:
-            raise ImageRejected("undecodable", f"declared size {raw_w}x{raw_h}")
+            raise self._rejected("undecodable", f"declared size {raw_w}x{raw_h}")
         if raw_w * raw_h > max_pixels:
-            raise ImageRejected("too_many_pixels", f"{raw_w}x{raw_h} exceeds the limit of {max_pixels} pixels")
-        self.format = self._img.format
-        self.orientation = _orientation(self._img)
+            raise self._rejected("too_many_pixels", f"{raw_w}x{raw_h} exceeds the limit of {max_pixels} pixels")
+        self._raw_h, self._raw_w = raw_h, raw_w
         swap = self.orientation in _TRANSPOSING_ORIENTATIONS
         self.height, self.width = (raw_w, raw_h) if swap else (raw_h, raw_w)
 
-    def decode_resized(self, height: int, width: int, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-        """Pixels as RGB uint8 [height, width, 3] in display orientation, resized with antialiasing.
-
-        JPEGs at least twice the target's size are decoded at reduced size (DCT scaling) first; large
-        reductions box-reduce to within 2x of the target before the bicubic filter (reducing_gap=2)."""
-        img = self._img
+    def _open_pillow(self) -> None:
+        """Pillow reads the header (lazily for JPEGs, which need it only where libjpeg-turbo cannot decode)."""
         try:
-            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                # DCT scaling by 1/2, 1/4 or 1/8 to the smallest size still >= the target: a low-pass
-                # decode that skips most of the inverse-DCT work.
-                swap = self.orientation in _TRANSPOSING_ORIENTATIONS
-                img.draft(img.mode, (height, width) if swap else (width, height))
-            img.load()
-            img = ImageOps.exif_transpose(img) if self.orientation != 1 else img
-            rgb = to_rgb(img, background)
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=2.0)
-            return np.asarray(rgb, dtype=np.uint8)
+            with _decoder_warnings(self.warnings):
+                self._img = Image.open(io.BytesIO(self._data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise self._rejected("too_many_pixels", _describe(e)) from None
+        except Exception as e:  # Pillow raises many types for unknown or broken headers
+            raise self._rejected("undecodable", _describe(e)) from None
+
+    def _rejected(self, reason: str, detail: str) -> ImageRejected:
+        if self.warnings:
+            shown = self.warnings[:_MAX_WARNINGS_KEPT]
+            more = len(self.warnings) - len(shown)
+            detail += "; decoder warnings: " + " | ".join(shown) + (f" (+{more} more)" if more else "")
+        return ImageRejected(reason, detail)
+
+    def decode_resized(self, height: int, width: int, background: tuple[int, int, int] = (255, 255, 255),
+                       resize: str = "default") -> np.ndarray:
+        """Pixels as RGB uint8 [height, width, 3] in display orientation.
+
+        JPEGs are decoded at the smallest 1/2^k DCT scale that covers the target, then resized by
+        `resize_rgb` with kernel `resize` ("default": antialiased; "fast": linear)."""
+        if resize not in RESIZE_KERNELS:
+            raise ValueError(f"resize must be one of {RESIZE_KERNELS}, got {resize!r}")
+        swap = self.orientation in _TRANSPOSING_ORIENTATIONS
+        raw_target = (width, height) if swap else (height, width)
+        try:
+            pixels = self._decode_turbo(*raw_target, resize == "fast") if self._colorspace else None
+            if pixels is None:
+                pixels = self._decode_pillow(*raw_target, background)
+            pixels = resize_rgb(pixels, *raw_target, kernel=resize)
         except ImageRejected:
             raise
         except Exception as e:
-            raise ImageRejected("undecodable", _describe(e)) from None
+            raise self._rejected("undecodable", _describe(e)) from None
+        return _apply_orientation(pixels, self.orientation)
+
+    def _decode_turbo(self, target_h: int, target_w: int, fast: bool) -> np.ndarray | None:
+        """libjpeg-turbo decode at 1/2^k scale, or None where Pillow must decode (CMYK/YCCK, or libjpeg
+        reports a problem: Pillow is more lenient, and its error is the one a rejection reports). Chroma is
+        upsampled by replication (no measurable loss after the resize); `fast` also uses the fast integer IDCT."""
+        if self._colorspace not in _TURBO_COLORSPACES:
+            return None
+        try:
+            k = _dct_halvings(self._raw_h, self._raw_w, target_h, target_w)
+            pixels = simplejpeg.decode_jpeg(self._data, "rgb", fastupsample=True, fastdct=fast,
+                                            min_height=math.ceil(self._raw_h / 2 ** k),
+                                            min_width=math.ceil(self._raw_w / 2 ** k))
+        except Exception as e:  # simplejpeg raises ValueError for broken or unusual streams
+            self.warnings.append(f"libjpeg-turbo: {e}")
+            return None
+        return pixels
+
+    def _decode_pillow(self, target_h: int, target_w: int, background: tuple[int, int, int]) -> np.ndarray:
+        """Pillow decode (other formats, CMYK/YCCK JPEGs), its Python warnings and libtiff's messages collected."""
+        if self._img is None:
+            self._open_pillow()
+        img = self._img
+        if img.format in _JPEG_FORMATS and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            img.draft(img.mode, (target_w, target_h))  # DCT scaling by 1/2, 1/4 or 1/8 down to >= the target
+        with _decoder_warnings(self.warnings):
+            with _native_stderr(self.warnings) if img.format == "TIFF" else contextlib.nullcontext():
+                img.load()
+            return np.asarray(to_rgb(img, background), dtype=np.uint8)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

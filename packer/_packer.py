@@ -32,35 +32,35 @@ def meta_text(value: Any) -> str:
 
 
 def build_record(images: list[PatchedImage], config: PackConfig, meta_fields: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """One packed sequence from `images` (which must fit), filled by vectorized copies."""
+    """One packed sequence from `images` (which must fit), filled by vectorized copies (each token is
+    copied once; only the padding is zeroed)."""
     L, E = config.seq_len, config.max_images_per_seq
-    counts = [im.num_tokens for im in images]
+    counts = [im.patches.shape[0] for im in images]
     total, k = sum(counts), len(images)
     if total > L or k > E or k == 0:
         raise ValueError(f"cannot pack {k} images with {total} tokens into L={L}, E_max={E}")
-    patches = np.zeros((L, config.token_dim), np.uint8)
+    patches = np.empty((L, config.token_dim), np.uint8)
     np.concatenate([im.patches for im in images], out=patches[:total])
+    patches[total:] = 0
     segment_ids = np.zeros(L, np.int32)
     segment_ids[:total] = np.repeat(np.arange(1, k + 1, dtype=np.int32), counts)
-    pos_y = np.zeros(L, np.int32)
-    pos_x = np.zeros(L, np.int32)
-    np.concatenate([im.pos_y for im in images], out=pos_y[:total])
-    np.concatenate([im.pos_x for im in images], out=pos_x[:total])
-    record = {"patches": patches, "segment_ids": segment_ids, "pos_y": pos_y, "pos_x": pos_x,
+    positions = np.zeros((2, L), np.int32)
+    np.concatenate([im.pos_y for im in images], out=positions[0, :total])
+    np.concatenate([im.pos_x for im in images], out=positions[1, :total])
+    record = {"patches": patches, "segment_ids": segment_ids, "pos_y": positions[0], "pos_x": positions[1],
               "num_images": np.int32(k)}
     keys = np.full(E, "", dtype=object)
     keys[:k] = [im.key for im in images]
     record["image_keys"] = keys
-    values = {
-        "labels": [im.label for im in images], "grid_h": [im.grid_h for im in images],
-        "grid_w": [im.grid_w for im in images], "orig_h": [im.orig_h for im in images],
-        "orig_w": [im.orig_w for im in images], "num_tokens": counts,
-        "drop_rates": [im.drop_rate for im in images],
-    }
-    for name, (dtype, pad) in PER_IMAGE_FIELDS.items():
-        arr = np.full(E, pad, dtype)
-        arr[:k] = values[name]
-        record[name] = arr
+    ints = np.zeros((6, E), np.int32)  # labels, grid_h, grid_w, orig_h, orig_w, num_tokens
+    ints[:, :k] = np.array([(im.label, im.grid_h, im.grid_w, im.orig_h, im.orig_w, n)
+                            for im, n in zip(images, counts)], np.int32).T
+    ints[0, k:] = PER_IMAGE_FIELDS["labels"][1]
+    for row, name in enumerate(("labels", "grid_h", "grid_w", "orig_h", "orig_w", "num_tokens")):
+        record[name] = ints[row]
+    drop_rates = np.zeros(E, np.float32)
+    drop_rates[:k] = [im.drop_rate for im in images]
+    record["drop_rates"] = drop_rates
     for name in meta_fields:
         arr = np.full(E, "", dtype=object)
         arr[:k] = [meta_text(im.meta.get(name)) for im in images]

@@ -252,7 +252,8 @@ def finalize(job: PackJob, summaries: list[dict], rejects: list[dict]) -> dict:
                            num_sequences=totals["sequences"], tokens_real=totals["tokens_real"],
                            tokens_padding=totals["tokens_padding"], shards=shards, meta_fields=job.meta_fields,
                            extra={"input": job.input, "epochs": job.epochs, "shards_per_epoch": shards_per_epoch,
-                                  "packing_groups_per_epoch": groups, "group_size": job.group_size})
+                                  "packing_groups_per_epoch": groups, "group_size": job.group_size,
+                                  "libraries": packer.library_versions()})
     return totals
 
 

@@ -69,6 +69,8 @@ def test_rejects_reconcile_and_nothing_is_lost(image_dir, tmp_path):
     manifest = bp.run_pack(job)
     assert manifest["num_images_in"] == 32
     assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"]
+    written = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert written["libraries"] == packer.library_versions()  # pixel bytes depend on these versions
     rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
     assert {(r["key"], r["reason"]) for r in rejects} == {("class0/broken.jpg", "undecodable"),
                                                           ("class1/empty.jpg", "empty")}

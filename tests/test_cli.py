@@ -42,7 +42,7 @@ def packed(image_dir, tmp_path_factory):
     ("--token-drop", "beta:0.9:0.5"), ("--max-images-per-seq", "9999"), ("--packer", "magic"),
     ("--window", "x"), ("--seed", "-1"), ("--fill", "maybe"), ("--labels", "some"), ("--format", "csv"),
     ("--num-shards", "0"), ("--epochs", "two"), ("--workers", "0"), ("--max-reject-fraction", "2"),
-    ("--meta-fields", "a,,b"), ("--max-tokens-per-image", "1000"),
+    ("--meta-fields", "a,,b"), ("--max-tokens-per-image", "1000"), ("--resize", "lanczos"),
 ])
 def test_bad_option_gives_one_line_naming_it(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -117,3 +117,12 @@ def test_inspect_renders_each_image_of_the_sequence(packed, tmp_path, capsys):
     assert (np.abs(pixels.astype(int) - 128).sum(-1) == 0).sum() > 0  # dropped tokens painted grey (30% dropped)
     assert cli.main(["inspect", packed, "--sequence", "100000", "--out", str(out)]) == 2
     assert "--sequence" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,kernel", [([], "default"), (["--resize", "fast"], "fast")])
+def test_resize_flag_reaches_the_config(argv, kernel):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    options.add_pack_options(parser)
+    assert options.config_or_error(parser.parse_args(argv)).resize == kernel

@@ -45,6 +45,7 @@ def test_drop_specs_parse_and_round_trip(spec):
     ({"max_tokens_per_image": 300, "seq_len": 256}, "max_tokens_per_image"),
     ({"packer": "magic"}, "packer"),
     ({"seed": -1}, "seed"),
+    ({"resize": "lanczos"}, "resize"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
