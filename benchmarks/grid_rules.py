@@ -38,6 +38,11 @@ def real_sizes(folder: pathlib.Path) -> list[tuple[int, int]]:
 
 def measure(sizes: list[tuple[int, int]], tokens: int, patch: int) -> dict:
     # __wrapped__: time the computation itself, not the per-size cache in front of it.
+    cached = {
+        "budget (new)": lambda h, w: _plan.grid_for_budget(h, w, tokens),
+        "naflex": lambda h, w: _plan.grid_for_naflex(h, w, patch, tokens),
+        "floored (old budget)": lambda h, w: _plan.floored_grid(h, w, tokens),
+    }
     rules = {
         "budget (new)": lambda h, w: _plan.grid_for_budget.__wrapped__(h, w, tokens),
         "naflex": lambda h, w: _plan.grid_for_naflex.__wrapped__(h, w, patch, tokens),
@@ -48,18 +53,23 @@ def measure(sizes: list[tuple[int, int]], tokens: int, patch: int) -> dict:
     for name, rule in rules.items():
         g = grids[name]
         err = [abs(math.log((gw / gh) / (w / h))) for (h, w), (gh, gw) in zip(sizes, g)]
-        best = math.inf
+        best, best_cached = math.inf, math.inf
         for _ in range(3):
             t0 = time.perf_counter()
             for h, w in sizes:
                 rule(h, w)
-            best = min(best, (time.perf_counter() - t0) / len(sizes))
+            t1 = time.perf_counter()
+            for h, w in sizes:  # the planner's path: the per-size cache (warm after the first round)
+                cached[name](h, w)
+            best = min(best, (t1 - t0) / len(sizes))
+            best_cached = min(best_cached, (time.perf_counter() - t1) / len(sizes))
         out[name] = {
             "mean_tokens_over_T": float(np.mean([a * b for a, b in g]) / tokens),
             "mean_abs_log_aspect_err": float(np.mean(err)),
             "max_abs_log_aspect_err": float(np.max(err)),
             "differs_from_naflex": int(sum(x != y for x, y in zip(g, grids["naflex"]))),
             "us_per_plan": best * 1e6,
+            "us_per_plan_cached": best_cached * 1e6,
         }
     return out
 
@@ -78,12 +88,12 @@ def main() -> None:
         sets[f"{args.input.name} ({len(real)})"] = real
     results = {name: measure(sizes, args.tokens, args.patch) for name, sizes in sets.items()}
     print(f"T={args.tokens}, P={args.patch}")
-    print("| sizes | rule | mean tokens / T | mean abs log aspect err | max | grids != naflex | us / plan |")
-    print("|---|---|---|---|---|---|---|")
+    print("| sizes | rule | mean tokens / T | mean abs log aspect err | max | grids != naflex | us / plan | cached |")
+    print("|---|---|---|---|---|---|---|---|")
     for set_name, rows in results.items():
         for rule, r in rows.items():
             print(f"| {set_name} | {rule} | {r['mean_tokens_over_T']:.4f} | {r['mean_abs_log_aspect_err']:.4f} | "
-                  f"{r['max_abs_log_aspect_err']:.4f} | {r['differs_from_naflex']} | {r['us_per_plan']:.1f} |")
+                  f"{r['max_abs_log_aspect_err']:.4f} | {r['differs_from_naflex']} | {r['us_per_plan']:.1f} | {r['us_per_plan_cached']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"tokens": args.tokens, "patch": args.patch, "results": results}, indent=1))
 
