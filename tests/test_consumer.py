@@ -225,15 +225,16 @@ def test_torch_flex_attention_equals_dense_mask(records):
 
 def test_jax_fused_attention_equals_einsum(records):
     """examples/jax_reader.py: jax.nn.dot_product_attention with the segment mask gives the written-out
-    masked softmax's outputs."""
+    masked softmax's outputs (the packed-equals-alone check on the fused path runs in the example itself,
+    test_reader_example_runs)."""
     jax = pytest.importorskip("jax")
     reader = _load("jax_reader")
     if not hasattr(jax.nn, "dot_product_attention"):
         pytest.skip("this jax has no jax.nn.dot_product_attention")
     params = reader.init_params(jax.random.PRNGKey(0), PACK.token_dim, 16, 4)
     batch = reader.to_batch(records[:6], PACK.max_images_per_seq)
-    fused = np.asarray(reader.forward(params, batch, attention="fused"))
-    einsum = np.asarray(reader.forward(params, batch, attention="einsum"))
+    forward = jax.jit(reader.forward, static_argnames=("heads", "attention"))
+    fused = np.asarray(forward(params, batch, attention="fused"))
+    einsum = np.asarray(forward(params, batch, attention="einsum"))
     np.testing.assert_allclose(fused, einsum, rtol=1e-4, atol=1e-5)
     assert np.isfinite(fused).all() and np.abs(fused).max() > 1e-3
-    reader.leak_check(params, records[:3], PACK, "fused")
