@@ -2,7 +2,12 @@
 NaViT-style model (pure functions over a parameter dict) whose attention mask comes from segment_ids
 and whose outputs are pooled per image.
 
-    python examples/jax_reader.py [--data DIR] [--work-dir TMP] [--steps N]
+    python examples/jax_reader.py [--data DIR] [--work-dir TMP] [--steps N] [--attention fused|einsum]
+
+Attention: "fused" calls jax.nn.dot_product_attention with the segment mask [B, 1, L, L] (XLA or cuDNN
+picks the kernel); "einsum" writes the masked softmax out (the reference, and the fallback for a jax
+without dot_product_attention). Both compute every pair; on GPU, jax.experimental.pallas.ops.gpu
+.attention.mha takes segment_ids directly and skips cross-image blocks.
 
 Without --data it first packs synthetic shape images into an Arrow dataset under --work-dir. It trains a
 few steps, then checks that every packed image's output equals its output alone ("leak check: ok").
@@ -59,24 +64,36 @@ def _norm(x):
     return (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
 
 
-def forward(params: dict, batch: dict, heads: int = 4) -> jnp.ndarray:
+ATTENTION = ("fused", "einsum")
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, kind: str) -> jnp.ndarray:
+    """Attention over [B, L, heads, dim] with the boolean segment mask [B, L, L] (True: may attend)."""
+    if kind == "fused" and hasattr(jax.nn, "dot_product_attention"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+    logits = jnp.where(mask[:, None], logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def forward(params: dict, batch: dict, heads: int = 4, attention: str = "fused") -> jnp.ndarray:
     """Packed batch -> logits [B, E, classes], one row per image slot (empty slots hold the bias only)."""
     x = _dense(params["embed"], batch["patches"].astype(jnp.float32) / 127.5 - 1.0)
     x = x + params["pos_y"][batch["pos_y"]] + params["pos_x"][batch["pos_x"]]
     B, L, W = x.shape
     for p in params["layers"]:
         q, k, v = jnp.split(_dense(p["qkv"], _norm(x)).reshape(B, L, 3 * heads, W // heads), 3, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(W // heads)
-        logits = jnp.where(batch["mask"][:, None], logits, -jnp.inf)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        attn = attend(q, k, v, batch["mask"], attention)
         x = x + _dense(p["proj"], attn.reshape(B, L, W))
         x = x + _dense(p["mlp2"], jax.nn.gelu(_dense(p["mlp1"], _norm(x))))
     return _dense(params["head"], batch["pool"] @ _norm(x))
 
 
-def masked_loss(params: dict, batch: dict) -> jnp.ndarray:
+def masked_loss(params: dict, batch: dict, attention: str = "fused") -> jnp.ndarray:
     """Cross-entropy over image slots with a label (>= 0); padding slots (-1) are ignored."""
-    logits = forward(params, batch)
+    logits = forward(params, batch, attention=attention)
     labels = batch["labels"]
     valid = labels >= 0
     logp = jax.nn.log_softmax(logits)
@@ -92,13 +109,15 @@ def make_dataset(directory: str, n: int = 96) -> None:
     schemas.write_dataset(directory, shapes.packed_shapes(n, config), config=config, fmt="arrow", num_shards=2)
 
 
-def leak_check(params: dict, records: list[dict[str, np.ndarray]], config: packer.PackConfig) -> None:
+def leak_check(params: dict, records: list[dict[str, np.ndarray]], config: packer.PackConfig,
+               attention: str = "fused") -> None:
     """Each packed image's logits must equal those of the same image packed alone."""
     E = config.max_images_per_seq
-    packed = np.asarray(forward(params, to_batch(records, E)))
+    packed = np.asarray(forward(params, to_batch(records, E), attention=attention))
     for r, record in enumerate(records):
         images = packer.unpack(record)
-        alone = np.asarray(forward(params, to_batch([packer.build_record([im], config) for im in images], E)))
+        alone = np.asarray(forward(params, to_batch([packer.build_record([im], config) for im in images], E),
+                                   attention=attention))
         np.testing.assert_allclose(packed[r, :len(images)], alone[:, 0], rtol=1e-4, atol=1e-5)
 
 
@@ -108,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="where to write the synthetic dataset when --data is not given")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--attention", choices=ATTENTION, default="fused")
     args = parser.parse_args(argv)
     data = args.data
     if data is None:
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @jax.jit
     def step(params, batch, lr=3e-2):
-        loss, grads = jax.value_and_grad(masked_loss)(params, batch)
+        loss, grads = jax.value_and_grad(masked_loss)(params, batch, args.attention)
         return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
 
     labelled = any((r["labels"] >= 0).any() for r in records)
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {i}: loss {float(loss):.4f}")
     if not labelled:
         print("no labels in this dataset: forward pass only")
-    leak_check(params, records[:4], config)
+    leak_check(params, records[:4], config, args.attention)
     print("leak check: ok")
     return 0
 

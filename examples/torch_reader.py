@@ -1,7 +1,12 @@
 """PyTorch reader for packed records: Arrow shards -> numpy dicts (schemas.read) -> batches -> a tiny
 NaViT-style model whose attention mask comes from segment_ids and whose outputs are pooled per image.
 
-    python examples/torch_reader.py [--data DIR] [--work-dir TMP] [--steps N]
+    python examples/torch_reader.py [--data DIR] [--work-dir TMP] [--steps N] [--attention auto|flex|dense]
+
+Attention: "dense" gives scaled_dot_product_attention a boolean [B, 1, L, L] mask (every pair is
+computed); "flex" builds a flex_attention block mask from segment_ids, so blocks of tokens from
+different images are skipped (compiled with torch.compile on CUDA; on CPU it runs unfused, for checks
+only). "auto": flex on CUDA where torch has it, else dense.
 
 Without --data it first packs synthetic shape images into an Arrow dataset under --work-dir. It trains a
 few steps, then checks that every packed image's output equals its output alone ("leak check: ok").
@@ -14,9 +19,16 @@ import os
 import sys
 import tempfile
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5
+    create_block_mask = flex_attention = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/shapes.py
 import packer  # noqa: E402
@@ -34,13 +46,52 @@ def to_torch(records: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return out
 
 
+ATTENTION = ("auto", "flex", "dense")
+
+
+def resolve_attention(kind: str, device: torch.device) -> str:
+    """auto -> flex on CUDA where this torch has flex_attention, else dense."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {kind!r}")
+    if kind == "flex" and flex_attention is None:
+        raise RuntimeError("this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5); use dense")
+    if kind == "auto":
+        return "flex" if flex_attention is not None and device.type == "cuda" else "dense"
+    return kind
+
+
+def segment_block_mask(segment_ids: torch.Tensor):
+    """flex_attention block mask: a query attends to keys of its own segment (padding to padding), as
+    schemas.attention_mask; whole blocks with no shared segment are skipped."""
+    def same_segment(b, h, q, k):
+        return segment_ids[b, q] == segment_ids[b, k]
+
+    B, L = segment_ids.shape
+    return create_block_mask(same_segment, B, None, L, L, device=segment_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """flex_attention, compiled once on CUDA (fused kernel); eager elsewhere (unfused, same results)."""
+    global _compiled_flex
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
 class TinyNaViT(torch.nn.Module):
     """Patch embedding + factorized absolute positions + masked transformer layers + per-image pooling."""
 
     def __init__(self, token_dim: int, max_images: int, max_grid: int, num_classes: int, width: int = 64,
-                 depth: int = 2, heads: int = 4):
+                 depth: int = 2, heads: int = 4, attention: str = "dense"):
         super().__init__()
-        self.max_images, self.heads = max_images, heads
+        self.max_images, self.heads, self.attention = max_images, heads, attention
         self.embed = torch.nn.Linear(token_dim, width)
         self.pos_y = torch.nn.Embedding(max_grid, width)
         self.pos_x = torch.nn.Embedding(max_grid, width)
@@ -56,9 +107,14 @@ class TinyNaViT(torch.nn.Module):
         x = self.embed(batch["patches"].float() / 127.5 - 1.0)
         x = x + self.pos_y(batch["pos_y"].long()) + self.pos_x(batch["pos_x"].long())
         B, L, W = x.shape
+        kind = resolve_attention(self.attention, x.device)
+        block_mask = segment_block_mask(batch["segment_ids"]) if kind == "flex" else None
         for layer in self.layers:
             q, k, v = layer["qkv"](layer["norm1"](x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=batch["mask"])
+            if kind == "flex":
+                attn = flex(q, k, v, block_mask)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=batch["mask"])
             x = x + layer["proj"](attn.transpose(1, 2).reshape(B, L, W))
             x = x + layer["mlp"](layer["norm2"](x))
         pool = torch.from_numpy(schemas.pooling_matrix(batch["segment_ids"].numpy(), self.max_images))
@@ -94,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="where to write the synthetic dataset when --data is not given")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--attention", choices=ATTENTION, default="auto")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = args.data
@@ -103,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     config = packer.PackConfig(**schemas.read_manifest(data)["config"])
     records = list(schemas.read(data))
     num_classes = max(2, int(max(r["labels"].max() for r in records)) + 1)
-    model = TinyNaViT(config.token_dim, config.max_images_per_seq, config.seq_len, num_classes)
+    model = TinyNaViT(config.token_dim, config.max_images_per_seq, config.seq_len, num_classes, attention=args.attention)
+    print(f"attention: {resolve_attention(args.attention, torch.device('cpu'))}")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     labelled = any((r["labels"] >= 0).any() for r in records)

@@ -1,7 +1,7 @@
 """Validated, frozen configuration and the one parser of the spec strings shared by CLI and API.
 
 Spec strings (see README):
-  resolution: native | fixed:R | budget:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area
+  resolution: native | fixed:R | budget:T | naflex:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area
   token drop: none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], each optionally followed
               by @sigmoid:RHO_MIN:RHO_MAX:MU:TAU (paper A.5), which then sets the policy's mean rate.
 """
@@ -65,6 +65,19 @@ class Budget:
 
 
 @dataclasses.dataclass(frozen=True)
+class NaFlex:
+    """Hugging Face SigLIP2's grid rule for max_num_patches = `tokens`, reproduced exactly (see packer._plan)."""
+
+    tokens: int
+
+    def __post_init__(self):
+        _require(isinstance(self.tokens, int) and self.tokens >= 1, "resolution", f"naflex:T needs an integer T >= 1, got {self.tokens}")
+
+    def spec(self) -> str:
+        return f"naflex:{self.tokens}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Uniform:
     """Effective resolution R ~ U(rmin, rmax) per image (paper A.1 pretraining: 64..256)."""
 
@@ -100,8 +113,8 @@ class TruncNormal:
         return f"tnormal:{self.rmin:g}:{self.rmax:g}:{self.mu:g}:{self.sigma:g}:{self.mode}"
 
 
-ResolutionPolicy = Union[Native, Fixed, Budget, Uniform, TruncNormal]
-RESOLUTION_HELP = "native | fixed:R | budget:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area"
+ResolutionPolicy = Union[Native, Fixed, Budget, NaFlex, Uniform, TruncNormal]
+RESOLUTION_HELP = "native | fixed:R | budget:T | naflex:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area"
 
 
 # ----------------------------------------------------------------------------- token-drop policies
@@ -216,7 +229,7 @@ def parse_resolution(spec: "str | ResolutionPolicy") -> ResolutionPolicy:
     if not isinstance(spec, str):
         return spec
     name, *args = spec.strip().split(":")
-    arity = {"native": 0, "fixed": 1, "budget": 1, "uniform": 2, "tnormal": 5}
+    arity = {"native": 0, "fixed": 1, "budget": 1, "naflex": 1, "uniform": 2, "tnormal": 5}
     if name not in arity or len(args) != arity[name]:
         raise ConfigError("resolution", f"unknown or malformed policy {spec!r}; accepted: {RESOLUTION_HELP}")
     if name == "native":
@@ -226,8 +239,8 @@ def parse_resolution(spec: "str | ResolutionPolicy") -> ResolutionPolicy:
         if mode not in ("side", "area"):
             raise ConfigError("resolution", f"tnormal mode must be side or area, got {mode!r}")
         return TruncNormal(*_numbers("resolution", spec, args[:4], RESOLUTION_HELP), mode=mode)  # type: ignore[arg-type]
-    nums = _numbers("resolution", spec, args, RESOLUTION_HELP, ints=(0,) if name == "budget" else ())
-    return {"fixed": Fixed, "budget": Budget, "uniform": Uniform}[name](*nums)
+    nums = _numbers("resolution", spec, args, RESOLUTION_HELP, ints=(0,) if name in ("budget", "naflex") else ())
+    return {"fixed": Fixed, "budget": Budget, "naflex": NaFlex, "uniform": Uniform}[name](*nums)
 
 
 def parse_drop(spec: "str | DropPolicy") -> DropPolicy:
@@ -295,9 +308,9 @@ class PackConfig:
             set_("max_tokens_per_image", self.seq_len)
         _require(is_int(self.max_tokens_per_image) and 1 <= self.max_tokens_per_image <= self.seq_len, "max_tokens_per_image",
                  f"must be an integer in [1, seq_len={self.seq_len}], got {self.max_tokens_per_image!r}")
-        if isinstance(self.resolution, Budget):
+        if isinstance(self.resolution, (Budget, NaFlex)):
             _require(self.resolution.tokens <= self.seq_len, "resolution",
-                     f"budget:{self.resolution.tokens} exceeds seq_len={self.seq_len}; the token budget must be <= the sequence length")
+                     f"{self.resolution.spec()} exceeds seq_len={self.seq_len}; the token budget must be <= the sequence length")
         _require(self.packer in PACKERS, "packer", f"must be one of {', '.join(PACKERS)}, got {self.packer!r}")
         _require(is_int(self.window) and self.window >= 1, "window", f"must be an integer >= 1, got {self.window!r}")
         _require(is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")

@@ -10,7 +10,7 @@ capped (floored to the budget, e.g. 14x18 = 252 tokens at L = 256) can then fill
 drop rate d0 reaches the target (area >= target / (1 - d0)), or the one just below when that keeps the
 drop rate closer to d0; then it drops tokens at random (per (seed, key, epoch)) down to exactly target.
 
-Ranges: uniform/tnormal: effective resolution in [RMIN, RMAX]. fixed:R, native and budget:T have no
+Ranges: uniform/tnormal: effective resolution in [RMIN, RMAX]. fixed:R, native, budget:T and naflex:T have no
 range, so the natural one is used: from the policy's own scale down to FILL_MIN_SCALE of it (fill may
 lower the resolution, never raise it above what the policy gives). Drop rate: at most the policy's
 maximum (beta: MAX; resdep: the larger rate + 2 sigma, + the schedule's shift); none and const have no
@@ -29,16 +29,16 @@ import functools
 import math
 from typing import Mapping, Optional
 
-from ._config import BetaDrop, Budget, ConstDrop, Fixed, NoDrop, PackConfig, ResDepDrop, TruncNormal, Uniform
+from ._config import BetaDrop, Budget, ConstDrop, Fixed, NaFlex, NoDrop, PackConfig, ResDepDrop, TruncNormal, Uniform
 from ._drop import _MAX_RATE, _RESDEP_SIGMA, choose_kept
 from ._image import OpenedImage
 from ._patch import patchify
-from ._plan import grid_for_budget
+from ._plan import plan_grid
 from ._process import PatchedImage
 from ._rng import image_rng
 
 FILL_EXTRA_DROP = 0.2  # drop none / const: extra drop rate a re-plan may add (the gap between grid sizes)
-FILL_MIN_SCALE = 0.5  # fixed / native / budget: lowest scale, as a fraction of the policy's own
+FILL_MIN_SCALE = 0.5  # fixed / native / budget / naflex: lowest scale, as a fraction of the policy's own
 FILL_DROP_WEIGHT = 0.25  # cost of changing the kept fraction, relative to changing the grid area (both in log)
 
 
@@ -77,8 +77,8 @@ def scale_range(h: int, w: int, config: PackConfig) -> tuple[float, float]:
         return policy.rmin / root, policy.rmax / root
     if isinstance(policy, Fixed):
         top = policy.resolution / root
-    elif isinstance(policy, Budget):
-        gh, gw = grid_for_budget(h, w, min(policy.tokens, config.max_tokens_per_image))
+    elif isinstance(policy, (Budget, NaFlex)):
+        gh, gw = plan_grid(h, w, config, None)
         top = config.patch_size * math.sqrt(gh * gw) / root
     else:  # Native
         top = 1.0

@@ -6,6 +6,7 @@ Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that us
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, iter_shard,
                   prepare_output_dir, read, read_manifest, sha256_file, shard_name, shard_paths, write_dataset,
                   write_manifest, write_rejects, write_shard)
+from ._hf import siglip2_inputs
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._schema import (BASE_FIELDS, FORMATS, SCHEMA_VERSION, Field, RecordError, Schema, SchemaError,
                       check_consistency, numpy_dtype)

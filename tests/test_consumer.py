@@ -200,3 +200,41 @@ def test_reader_example_runs(name, framework, tmp_path):
     proc = _run_reader(name, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "leak check: ok" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_torch_flex_attention_equals_dense_mask(records):
+    """examples/torch_reader.py: the flex_attention block mask built from segment_ids gives the dense
+    boolean-mask outputs (run unfused on CPU), and changing one image changes no other under it."""
+    torch = pytest.importorskip("torch")
+    reader = _load("torch_reader")
+    if reader.flex_attention is None:
+        pytest.skip("this torch has no flex_attention")
+    torch.manual_seed(0)
+    model = reader.TinyNaViT(PACK.token_dim, PACK.max_images_per_seq, 16, 4, attention="dense")
+    batch = reader.to_torch(records[:6])
+    with torch.no_grad():
+        dense = model(batch)
+        model.attention = "flex"
+        flex = model(batch)
+        torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-5)
+        reader.leak_check(model, records[:3], PACK)  # packed == alone, on the flex path
+    assert reader.resolve_attention("auto", torch.device("cpu")) == "dense"
+    with pytest.raises(ValueError, match="attention"):
+        reader.resolve_attention("sparse", torch.device("cpu"))
+
+
+def test_jax_fused_attention_equals_einsum(records):
+    """examples/jax_reader.py: jax.nn.dot_product_attention with the segment mask gives the written-out
+    masked softmax's outputs (the packed-equals-alone check on the fused path runs in the example itself,
+    test_reader_example_runs)."""
+    jax = pytest.importorskip("jax")
+    reader = _load("jax_reader")
+    if not hasattr(jax.nn, "dot_product_attention"):
+        pytest.skip("this jax has no jax.nn.dot_product_attention")
+    params = reader.init_params(jax.random.PRNGKey(0), PACK.token_dim, 16, 4)
+    batch = reader.to_batch(records[:6], PACK.max_images_per_seq)
+    forward = jax.jit(reader.forward, static_argnames=("heads", "attention"))
+    fused = np.asarray(forward(params, batch, attention="fused"))
+    einsum = np.asarray(forward(params, batch, attention="einsum"))
+    np.testing.assert_allclose(fused, einsum, rtol=1e-4, atol=1e-5)
+    assert np.isfinite(fused).all() and np.abs(fused).max() > 1e-3

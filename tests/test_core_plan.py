@@ -11,18 +11,70 @@ from packer import PackConfig
 # (image h, w), patch, resolution, seq_len -> expected grid (h, w), derived by hand from the stated rule.
 GOLDEN = [
     ((224, 224), 16, "native", 256, (14, 14)),
-    ((375, 500), 16, "native", 256, (13, 18)),      # 23x31 = 713 > 256: floored at the cap
+    ((375, 500), 16, "native", 256, (14, 18)),      # 23x31 = 713 > 256: the budget grid for the cap
     ((300, 600), 16, "fixed:224", 256, (10, 20)),   # 9.90 x 19.80 rounded
     ((256, 256), 16, "budget:256", 256, (16, 16)),
-    ((375, 500), 16, "budget:256", 256, (13, 18)),
+    # 14x18 = 252 (error 0.036 <= 0.064); 15x17, 16x16, 13x19 and 12x21 have more patches but break the bound.
+    ((375, 500), 16, "budget:256", 256, (14, 18)),
+    ((300, 600), 16, "budget:256", 256, (11, 23)),  # 253 patches, error 0.045 <= (1/11 + 1/23)/2
     ((1, 10000), 16, "budget:196", 256, (1, 196)),  # thinner than a patch: one row, budget-limited
     ((10000, 1), 16, "budget:256", 256, (256, 1)),
     ((1, 10000), 16, "native", 256, (1, 256)),
     ((64, 64), 16, "fixed:64", 256, (4, 4)),
     ((8, 8), 16, "native", 256, (1, 1)),
     ((480, 640), 14, "fixed:224", 256, (14, 18)),    # 13.86 x 18.48 rounded
-    ((1080, 1920), 32, "budget:64", 64, (6, 10)),    # ideal 6.0 x 10.67 floored
+    ((1080, 1920), 32, "budget:64", 64, (6, 10)),    # 7x9, 5x12, 4x16 break the bound; 6x10 = 60
+    ((375, 500), 16, "naflex:256", 256, (14, 18)),
 ]
+
+# naflex:T reproduces Hugging Face transformers' SigLIP2 image processor,
+# transformers/models/siglip2/image_processing_siglip2.py, get_image_size_for_max_num_patches
+# (bisection of the scale over [1e-6, 100] until the interval is narrower than 1e-5; each side
+# ceil(side * scale / P), at least 1; the grid of the last scale that fitted). This table was computed
+# with that published function (transformers 5.24.0), then divided by P: (h, w), P, T -> grid.
+NAFLEX_GOLDEN = [
+    ((375, 500), 16, 256, (14, 18)),
+    ((500, 375), 16, 256, (18, 14)),
+    ((224, 224), 16, 256, (16, 16)),
+    ((1, 1), 16, 256, (7, 7)),          # upscaling stops at the search's top scale, 100
+    ((8, 8), 16, 256, (16, 16)),
+    ((3, 7), 16, 256, (10, 24)),
+    ((1, 10000), 16, 256, (1, 256)),
+    ((10000, 1), 16, 256, (256, 1)),
+    ((1, 100000000), 16, 64, (1, 44)),  # the bisection's lowest-scale region: one patch thick
+    ((10000, 10000), 16, 256, (16, 16)),
+    ((40000, 2500), 16, 1024, (128, 8)),
+    ((1080, 1920), 14, 729, (20, 36)),
+    ((333, 10001), 16, 1, (1, 1)),
+    ((17, 4000), 32, 64, (1, 64)),
+    ((480, 640), 16, 4096, (55, 74)),
+    ((2, 3), 16, 2, (1, 2)),
+]
+
+
+@pytest.mark.parametrize("size,patch,tokens,expected", NAFLEX_GOLDEN)
+def test_naflex_golden_grids(size, patch, tokens, expected):
+    assert packer.grid_for_naflex(*size, patch, tokens) == expected
+    cfg = PackConfig(patch_size=patch, resolution=f"naflex:{tokens}", seq_len=max(tokens, 16))
+    assert packer.plan_grid(*size, cfg, None) == expected
+
+
+def test_naflex_matches_transformers_processor_rule():
+    """Where transformers is installed (it is not a dependency), compare with its own function."""
+    siglip2 = pytest.importorskip("transformers.models.siglip2.image_processing_pil_siglip2")
+    rng = np.random.default_rng(0)
+    sizes = [tuple(int(v) for v in rng.integers(1, 6000, 2)) for _ in range(300)] + [s for s, *_ in NAFLEX_GOLDEN]
+    for (h, w), patch, tokens in zip(sizes, rng.choice([14, 16, 32], len(sizes)), rng.integers(1, 2048, len(sizes))):
+        th, tw = siglip2.get_image_size_for_max_num_patches(h, w, int(patch), int(tokens))
+        assert packer.grid_for_naflex(h, w, int(patch), int(tokens)) == (th // patch, tw // patch), (h, w, patch, tokens)
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 100_000), w=st.integers(1, 100_000), patch=st.sampled_from([14, 16]), tokens=st.integers(1, 2048))
+def test_naflex_plan_never_exceeds_tokens(h, w, patch, tokens):
+    cfg = PackConfig(patch_size=patch, resolution=f"naflex:{tokens}", seq_len=2048)
+    gh, gw = packer.plan_grid(h, w, cfg, None)
+    assert 1 <= gh * gw <= tokens
 
 
 @pytest.mark.parametrize("size,patch,resolution,seq_len,expected", GOLDEN)
@@ -55,9 +107,29 @@ def test_budget_respected_monotone_and_aspect_bounded(h, w, cap, extra):
     gh, gw = packer.grid_for_budget(h, w, cap)
     gh2, gw2 = packer.grid_for_budget(h, w, cap + extra)
     assert 1 <= gh * gw <= cap
-    assert gh * gw <= gh2 * gw2
+    assert gh * gw <= gh2 * gw2  # monotone in the budget
     if math.sqrt(cap * min(h, w) / max(h, w)) >= 1:
         assert _aspect_error(h, w, gh, gw) <= 1 / gh + 1 / gw + 1e-12
+
+
+def _brute_force_budget(h, w, cap):
+    """Every grid with <= cap patches within the half bound: (most patches, least error); None if none."""
+    fits = [(gh * gw, -_aspect_error(h, w, gh, gw), gh, gw) for gh in range(1, cap + 1) for gw in range(1, cap // gh + 1)
+            if _aspect_error(h, w, gh, gw) <= packer._plan.ASPECT_SLACK * (1 / gh + 1 / gw)]
+    return max(fits)[2:] if fits else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=sizes, w=sizes, cap=st.integers(1, 300))
+def test_budget_grid_is_the_best_grid_within_the_bound(h, w, cap):
+    """The O(sqrt(T)) search finds what trying every grid finds (same patch count and aspect error)."""
+    got = packer.grid_for_budget(h, w, cap)
+    best = _brute_force_budget(h, w, cap)
+    if best is None:  # no grid within the bound: the floored ideal grid
+        assert got == packer._plan.floored_grid(h, w, cap)
+    else:
+        assert got[0] * got[1] == best[0] * best[1]
+        assert _aspect_error(h, w, *got) == pytest.approx(_aspect_error(h, w, *best), abs=1e-12)
 
 
 @settings(max_examples=200, deadline=None)

@@ -157,7 +157,7 @@ def test_sequence_packer_exact_fill_end_to_end(seq_len):
             if (im.grid_h, im.grid_w) != planned:  # else: the same grid, fewer tokens
                 smin, smax = packer.scale_range(im.orig_h, im.orig_w, config)
                 assert grid_reachable(im.orig_h, im.orig_w, im.grid_h, im.grid_w, 16, smin, smax)
-            assert im.drop_rate <= packer.max_fill_drop(config) + 1e-9
+            assert im.drop_rate <= packer.max_fill_drop(config) + 1e-6  # records store float32
             # kept patches are the image re-rendered at the new grid, at their own positions
             full = OpenedImage(data[im.key], config.max_pixels).decode_resized(im.grid_h * 16, im.grid_w * 16)
             patches, _, _ = packer.patchify(full, 16)
