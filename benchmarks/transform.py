@@ -150,7 +150,7 @@ def overhead(blobs: list[bytes], keys: list[str], config: packer.PackConfig, rou
                 self.pixels[slot] = super().decode_resized(height, width, background, resize)
             return self.pixels[slot]
 
-    from packer import _process
+    from packer import _engine as _process  # prepare_image opens images there
 
     real = _process.OpenedImage
     _process.OpenedImage = Predecoded

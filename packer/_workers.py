@@ -167,6 +167,7 @@ class FillPool:
         self._ring_fd, self._ring = _shared(ring_bytes, "navit-pack-input")
         self._ring_head = 0  # next write position (monotonic; modulo ring size)
         self._ring_tail = 0  # oldest position still in use
+        self._ring_jobs: collections.deque[int] = collections.deque()  # jobs holding ring bytes, in ring order
         self._out_fd, self._out = _shared(self._slot_bytes * self.num_slots, "navit-pack-output")
         self._out_buf = self._out
         self._hb_fd, self._hb_map = _shared(16 * num_workers, "navit-pack-heartbeat")
@@ -256,6 +257,19 @@ class FillPool:
         self._waiting.extendleft(reversed(requeue))
         self._spawn(w)
 
+    def _free_ring(self) -> None:
+        """Free the input bytes of the oldest jobs that are done (a worker has copied them out): a
+        batch slot then never waits for ring space held by its own finished rows."""
+        while self._ring_jobs and self._jobs[self._ring_jobs[0]].done:
+            self._ring_tail = max(self._ring_tail, self._jobs[self._ring_jobs.popleft()].ring_end)
+
+    def wait(self, timeout: float = 1.0) -> None:
+        """Take in finished work, waiting up to `timeout` for some (frees slots and ring space)."""
+        if self.num_workers and not self._closed:
+            if self._building:
+                self._make_task()
+            self._pump(timeout)
+
     def _pump(self, timeout: Optional[float]) -> None:
         """Receive what the workers finished (waiting up to `timeout`), replace dead ones, dispatch."""
         self._dispatch()
@@ -281,6 +295,7 @@ class FillPool:
                 job.done, job.failed = True, job_failed
                 self._slot_waiting[job.slot] -= 1
             self._assigned[w].remove(tid)
+            self._free_ring()
         if not ready:
             for w, proc in enumerate(self._procs):
                 if proc is not None and proc.poll() is not None:
@@ -318,6 +333,8 @@ class FillPool:
         jid = self._next_job
         self._next_job += 1
         self._jobs[jid] = job
+        if self._ring_size:
+            self._ring_jobs.append(jid)
         rows.append(jid)
         if self.num_workers:
             self._slot_waiting[self._open] += 1
@@ -407,9 +424,7 @@ class FillPool:
         head = self._slot_head
         del self._slot_waiting[head]
         for j in self._slot_rows.pop(head):
-            job = self._jobs.pop(j)
-            if self._ring_size:
-                self._ring_tail = max(self._ring_tail, job.ring_end)
+            self._jobs.pop(j)  # its ring bytes were freed when it was done (_free_ring)
         self._slot_head += 1
 
     # ---------------------------------------------------------------- shutdown

@@ -325,9 +325,18 @@ class PackedStream:
         is full (a deterministic amount), then waits for the oldest slot."""
         pool = self._pool
         while True:
-            while self._decided and pool.can_submit():
-                d = self._decided.popleft()
-                pool.submit(d, [self._data.pop(prov[3]) for prov in d.provenances])
+            while self._decided:
+                d = self._decided[0]
+                datas = [self._data[prov[3]] for prov in d.provenances]
+                if not pool.can_submit(datas):
+                    break
+                self._decided.popleft()
+                for prov in d.provenances:
+                    del self._data[prov[3]]
+                pool.submit(d, datas)
+            if self._decided and not pool.ready():  # no room yet: wait for the workers to free some
+                pool.wait()
+                continue
             if not self._decided and not self._reader_done and pool.can_submit():
                 self._read_one()
                 self._reads += 1

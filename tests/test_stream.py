@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import json
 
@@ -311,3 +312,18 @@ def test_crashed_worker_loses_only_its_image(monkeypatch):
             b = packer.build_record([im for im in packer.unpack(b) if im.key != "img006.jpg"], CONFIG)
             a = {k: a[k] for k in b}
         assert_same(a, b)
+
+
+def test_batches_larger_than_the_input_ring_do_not_stall(monkeypatch):
+    """A batch slot whose images' bytes exceed the workers' input ring: the ring is freed as rows are
+    filled, so the stream waits instead of failing ("no room") or deadlocking on its own open slot."""
+    recs = make_records(60)
+    ring = sum(len(r.data) for r in recs) // 6  # far less than one batch of 16 sequences needs
+    monkeypatch.setattr(stream_mod, "FillPool", functools.partial(packer.FillPool, ring_bytes=ring))
+    expected = list(PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=0))
+    with PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=2) as stream:
+        got = list(stream.batches(16))
+    stacked = {k: np.concatenate([b[k] for b in got]) for k in got[0]}
+    assert len(stacked["num_images"]) == len(expected)
+    for i, r in enumerate(expected):
+        assert_same({k: stacked[k][i] for k in r}, {k: np.asarray(v) for k, v in r.items()})
