@@ -61,7 +61,8 @@ def register(subparsers) -> None:
                    help="source units (files or shards) packed together by one worker before its packer is flushed (default 64)")
     p.add_argument("--threads", default="auto", metavar="N", help="threads preparing images (default auto: min(8, cores))")
     p.add_argument("--dataset-id", default="navit-pack", metavar="ID", help="the id trainers read (default navit-pack)")
-    p.add_argument("--duration", default="0", metavar="S", help="stop after S seconds (default 0: run until interrupted)")
+    p.add_argument("--duration", default="0", metavar="S",
+                   help="stop S seconds after the servers are up (default 0: run until interrupted)")
     options.add_pack_options(p)
     p.set_defaults(func=run)
 
@@ -110,13 +111,19 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    child = multiprocessing.get_context("spawn").Process(target=serve, args=(args,), name="navit-pack-serve")
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()  # set by the child once its servers are up: --duration counts from then
+    child = context.Process(target=serve, args=(args, ready), name="navit-pack-serve")
     children.append(child)
     child.start()
-    start = time.monotonic()
-    while child.is_alive() and not stop.is_set() and not (duration and time.monotonic() - start >= duration):
+    start = None
+    while child.is_alive() and not stop.is_set():
+        if start is None and ready.is_set():
+            start = time.monotonic()
+        if duration and start is not None and time.monotonic() - start >= duration:
+            break
         child.join(0.1)
-    stopping = stop.is_set() or (duration and time.monotonic() - start >= duration)
+    stopping = stop.is_set() or (duration and start is not None and time.monotonic() - start >= duration)
     if not child.is_alive() and not stopping:  # ended on its own: an error it has reported
         return child.exitcode if child.exitcode and child.exitcode > 0 else 1
     if child.is_alive():
@@ -129,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> None:
-    """The child process: start the servers, register the dataset, and on SIGTERM or SIGINT report and exit."""
+def serve(args: argparse.Namespace, ready) -> None:
+    """The child process: start the servers, register the dataset, set `ready`, and on SIGTERM or SIGINT
+    report and exit. It also exits when its parent has gone (killed with SIGKILL)."""
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -167,7 +175,9 @@ def serve(args: argparse.Namespace) -> None:
               flush=True)
         print(f"  read with: pipelines.service.read_service({local.target!r}, config, dataset_id={args.dataset_id!r}, "
               f"processing_mode='dynamic'{', meta_fields=' + repr(meta) if meta else ''})", flush=True)
-    while not stop.wait(0.2):
+    ready.set()
+    parent = os.getppid()
+    while not stop.wait(0.2) and os.getppid() == parent:
         pass
     if os.environ.get(HANG_ON_STOP_ENV):  # tests: a child that never stops, as a deadlocked TF stop would
         while True:
