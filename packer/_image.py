@@ -45,11 +45,12 @@ class OpenedImage:
             raise ImageRejected("empty", "0 bytes")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels below decides
                 self._img = Image.open(io.BytesIO(data))
                 raw_w, raw_h = self._img.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageRejected("too_many_pixels", _describe(e)) from None
+        except Image.DecompressionBombError:  # above twice Pillow's own limit: it refuses to read the header
+            raise ImageRejected("too_many_pixels", f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels, which Pillow "
+                                                   f"refuses to open (max_pixels {max_pixels})") from None
         except Exception as e:  # Pillow raises many types for unknown or broken headers
             raise ImageRejected("undecodable", _describe(e)) from None
         if raw_w < 1 or raw_h < 1:

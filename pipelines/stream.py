@@ -165,6 +165,10 @@ class PackedStream:
             theirs = state[name]
             if name == "config":
                 theirs = PackConfig(**theirs).to_json()
+            if theirs != mine and name == "config":
+                differ = ", ".join(f"{k}={theirs.get(k)!r} (this stream: {mine.get(k)!r})"
+                                   for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k))
+                raise StreamError(f"state was saved with another config: {differ}")
             if theirs != mine:
                 raise StreamError(f"state was saved with {name}={theirs!r}, this stream has {mine!r}")
         self._reset()
