@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(c5d2f99: drawn and encoded whole, before the pre-encoded blocks)")
     parser.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core: a per-core figure
     result = measure(args.images, args.seed, load_baseline(args.baseline))
     for name in ("baseline", "current"):
         r = result[name]
