@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     seconds = time.perf_counter() - start
-    labels = sources.open_source(job.input, labels=job.labels).label_description()  # lists the input again
+    try:
+        labels = sources.open_source(job.input, labels=job.labels).label_description()  # lists the input again
+    except sources.SourceError:  # the input changed since the run: the summary goes without the row
+        labels = None
     print(summary_table(manifest, job.output, seconds, labels))
     return 0

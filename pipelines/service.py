@@ -21,6 +21,9 @@ Processes. from_generator runs Python code, which a tf.data worker can only run 
 built the graph. So `navit-pack serve` builds and registers the dataset in the same process as its
 workers (register_dataset with a fixed dataset_id), and trainers in other processes read it with
 `read_service` (tf.data.experimental.service.from_dataset_id); inside one process, `distribute` works too.
+Worker processes started apart from the dispatcher (`navit-pack serve --dispatcher HOST:PORT`) each build
+the same graph and register it under the same id: the first registration wins, and the generator it
+names is found in every such process under the same name (py_func tokens are numbered in creation order).
 """
 from __future__ import annotations
 
