@@ -178,54 +178,21 @@ def _make_pack_group():
                              for name in ("images_in", "packed", "rejected", "sequences", "tokens", "padding")}
 
         def process(self, element, num_images: int):
-            import schemas
+            from pipelines.batch import decide_group, fill_in_process, write_group
 
             (epoch, group), values = element
-            job, cfg = self.job, self.job.config
-            items = sorted((v for v in values if v is not None), key=_sort_key(cfg.seed, epoch))
-            sp = packer.SequencePacker(cfg, job.meta_fields)
-            records, rejected, seen = [], 0, set()
-            progress = os.path.join(self.progress_dir, f"{epoch}-{group}") if self.progress_dir else None
-            for i, (key, data, label, meta, source_reject, detail) in enumerate(items):
-                reject = None
-                if source_reject:
-                    reject = (source_reject, detail)
-                elif key in seen:
-                    reject = ("duplicate_key", f"key {key!r} appears in another input record")
-                else:
-                    seen.add(key)
-                    try:
-                        image = packer.prepare_image(data, key, cfg, epoch=epoch, label=label, meta=meta,
-                                                     images_seen=images_seen(cfg.seed, key, epoch, num_images))
-                        records.extend(sp.add(image))
-                    except packer.ImageRejected as e:
-                        reject = (e.reason, e.detail)
-                if reject:
-                    rejected += 1
-                    yield beam.pvalue.TaggedOutput(_REJECTS_TAG, {"key": key, "reason": reject[0],
-                                                                  "detail": reject[1], "epoch": epoch})
-                if progress and i % 64 == 63:
-                    _write_text(progress, str(i + 1))
-            records.extend(sp.flush())
-            if progress:
-                _write_text(progress, str(len(items)))
-
-            groups, shards = layout(num_images, job)
-            mine = list(range(group, shards, groups))
-            written = []
-            for s, chunk in zip(mine, split_contiguous(records, len(mine))):
-                info = schemas.write_shard(job.output, epoch * shards + s, job.epochs * shards, job.fmt, chunk,
-                                           seq_len=cfg.seq_len, token_dim=cfg.token_dim,
-                                           max_images=cfg.max_images_per_seq, meta_fields=job.meta_fields)
-                written.append((epoch * shards + s, info))
-            stats = sp.stats
-            for name, value in (("images_in", len(items)), ("packed", stats["images"]), ("rejected", rejected),
-                                ("sequences", stats["sequences"]), ("tokens", stats["tokens_real"]),
-                                ("padding", stats["tokens_padding"])):
+            job = self.job
+            gp = decide_group([v for v in values if v is not None], job, epoch, group, num_images)
+            summary = write_group(gp, (fill_in_process(d, gp.datas, job) for d in gp.decisions), job, num_images)
+            if self.progress_dir:
+                _write_text(os.path.join(self.progress_dir, f"{epoch}-{group}"), str(gp.images_in))
+            for r in gp.rejects:
+                yield beam.pvalue.TaggedOutput(_REJECTS_TAG, r)
+            for name, value in (("images_in", summary["images_in"]), ("packed", summary["packed"]),
+                                ("rejected", summary["rejected"]), ("sequences", summary["sequences"]),
+                                ("tokens", summary["tokens_real"]), ("padding", summary["tokens_padding"])):
                 self.counters[name].inc(value)
-            yield {"epoch": epoch, "group": group, "images_in": len(items), "rejected": rejected,
-                   "packed": stats["images"], "sequences": stats["sequences"], "tokens_real": stats["tokens_real"],
-                   "tokens_padding": stats["tokens_padding"], "shards": written}
+            yield summary
 
     return PackGroup
 
@@ -309,20 +276,30 @@ def is_local(beam_args: Iterable[str]) -> bool:
 
 
 def run_pack(job: PackJob, *, beam_args: Sequence[str] = (), workers: int = 1, overwrite: bool = False,
-             on_progress=None) -> dict:
-    """Run the packing pipeline to completion; returns the manifest (schemas.read_manifest).
+             on_progress=None, timings: Optional[dict] = None) -> dict:
+    """Run the packing job to completion; returns the manifest (schemas.read_manifest).
 
-    on_progress(done, total), when given on a local run, is called from a polling thread."""
+    Without Beam options it runs on this machine (pipelines.batch.run_local: the packing core over
+    `workers` fill processes, no Beam); with them (e.g. `--runner ...`) it runs the Beam pipeline, which
+    writes the same bytes. on_progress(phase, done, total) is called on local runs ("reading", then
+    "packing"); `timings`, when given, receives seconds spent {"reading", "packing"} on the local path."""
     import tempfile
     import threading
-
-    import apache_beam as beam
 
     import schemas
     from pipelines import sources
 
-    units = sources.open_source(job.input, labels=job.labels, meta_fields=job.meta_fields).units()
+    source = sources.open_source(job.input, labels=job.labels, meta_fields=job.meta_fields)
+    units = source.units()
     schemas.prepare_output_dir(job.output, overwrite)
+    if not list(beam_args):
+        from pipelines.batch import run_local
+
+        run_local(job, source, units, workers=workers, on_progress=on_progress, timings=timings)
+        return schemas.read_manifest(job.output)
+
+    import apache_beam as beam
+
     local = is_local(beam_args)
     progress_dir = tempfile.mkdtemp(prefix="navit-pack-progress-") if on_progress and local else None
     stop = threading.Event()
@@ -353,7 +330,7 @@ def _poll_once(progress_dir: str, on_progress) -> None:
             if ".tmp" not in n:
                 with open(os.path.join(progress_dir, n)) as f:
                     values[n] = int(f.read() or 0)
-        on_progress(sum(v for n, v in values.items() if n != "total"), values["total"])
+        on_progress("packing", sum(v for n, v in values.items() if n != "total"), values["total"])
     except (OSError, ValueError):
         pass  # a file being replaced; the next poll reads it
 

@@ -100,16 +100,9 @@ def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Ite
 def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> int:
     n = 0
     if fmt == "tfrecord":
-        import tensorflow as tf
+        from ._tfrecord import encode_example, write_tfrecord
 
-        from ._tfrecord import encode_example
-
-        with tf.io.TFRecordWriter(path) as w:
-            for batch in _batches(records, schema):
-                for r in batch:
-                    w.write(encode_example(r, schema))
-                n += len(batch)
-        return n
+        return write_tfrecord(path, (encode_example(r, schema) for batch in _batches(records, schema) for r in batch))
     if fmt == "array_record":
         from . import _array_record
         from ._tfrecord import encode_example
