@@ -58,6 +58,7 @@ class PackJob:
     labels: str = "auto"
     meta_fields: tuple[str, ...] = ()
     max_reject_fraction: float = 1.0
+    owner: Optional[str] = None  # the output claim's token (schemas.claim_output); the manifest needs it
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -220,7 +221,7 @@ def finalize(job: PackJob, summaries: list[dict], rejects: list[dict]) -> dict:
                            tokens_padding=totals["tokens_padding"], shards=shards, meta_fields=job.meta_fields,
                            extra={"input": job.input, "epochs": job.epochs, "shards_per_epoch": shards_per_epoch,
                                   "packing_groups_per_epoch": groups, "group_size": job.group_size,
-                                  "libraries": packer.library_versions()})
+                                  "libraries": packer.library_versions()}, owner=job.owner)
     return totals
 
 
@@ -282,16 +283,28 @@ def run_pack(job: PackJob, *, beam_args: Sequence[str] = (), workers: int = 1, o
     Without Beam options it runs on this machine (pipelines.batch.run_local: the packing core over
     `workers` fill processes, no Beam); with them (e.g. `--runner ...`) it runs the Beam pipeline, which
     writes the same bytes. on_progress(phase, done, total) is called on local runs ("reading", then
-    "packing"); `timings`, when given, receives seconds spent {"reading", "packing"} on the local path."""
-    import tempfile
-    import threading
-
+    "packing"); `timings`, when given, receives seconds spent {"reading", "packing"} on the local path.
+    The output folder is claimed (schemas.claim_output) before it is touched and released at the end."""
     import schemas
     from pipelines import sources
 
     source = sources.open_source(job.input, labels=job.labels, meta_fields=job.meta_fields)
     units = source.units()
-    schemas.prepare_output_dir(job.output, overwrite)
+    with schemas.claim_output(job.output, overwrite) as claim:  # released at the end, success or failure
+        manifest = _run_claimed(dataclasses.replace(job, owner=claim.token), source, units, beam_args, workers,
+                                on_progress, timings)
+        claim.check()  # never report success for a folder another run has taken
+    return manifest
+
+
+def _run_claimed(job: PackJob, source, units: list[str], beam_args: Sequence[str], workers: int, on_progress,
+                 timings: Optional[dict]) -> dict:
+    """run_pack's work once the output folder is this run's (job.owner set)."""
+    import tempfile
+    import threading
+
+    import schemas
+
     if not list(beam_args):
         from pipelines.batch import run_local
 

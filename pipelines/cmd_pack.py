@@ -174,18 +174,19 @@ def run(args: argparse.Namespace) -> int:
                             on_progress=progress, timings=timings)
     except sources.SourceError as e:
         options.fail(options.OptionError("--input", str(e)))
-    except schemas.OutputDirError as e:
+    except (schemas.OutputDirError, schemas.OutputLocked) as e:
         options.fail(options.OptionError("--output", str(e)))
     except Exception as e:  # Beam wraps worker errors; report ours in one line
-        if isinstance(e, RejectBudgetExceeded) or "RejectBudgetExceeded" in str(e):
-            if progress:
-                progress.close()
-            text = str(e)
-            start_at = text.find("RejectBudgetExceeded")
-            line = text if isinstance(e, RejectBudgetExceeded) else text[start_at:].split("\n")[0]
-            print(f"navit-pack: error: {line.split('RejectBudgetExceeded: ', 1)[-1]}", file=sys.stderr)
-            return 1
-        raise
+        ours = (RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost)
+        name = next((c.__name__ for c in ours if isinstance(e, c) or f"{c.__name__}: " in str(e)), None)
+        if name is None:
+            raise
+        if progress:
+            progress.close()
+        text = str(e)
+        line = text if isinstance(e, ours) else text[text.find(f"{name}: ") + len(name) + 2:].split("\n")[0]
+        print(f"navit-pack: error: {line}", file=sys.stderr)
+        return 1
     finally:
         if progress:
             progress.close()
