@@ -132,7 +132,7 @@ def test_epochs_resample_every_image(image_dir, tmp_path):
 
 def test_reject_budget_fails_after_writing_rejects(image_dir, tmp_path):
     job = _job(image_dir, tmp_path / "out", max_reject_fraction=0.01)
-    with pytest.raises(Exception, match="max-reject-fraction"):
+    with pytest.raises(bp.RejectBudgetExceeded, match="max-reject-fraction"):
         bp.run_pack(job)
     assert (tmp_path / "out" / "rejects.jsonl").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
