@@ -14,6 +14,7 @@ needs them).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -29,27 +30,28 @@ Item = tuple  # (key, data, label, meta, reject, detail): one input record of on
 
 
 class RejectBudget:
-    """Counts inputs seen and rejected; fails as soon as the rejected fraction exceeds the budget, once at
-    least MIN_SEEN_FOR_BUDGET inputs were seen (and at the end, whatever the count)."""
+    """Counts inputs seen and rejected (by reason); fails as soon as the rejected fraction exceeds the
+    budget, once at least MIN_SEEN_FOR_BUDGET inputs were seen (finalize() checks the whole run at the end)."""
 
-    def __init__(self, fraction: float, output: str):
-        self.fraction, self.output = fraction, output
-        self.seen = self.rejected = 0
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.seen = 0
+        self.reasons: collections.Counter = collections.Counter()
 
-    def add(self, seen: int = 0, rejected: int = 0) -> None:
+    def add(self, seen: int = 0, reasons: Sequence[str] = ()) -> None:
         self.seen += seen
-        self.rejected += rejected
-        if rejected and self.seen >= MIN_SEEN_FOR_BUDGET:
-            self.check()
+        self.reasons.update(reasons)
+        if reasons and self.seen >= MIN_SEEN_FOR_BUDGET:
+            rejected = sum(self.reasons.values())
+            if rejected > self.fraction * self.seen:
+                top = ", ".join(f"{reason} {n}" for reason, n in self.reasons.most_common(3))
+                raise RejectBudgetExceeded(
+                    f"{rejected} of the first {self.seen} inputs rejected ({rejected / self.seen:.1%}: {top}), over "
+                    f"--max-reject-fraction {self.fraction:g}; no output was completed")
 
-    def check(self) -> None:
-        if self.rejected > self.fraction * self.seen:
-            raise RejectBudgetExceeded(budget_message(self.rejected, self.seen, self.fraction, self.output))
-
-
-def budget_message(rejected: int, seen: int, fraction: float, output: str) -> str:
-    return (f"{rejected} of {seen} inputs rejected ({rejected / max(seen, 1):.1%}), over --max-reject-fraction "
-            f"{fraction:g}; see {os.path.join(output, 'rejects.jsonl')} once written")
+    def reset(self) -> None:
+        self.seen = 0
+        self.reasons.clear()
 
 
 @dataclasses.dataclass
@@ -90,7 +92,7 @@ def decide_group(items: Sequence[Item], job: PackJob, epoch: int, group: int, nu
         if reject:
             rejects.append({"key": key, "reason": reject[0], "detail": reject[1], "epoch": epoch})
         if budget is not None:
-            budget.add(seen=1, rejected=1 if reject else 0)
+            budget.add(seen=1, reasons=[reject[0]] if reject else [])
     decisions.extend(core.flush())
     return GroupPlan(epoch, group, len(ordered), decisions, datas, rejects)
 
@@ -123,7 +125,7 @@ def write_group(gp: GroupPlan, records: Iterator[tuple[dict, list]], job: PackJo
             failed = [{"key": r.key, "reason": r.reason, "detail": r.detail, "epoch": gp.epoch} for r in fill_rejects]
             gp.rejects.extend(failed)
             if budget is not None and failed:
-                budget.add(rejected=len(failed))
+                budget.add(reasons=[r.reason for r in fill_rejects])
             counts["sequences"] += 1
             counts["packed"] += len(decision.items) - len(fill_rejects)
             counts["tokens_real"] += decision.tokens - sum(r.tokens for r in fill_rejects)
@@ -181,7 +183,7 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
 
     timings = timings if timings is not None else {}
     progress = on_progress or (lambda *a: None)
-    budget = RejectBudget(job.max_reject_fraction, job.output)
+    budget = RejectBudget(job.max_reject_fraction)
     t0 = time.perf_counter()
     index: list[tuple[int, int, str]] = []  # (unit index, position in unit, key)
     kept: dict[tuple[int, int], Item] = {}  # the records themselves while they fit in KEEP_BYTES
@@ -193,11 +195,11 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
             if kept_bytes < KEEP_BYTES:
                 kept[(u, pos)] = (r.key, bytes(r.data or b""), r.label, dict(r.meta or {}), r.reject, r.detail)
                 kept_bytes += len(r.data or b"")
-            budget.add(seen=1, rejected=1 if r.reject else 0)
+            budget.add(seen=1, reasons=[r.reject] if r.reject else [])
             if len(index) % 256 == 0:
                 progress("reading", len(index), total)
     progress("reading", len(index), len(index))
-    budget.seen = budget.rejected = 0  # pass 2 counts every (image, epoch) again
+    budget.reset()  # packing counts every (image, epoch) again
     timings["reading"] = time.perf_counter() - t0
 
     num_images = len(index)

@@ -168,7 +168,7 @@ def _make_pack_group():
     class PackGroup(beam.DoFn):
         """Orders one packing group, prepares and packs its images, writes its shards.
 
-        Main output: one summary dict per group; tagged output 'rejects': {key, reason, detail, epoch}."""
+        Output: ("summary", one summary dict per group) and ("rejects", {key, reason, detail, epoch}) pairs."""
 
         def __init__(self, job: PackJob, progress_dir: Optional[str]):
             self.job, self.progress_dir = job, progress_dir
@@ -188,12 +188,12 @@ def _make_pack_group():
             if self.progress_dir:
                 _write_text(os.path.join(self.progress_dir, f"{epoch}-{group}"), str(gp.images_in))
             for r in gp.rejects:
-                yield beam.pvalue.TaggedOutput(_REJECTS_TAG, r)
+                yield _REJECTS_TAG, r
             for name, value in (("images_in", summary["images_in"]), ("packed", summary["packed"]),
                                 ("rejected", summary["rejected"]), ("sequences", summary["sequences"]),
                                 ("tokens", summary["tokens_real"]), ("padding", summary["tokens_padding"])):
                 self.counters[name].inc(value)
-            yield summary
+            yield "summary", summary
 
     return PackGroup
 
@@ -240,15 +240,17 @@ def build_pipeline(pipeline, job: PackJob, units: list[str], progress_dir: Optio
     packed = ((assigned, markers)
               | "Join" >> beam.Flatten()
               | "Group" >> beam.GroupByKey()
-              | "Pack" >> beam.ParDo(_make_pack_group()(job, progress_dir), AsSingleton(count))
-              .with_outputs(_REJECTS_TAG, main="summaries"))
+              | "Pack" >> beam.ParDo(_make_pack_group()(job, progress_dir), AsSingleton(count)))
     return (pipeline
             | "Once" >> beam.Create([None])
-            | "Finalize" >> beam.Map(_finalize_once, job, AsList(packed.summaries), AsList(packed[_REJECTS_TAG])))
+            | "Finalize" >> beam.Map(_finalize_once, job, AsList(packed)))
 
 
-def _finalize_once(_, job: PackJob, summaries: list[dict], rejects: list[dict]) -> dict:
-    return finalize(job, summaries, rejects)
+def _finalize_once(_, job: PackJob, outputs: list[tuple[str, dict]]) -> dict:
+    """finalize() on the pack step's one output of (kind, dict) pairs. One tagged stream rather than Beam's
+    multiple outputs: the DaskRunner hands every output of a multi-output ParDo to each consumer."""
+    return finalize(job, [d for kind, d in outputs if kind == "summary"],
+                    [d for kind, d in outputs if kind == _REJECTS_TAG])
 
 
 def pipeline_options(beam_args: Iterable[str] = (), workers: int = 1):
