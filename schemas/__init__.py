@@ -3,9 +3,10 @@ the TFRecord feature spec, the Arrow/Parquet schema, the writers, the readers an
 
 Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that use them.
 """
-from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, iter_shard,
-                  prepare_output_dir, read, read_manifest, sha256_file, shard_name, shard_paths, write_dataset,
+from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
+                  claim_output, iter_shard, prepare_output_dir, read, read_manifest, sha256_file, shard_name, shard_paths, write_dataset,
                   write_manifest, write_rejects, write_shard)
+from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._hf import siglip2_inputs
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._schema import (BASE_FIELDS, FORMATS, SCHEMA_VERSION, Field, RecordError, Schema, SchemaError,
