@@ -200,6 +200,7 @@ def take_lock(directory: str, *, command: Optional[str] = None,
               note: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> OutputClaim:
     """Create `directory`'s lock for this process; take over a dead run's lock (with a note); raise
     OutputLocked naming a live owner. The folder must exist (local) before this is called."""
+    directory = os.fspath(directory)
     store = _store(directory)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
               "started": time.time(), "command": command if command is not None else " ".join(sys.argv),
@@ -220,4 +221,6 @@ def take_lock(directory: str, *, command: Optional[str] = None,
                                f"wait for it, or remove {LOCK} if that run is gone")
         if store.remove(held[1]):
             note(f"navit-pack: note: taking over {directory} from a run that is gone ({describe(other)})")
+            if store.create(data):
+                return OutputClaim(directory, record, store)
     raise OutputLocked(f"output folder {directory}: could not take its lock (other runs keep taking it)")

@@ -98,6 +98,18 @@ def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path):
     assert not (out / schemas.LOCK).exists()
 
 
+def test_an_empty_lock_left_by_a_run_killed_while_writing_it_is_taken_over(tmp_path):
+    """kill -9 between creating the lock file and writing its record leaves it empty: the next run
+    (here given a Path, as library callers do) takes it over instead of giving up."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / schemas.LOCK).write_bytes(b"")
+    with schemas.claim_output(out, overwrite=True) as claim:
+        claim.check()
+        assert json.loads((out / schemas.LOCK).read_text())["pid"] == os.getpid()
+    assert not (out / schemas.LOCK).exists()
+
+
 def test_a_live_owner_in_this_process_is_refused_and_release_keeps_others_locks(tmp_path):
     claim = schemas.claim_output(str(tmp_path / "out"))
     with pytest.raises(schemas.OutputLocked, match=f"pid {os.getpid()}"):
