@@ -201,7 +201,6 @@ def take_lock(directory: str, *, command: Optional[str] = None,
               note: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> OutputClaim:
     """Create `directory`'s lock for this process; take over a dead run's lock (with a note); raise
     OutputLocked naming a live owner. The folder must exist (local) before this is called."""
-    directory = os.fspath(directory)
     store = _store(directory)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
               "started": time.time(), "command": command if command is not None else " ".join(sys.argv),
