@@ -8,6 +8,7 @@ import gc
 import math
 from itertools import repeat
 from typing import Callable, Iterable, Iterator, Optional
+from ._config import FILL_PACKERS
 
 # feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
 Feasible = Callable[[int, int, int], Optional[float]]
@@ -421,7 +422,7 @@ def make_algorithm(name: str, capacity: int, max_items: int, window: int = 1024,
     """The streaming packer called `name` ('bfd' is offline: it decides everything at flush).
     With `feasible`, the exact-fill variant (window-bfd and bfd only; see ExactFillWindow)."""
     if feasible is not None:
-        if name not in ("window-bfd", "bfd"):
+        if name not in FILL_PACKERS:
             raise ValueError(f"exact fill needs packer window-bfd or bfd, got {name!r}")
         return ExactFillWindow(capacity, max_items, window if name == "window-bfd" else 2**62, feasible)
     if name == "next-fit":

@@ -211,6 +211,7 @@ DropPolicy = Union[NoDrop, ConstDrop, BetaDrop, ResDepDrop]
 DROP_HELP = "none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], optionally + @sigmoid:RHO_MIN:RHO_MAX:MU:TAU"
 
 PACKERS = ("window-bfd", "next-fit", "first-fit", "bfd")
+FILL_PACKERS = ("window-bfd", "bfd")  # the packers that can close a sequence exactly full (fill="exact")
 DEFAULT_PACKER = "window-bfd"
 
 
@@ -319,6 +320,8 @@ class PackConfig:
                  f"must be three integers in [0, 255], got {self.background!r}")
         set_("background", tuple(self.background))
         _require(self.fill in ("none", "exact"), "fill", f"must be none or exact, got {self.fill!r}")
+        _require(self.fill == "none" or self.packer in FILL_PACKERS, "fill",
+                 f"exact fill needs packer {' or '.join(FILL_PACKERS)}, got packer {self.packer!r}")
         _require(self.resize in ("default", "fast"), "resize", f"must be default or fast, got {self.resize!r}")
 
     @property

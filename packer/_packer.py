@@ -7,7 +7,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ._algorithms import make_algorithm
-from ._config import ConfigError, PackConfig
+from ._config import PackConfig
 from ._fill import ImageFill, refit_image
 from ._process import PatchedImage
 
@@ -97,9 +97,7 @@ class SequencePacker:
         self.meta_fields = tuple(meta_fields)
         self._pending: dict[int, tuple[PatchedImage, Any]] = {}
         self._fill = None
-        if config.fill == "exact":
-            if config.packer not in ("window-bfd", "bfd"):
-                raise ConfigError("fill", f"exact fill needs packer window-bfd or bfd, got {config.packer!r}")
+        if config.fill == "exact":  # PackConfig checked that the packer can fill
             self._fill = ImageFill(config, _Images(self._pending))
         self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window, self._fill)
         self._next_id = 0

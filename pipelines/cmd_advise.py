@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from pipelines.options import fail
 
 
 def register(subparsers) -> None:
@@ -39,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
                                 draws=args.draws, patch_size=args.patch_size, seed=args.seed,
                                 max_shrunk=args.max_shrunk)
     except (ValueError, packer.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(e)
     print(packing.format_advice(advice))
     if args.json:
         with open(args.json, "w") as f:

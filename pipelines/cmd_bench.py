@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.options import fail
+
 
 def register(subparsers) -> None:
     from benchmarks import packing
@@ -22,5 +24,4 @@ def run(args: argparse.Namespace) -> int:
     try:
         return packing.run(args, command="navit-pack " + " ".join(sys.argv[1:]))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(e)

@@ -1,6 +1,6 @@
 """Command-line options that shape the packed output, shared by `pack`, `serve` and `bench`.
 
-`add_pack_options(parser)` adds them; `config_from_args(args)` turns them into a validated PackConfig.
+`add_pack_options(parser)` adds them; `config_or_error(args)` turns them into a validated PackConfig.
 Values are parsed here rather than by argparse so that every invalid value gives exactly one line on
 stderr naming the option and what it accepts (argparse would print the usage block first), and the
 command exits with status 2 before doing any work.
@@ -32,8 +32,10 @@ class OptionError(ValueError):
         self.flag = flag
 
 
-def fail(error: OptionError | str, prog: str = "navit-pack") -> NoReturn:
-    """Print one line `navit-pack: error: ...` and exit with status 2."""
+def fail(error: Exception | str, prog: str = "navit-pack") -> NoReturn:
+    """Print one line `navit-pack: error: ...` and exit with status 2: the one error format of every subcommand."""
+    if isinstance(error, packer.ConfigError):
+        error = as_option_error(error)
     print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -150,16 +152,8 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help="source metadata fields carried per image as meta_<name> columns, e.g. --meta-fields caption,url")
 
 
-def config_from_args(args: argparse.Namespace) -> packer.PackConfig:
-    """A validated PackConfig from parsed arguments; on a bad value prints one line and exits 2."""
-    try:
-        return config_or_error(args)
-    except OptionError as e:
-        fail(e)
-
-
 def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
-    """Like config_from_args, but raises OptionError (for callers that report errors themselves)."""
+    """A validated PackConfig from parsed arguments; raises OptionError naming the flag of a bad value."""
     parse_choice(args.labels, "--labels", LABEL_MODES)
     parse_meta_fields(args.meta_fields)
     if hasattr(args, "input"):
@@ -181,6 +175,11 @@ def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
     try:
         return packer.PackConfig(**values)
     except packer.ConfigError as e:
-        flag = CONFIG_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        message = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
-        raise OptionError(flag, message) from None
+        raise as_option_error(e) from None
+
+
+def as_option_error(error: packer.ConfigError) -> OptionError:
+    """The ConfigError of a PackConfig field, reworded to name the flag the user typed."""
+    flag = CONFIG_FLAGS.get(error.field, "--" + error.field.replace("_", "-"))
+    message = str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+    return OptionError(flag, message)

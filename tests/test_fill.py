@@ -192,7 +192,7 @@ def test_fill_none_is_unchanged():
 
 def test_exact_fill_needs_a_windowed_packer():
     with pytest.raises(packer.ConfigError):
-        packer.SequencePacker(packer.PackConfig(fill="exact", packer="next-fit"))
+        packer.PackConfig(fill="exact", packer="next-fit")
     with pytest.raises(ValueError):
         packer.pack_lengths([3, 4], "first-fit", 8, 4, feasible=lambda i, n, t: 0.0)
 
