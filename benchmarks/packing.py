@@ -502,7 +502,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
         zoom_low = min([100 * c["efficiency"] for c in sel if c["algorithm"] in ("window-bfd", "bfd", "first-fit")]
                        + [100 * b for b in bound.values()])
         for ax, zoom in zip(row, (False, True)):
-            ax.plot(xs, [100 * bound[x] for x in xs], "k--", lw=1, label="lower bound: max(L2, ceil(n/E_max))")
+            ax.plot(xs, [100 * bound[x] for x in xs], "k--", lw=1, label="efficiency ceiling: from the lower bound max(L2, ceil(n/E_max)) on sequences")
             for label in labels:
                 pts = sorted((c["seq_len"], c["efficiency"]) for c in sel if c["packer"] == label)
                 if not pts or (zoom and label in (PAD_TO_BUDGET, "next-fit")):
@@ -567,21 +567,21 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `navit-pack bench packing` (also `python -m benchmarks.packing`)."""
-    parser.add_argument("--input", required=True, help="image folder, source spec, or CSV of sizes (height,width[,key])")
-    parser.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="sequence lengths L")
+    parser.add_argument("--input", required=True, help="image folder, source spec, or CSV of sizes with columns key,height,width (sizes:FILE.csv or FILE.csv)")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="sequence lengths L, e.g. --seq-len 256 512")
     parser.add_argument("--resolution", nargs="+", default=["uniform:64:256"], help=packer.RESOLUTION_HELP)
     parser.add_argument("--token-drop", nargs="+", default=["none"], help=packer.DROP_HELP)
     parser.add_argument("--max-images-per-seq", nargs="+", default=["auto"],
                         help="E_max values; 'auto' = L // 16 for each L")
     parser.add_argument("--packers", nargs="+", default=None,
-                        help="packers: pad-to-budget next-fit first-fit window-bfd@W bfd (default: all, windows "
-                             + ",".join(map(str, DEFAULT_WINDOWS)) + ")")
-    parser.add_argument("--patch-size", type=int, default=16)
+                        help="packers, a list (unlike pack's single --packer): pad-to-budget next-fit first-fit window-bfd@W bfd "
+                             "(default: all, windows " + ",".join(map(str, DEFAULT_WINDOWS)) + ")")
+    parser.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     parser.add_argument("--draws", type=int, default=20_000, help="images drawn (sizes resampled) per cell")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
-    parser.add_argument("--targets", action="store_true", help="also measure the core's targets (issue 2)")
+    parser.add_argument("--targets", action="store_true", help="also check the packing core's targets: efficiency at L=256 vs bfd, decisions/s, streaming memory")
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:
@@ -640,7 +640,8 @@ def format_targets(t: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args, command="python -m benchmarks.packing " + " ".join(argv if argv is not None else sys.argv[1:]))

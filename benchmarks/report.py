@@ -106,8 +106,9 @@ def plots(stats: dict[str, Any], out_dir: str) -> list[tuple[str, str]]:
         ax.hist(pad, bins=np.arange(0, top + step + 1, step), color="#9467bd", log=True)
         ax.set_xlabel(f"padding tokens per sequence (L = {L}; 0 = completely full)")
         ax.set_ylabel("sequences (log scale)")
-        ax.set_title(f"Tokens per sequence: mean {t.mean():.1f} real of {L} ({100 * np.mean(pad == 0):.0f}% full)"
-                     if t.size else "Tokens per sequence")
+        ax.set_title(f"Real tokens per sequence: mean {t.mean():.1f} of {L} (= {100 * t.mean() / L:.2f}% efficiency); "
+                     f"{100 * np.mean(pad == 0):.0f}% of sequences have no padding" if t.size else "Tokens per sequence",
+                     fontsize=9)
 
     def images_per_seq(ax):
         k = stats["seq_images"]
@@ -138,7 +139,8 @@ def plots(stats: dict[str, Any], out_dir: str) -> list[tuple[str, str]]:
     add("effective_resolution.png", "Effective resolution of the resampled images.", resolution)
     add("aspect_ratio.png", "Aspect ratio of the originals and of their patch grids (rounding shows as spread).", aspect)
     add("tokens_per_image.png", "Tokens per image after token dropping.", tokens_per_image)
-    add("tokens_per_sequence.png", "Padding tokens per packed sequence (L minus real tokens).", tokens_per_seq)
+    add("tokens_per_sequence.png", "Padding tokens per packed sequence (L minus real tokens). The mean real tokens over L is "
+        "the packing efficiency; the share of sequences with no padding at all is a different figure.", tokens_per_seq)
     add("images_per_sequence.png", "Images packed into each sequence.", images_per_seq)
     add("drop_rates.png", "Realized per-image token drop rates.", drops)
     add("padding_per_shard.png", "Padding in each shard.", shard_padding)

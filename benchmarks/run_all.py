@@ -24,7 +24,8 @@ from benchmarks import packing
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 PLOTS = os.path.join(HERE, "results")
-BENCHMARKS = ("packing", "throughput", "transform", "formats", "streaming", "fill", "consumer", "beam_grouping")
+BENCHMARKS = ("packing", "throughput", "transform", "formats", "streaming", "fill", "consumer", "beam_grouping",
+              "synthetic")
 DEFAULT_INPUT = os.path.join(HERE, "..", "..", "shared", "data", "imagenet-dev")
 SWEEP_RESOLUTIONS = ("uniform:64:256", "tnormal:64:384:-0.5:1:side")
 SWEEP_DROPS = ("none", "beta:0.5:0.8")

@@ -70,7 +70,7 @@ def _decoder_warnings(sink: list[str]) -> Iterator[None]:
     """Collect the Python warnings the decoders raise into `sink` instead of printing them."""
     with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, not Pillow's limit
         try:
             yield
         finally:
@@ -184,6 +184,7 @@ class OpenedImage:
         if not data:
             raise ImageRejected("empty", "0 bytes")
         self._data = data
+        self._max_pixels = max_pixels
         self._img: Image.Image | None = None
         header = _turbo_header(data)
         if header is not None:  # a JPEG: libjpeg-turbo reads the size, a short walk of the markers the orientation
@@ -216,8 +217,9 @@ class OpenedImage:
         try:
             with _decoder_warnings(self.warnings):
                 self._img = Image.open(io.BytesIO(self._data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise self._rejected("too_many_pixels", _describe(e)) from None
+        except Image.DecompressionBombError:  # above twice Pillow's own limit: it refuses to read the header
+            raise self._rejected("too_many_pixels", f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels, which Pillow "
+                                                    f"refuses to open (max_pixels {self._max_pixels})") from None
         except Exception as e:  # Pillow raises many types for unknown or broken headers
             raise self._rejected("undecodable", _describe(e)) from None
 

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (packing efficiency)")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     p = kinds.add_parser("packing", help="packing efficiency of every packer and peer over a size distribution",
-                         description=packing.__doc__.split("\n\n")[0])
+                         description=packing.__doc__.split("\n\n")[0],
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     packing.add_arguments(p)
     p.set_defaults(func=run)
 

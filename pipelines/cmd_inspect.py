@@ -2,7 +2,8 @@
 
 The top strip is the sequence itself, one cell per token in order, coloured by segment (black: padding).
 Below, each image is rebuilt from its patches at their (y, x) positions: dropped tokens are grey, and
-each image is framed in its segment's colour and captioned with its key, label, grid and drop rate.
+each image is framed in its segment's colour and captioned with its key, label, grid and
+original size as width x height (WxH, as image tools write them), tokens and drop rate.
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def segment_colors(n: int) -> np.ndarray:
 
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return np.array([cmap(i % cmap.N)[:3] for i in range(n)])
+
+
+def image_caption(segment: int, im: packer.PatchedImage) -> str:
+    """Caption of one image; sizes as width x height (WxH), the order image tools use."""
+    key = im.key if len(im.key) <= 34 else "..." + im.key[-31:]
+    return (f"segment {segment}: {key}\nlabel {im.label} | grid {im.grid_w}x{im.grid_h} (WxH) | {im.num_tokens} tokens\n"
+            f"drop {100 * im.drop_rate:.0f}% | original {im.orig_w}x{im.orig_h} (WxH)")
 
 
 def render_sequence(record: dict, patch_size: int, title: str, out: str) -> None:
@@ -74,10 +82,7 @@ def render_sequence(record: dict, patch_size: int, title: str, out: str) -> None
             spine.set_linewidth(4)
         ax.set_xticks([])
         ax.set_yticks([])
-        key = im.key if len(im.key) <= 34 else "..." + im.key[-31:]
-        ax.set_title(f"segment {i + 1}: {key}\nlabel {im.label} | grid {im.grid_h}x{im.grid_w} | "
-                     f"{im.num_tokens} tokens\ndrop {100 * im.drop_rate:.0f}% | original {im.orig_h}x{im.orig_w}",
-                     fontsize=7, color=colors[i] * 0.7)
+        ax.set_title(image_caption(i + 1, im), fontsize=7, color=colors[i] * 0.7)
     real = int(np.count_nonzero(seg))
     fig.suptitle(f"{title}: {len(images)} images, {real}/{length} tokens real ({length - real} padding)", fontsize=10)
     fig.tight_layout()

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="shards per epoch (default auto: one per packing group of ~--group-size images), e.g. --num-shards 64")
     p.add_argument("--epochs", default="1", metavar="N",
                    help="independently sampled packings of the data (each image gets a new resolution, drop rate "
-                        "and packing group per epoch; output has epochs x num-shards files), e.g. --epochs 4")
+                        "and packing group per epoch; output has epochs x num-shards files; default 1), e.g. --epochs 4")
     p.add_argument("--group-size", default="4096", metavar="N",
                    help="images per packing group (default 4096): larger packs slightly better, holds more in one "
                         "worker's memory, e.g. --group-size 8192")
@@ -75,8 +75,9 @@ def _beam_args(raw: list[str]) -> list[str]:
     return raw
 
 
-def summary_table(manifest: dict, output: str, seconds: float) -> str:
-    """The end-of-run summary, one aligned `name  value` row per line."""
+def summary_table(manifest: dict, output: str, seconds: float, labels: str | None = None) -> str:
+    """The end-of-run summary, one aligned `name  value` row per line; `labels` says how labels were
+    found (Source.label_description())."""
     seqs = manifest["num_sequences"]
     rows = [
         ("output", output),
@@ -91,6 +92,7 @@ def summary_table(manifest: dict, output: str, seconds: float) -> str:
         ("tokens real", manifest["tokens_real"]),
         ("tokens padding", manifest["tokens_padding"]),
         ("packing efficiency", f"{100 * manifest['efficiency']:.2f}%"),
+        *([("labels", labels)] if labels else []),
         ("wall time", f"{seconds:.1f} s ({manifest['num_images_in'] / max(seconds, 1e-9):.0f} images/s)"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -154,5 +156,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
-    print(summary_table(manifest, job.output, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    try:
+        labels = sources.open_source(job.input, labels=job.labels).label_description()  # lists the input again
+    except sources.SourceError:  # the input changed since the run: the summary goes without the row
+        labels = None
+    print(summary_table(manifest, job.output, seconds, labels))
     return 0

@@ -1,10 +1,22 @@
-"""`navit-pack serve`: a tf.data service dispatcher and N workers that pack an input for trainers.
+"""`navit-pack serve`: tf.data service servers that pack an input for trainers.
 
-The dataset is built and registered in this process (its workers run the Python packing code), under
---dataset-id. Trainers read it with
+Three ways to run it:
+  --input SRC --workers N            a dispatcher and N workers in one process (default N = 2)
+  --workers 0 --port PORT            a dispatcher alone, for workers started elsewhere
+  --input SRC --dispatcher HOST:PORT N workers that join that dispatcher (another process or host)
+
+Every worker process builds the same packing dataset and registers it under --dataset-id (the first
+registration wins), so all processes that serve one dataset must get the same input and packing options.
+Trainers read it with
     pipelines.service.read_service("grpc://HOST:PORT", config, dataset_id=ID, processing_mode="dynamic")
 With processing_mode "dynamic" each image is packed exactly once per epoch while no worker fails (at
 most once if one does); with "off" every worker packs everything (once per worker per epoch).
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) or the end of --duration stops the servers within 10 s and exits 0;
+a second signal kills them and exits at once with status 128 + the signal number. The servers run in a child process: TensorFlow cannot stop a worker that
+a trainer has read from without deadlocking (its stop waits, holding the GIL, for a task that needs it),
+so the child exits without stopping them, and the parent kills it if that takes longer than 10 s.
+The servers bind every network interface and have no authentication: see the README.
 """
 from __future__ import annotations
 
@@ -12,72 +24,167 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 
 from pipelines import options
+
+STOP_SECONDS = 10.0  # the bound on shutdown after a signal or the end of --duration
+HANG_ON_STOP_ENV = "NAVIT_PACK_TEST_SERVE_HANG_ON_STOP"  # test-only: the servers' process ignores the stop
 
 EXAMPLES = """examples:
   navit-pack serve --input synthetic:2000 --workers 2 --port 5050 --epochs 10
   navit-pack serve --input ~/imagenet/train --resolution uniform:64:256 --token-drop beta:0.25:0.5 \\
       --workers 4 --port 5050 --epochs 100 --duration 3600
+  # a dispatcher alone, then worker processes on this or other hosts that join it
+  navit-pack serve --workers 0 --port 5050
+  navit-pack serve --input ~/imagenet/train --dispatcher head-node:5050 --host $(hostname) --workers 4 --epochs 100
 """
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve packed sequences to trainers with tf.data service",
                               description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, metavar="SRC", help="any input spec `pack` accepts, e.g. --input synthetic:2000")
-    p.add_argument("--workers", default="2", metavar="N", help="tf.data service workers in this process (default 2)")
-    p.add_argument("--port", default="0", metavar="PORT", help="dispatcher port (default 0: any free port, printed)")
-    p.add_argument("--epochs", default="1", metavar="N", help="passes over the input (reshuffled, resampled each), e.g. --epochs 10")
+    p.add_argument("--input", default=None, metavar="SRC",
+                   help="any input spec `pack` accepts, e.g. --input synthetic:2000 (required unless --workers 0)")
+    p.add_argument("--workers", default="2", metavar="N",
+                   help="tf.data service workers in this process (default 2); 0 starts a dispatcher alone")
+    p.add_argument("--dispatcher", default=None, metavar="HOST:PORT",
+                   help="join the dispatcher at HOST:PORT instead of starting one (default: start one here)")
+    p.add_argument("--port", default="0", metavar="PORT",
+                   help="port of the dispatcher started here (default 0: any free port, printed)")
+    p.add_argument("--host", default="127.0.0.1", metavar="NAME",
+                   help="the name or address of this host that trainers and workers elsewhere use to reach its "
+                        "servers (default 127.0.0.1: this host only), e.g. --host $(hostname)")
+    p.add_argument("--epochs", default="1", metavar="N", help="passes over the input (reshuffled, resampled each; default 1), e.g. --epochs 10")
     p.add_argument("--group-units", default="64", metavar="N",
                    help="source units (files or shards) packed together by one worker before its packer is flushed (default 64)")
-    p.add_argument("--threads", default="auto", metavar="N", help="threads preparing images (default: min(8, cores))")
+    p.add_argument("--threads", default="auto", metavar="N", help="threads preparing images (default auto: min(8, cores))")
     p.add_argument("--dataset-id", default="navit-pack", metavar="ID", help="the id trainers read (default navit-pack)")
-    p.add_argument("--duration", default="0", metavar="S", help="stop after S seconds (default 0: run until interrupted)")
+    p.add_argument("--duration", default="0", metavar="S",
+                   help="stop S seconds after the servers are up (default 0: run until interrupted)")
     options.add_pack_options(p)
     p.set_defaults(func=run)
 
 
+def _check(args: argparse.Namespace) -> dict:
+    """Every option parsed (OptionError on a bad one), before any process starts."""
+    values = dict(
+        config=options.config_or_error(args),
+        workers=options.parse_int(args.workers, "--workers", 0),
+        port=options.parse_int(args.port, "--port", 0),
+        epochs=options.parse_int(args.epochs, "--epochs", 1),
+        group_units=options.parse_int(args.group_units, "--group-units", 1),
+        threads=options.parse_int(args.threads, "--threads", 0, allow_none=True),
+        duration=options.parse_float(args.duration, "--duration", 0.0, 1e9),
+        meta_fields=options.parse_meta_fields(args.meta_fields),
+    )
+    if values["workers"] and not args.input:
+        raise options.OptionError("--input", "required unless --workers 0 (a dispatcher alone)")
+    if args.dispatcher is not None:
+        host, _, port = args.dispatcher.rpartition(":")
+        if not host or not port.isdigit():
+            raise options.OptionError("--dispatcher", f"must be HOST:PORT, got {args.dispatcher!r}")
+        if not values["workers"]:
+            raise options.OptionError("--workers", "must be >= 1 with --dispatcher (there is nothing else to run)")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
+    """Supervise the servers' child process: forward the first signal, bound the shutdown, exit 0."""
     try:
-        config = options.config_or_error(args)
-        workers = options.parse_int(args.workers, "--workers", 1)
-        port = options.parse_int(args.port, "--port", 0)
-        epochs = options.parse_int(args.epochs, "--epochs", 1)
-        group_units = options.parse_int(args.group_units, "--group-units", 1)
-        threads = options.parse_int(args.threads, "--threads", 0, allow_none=True)
-        duration = options.parse_float(args.duration, "--duration", 0.0, 1e9)
-        meta_fields = options.parse_meta_fields(args.meta_fields)
+        duration = _check(args)["duration"]
     except options.OptionError as e:
         options.fail(e)
+    import multiprocessing
+
+    stop = threading.Event()
+    children: list = []
+
+    def on_signal(signum, frame):
+        if stop.is_set():  # the second signal: end now, servers included
+            for c in children:
+                if c.is_alive():
+                    c.kill()
+            os._exit(128 + signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()  # set by the child once its servers are up: --duration counts from then
+    child = context.Process(target=serve, args=(args, ready), name="navit-pack-serve")
+    children.append(child)
+    child.start()
+    start = None
+    while child.is_alive() and not stop.is_set():
+        if start is None and ready.is_set():
+            start = time.monotonic()
+        if duration and start is not None and time.monotonic() - start >= duration:
+            break
+        child.join(0.1)
+    stopping = stop.is_set() or (duration and start is not None and time.monotonic() - start >= duration)
+    if not child.is_alive() and not stopping:  # ended on its own: an error it has reported
+        return child.exitcode if child.exitcode and child.exitcode > 0 else 1
+    if child.is_alive():
+        os.kill(child.pid, signal.SIGTERM)
+    child.join(STOP_SECONDS)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        print(f"navit-pack serve: the servers did not stop within {STOP_SECONDS:.0f} s and were killed", file=sys.stderr)
+    return 0
+
+
+def serve(args: argparse.Namespace, ready) -> None:
+    """The child process: start the servers, register the dataset, set `ready`, and on SIGTERM or SIGINT
+    report and exit. It also exits when its parent has gone (killed with SIGKILL)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    values = _check(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipelines import service
-    from pipelines.sources import open_source
 
-    try:
-        source = open_source(options.input_spec(args), labels=args.labels, meta_fields=meta_fields)
-    except Exception as e:  # noqa: BLE001 - any source error becomes one clear line
-        options.fail(f"--input: {e}")
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # a terminated server stops its workers and reports rejects
-    local = service.LocalService(num_workers=workers, port=port)
-    try:
-        dataset = service.service_dataset(source, config, epochs=epochs, group_units=group_units,
-                                          meta_fields=meta_fields, num_parallel=threads)
+    source = None
+    if values["workers"]:
+        from pipelines.sources import open_source
+        try:
+            source = open_source(options.input_spec(args), labels=args.labels, meta_fields=values["meta_fields"])
+        except Exception as e:  # noqa: BLE001 - any source error becomes one clear line
+            options.fail(f"--input: {e}")
+    local = service.LocalService(num_workers=values["workers"], port=values["port"], host=args.host,
+                                 dispatcher=args.dispatcher)
+    if source is None:
+        print(f"navit-pack serve: dispatcher {local.target} alone; start workers with "
+              f"--dispatcher {args.host}:{local.dispatcher_address.rsplit(':', 1)[1]}", flush=True)
+    else:
+        dataset = service.service_dataset(source, values["config"], epochs=values["epochs"],
+                                          group_units=values["group_units"], meta_fields=values["meta_fields"],
+                                          num_parallel=values["threads"])
         service.register(dataset, local.target, args.dataset_id)
-        print(f"navit-pack serve: dispatcher {local.target}, {workers} workers, dataset id {args.dataset_id!r}", flush=True)
+        meta = values["meta_fields"]
+        joined = "joined dispatcher" if args.dispatcher else "and dispatcher"
+        print(f"navit-pack serve: {len(local.workers)} workers {joined} {local.target}, dataset id {args.dataset_id!r}",
+              flush=True)
         print(f"  read with: pipelines.service.read_service({local.target!r}, config, dataset_id={args.dataset_id!r}, "
-              f"processing_mode='dynamic'{', meta_fields=' + repr(meta_fields) if meta_fields else ''})", flush=True)
-        start = time.monotonic()
-        while not duration or time.monotonic() - start < duration:
-            time.sleep(min(1.0, duration or 1.0))
-    except KeyboardInterrupt:
+              f"processing_mode='dynamic'{', meta_fields=' + repr(meta) if meta else ''})", flush=True)
+    ready.set()
+    parent = os.getppid()
+    while not stop.wait(0.2) and os.getppid() == parent:
         pass
-    finally:
-        local.stop()
-        if service.REJECTS:
-            print(f"navit-pack serve: rejected images by reason: {dict(service.REJECTS)}", file=sys.stderr)
-    return 0
+    if os.environ.get(HANG_ON_STOP_ENV):  # tests: a child that never stops, as a deadlocked TF stop would
+        while True:
+            time.sleep(60)
+    if service.REJECTS:
+        print(f"navit-pack serve: rejected images by reason: {dict(service.REJECTS)}", file=sys.stderr)
+    print("navit-pack serve: stopped", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # not local.stop(): it can deadlock once a trainer has read (see pipelines.service.LocalService)

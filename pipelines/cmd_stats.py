@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
     p.add_argument("--report", metavar="OUT", default=None,
-                   help="also write an HTML page with PNG plots (OUT.html, plots in OUT_files/)")
+                   help="also write an HTML page with PNG plots: OUT itself when it ends in .html (plots in OUT_files/), "
+                        "else OUT/report.html (plots in OUT/report_files/)")
     p.set_defaults(func=run)
 
 

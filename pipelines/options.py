@@ -71,6 +71,19 @@ def parse_choice(value, flag: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_labels(value: str) -> str:
+    """auto, none, folder or filename:REGEX (a regex with a group)."""
+    from pipelines.sources import FILENAME_LABELS, SourceError, check_labels
+
+    if not (isinstance(value, str) and value.startswith(FILENAME_LABELS)):
+        return parse_choice(value, "--labels", LABEL_MODES + ("filename:REGEX",))
+    try:
+        check_labels("--labels", value)
+    except SourceError as e:
+        raise OptionError("--labels", str(e).split(": ", 1)[1]) from None
+    return value
+
+
 def parse_meta_fields(value: str | None) -> tuple[str, ...]:
     """'a,b' -> ('a', 'b'); names must be unique identifiers-like strings."""
     if not value:
@@ -142,8 +155,8 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                         "1.2x faster per image, less faithful; see README), e.g. --resize fast")
     g.add_argument("--labels", default="auto", metavar="MODE",
                    help="auto (default: from sub-folder names or the dataset's label column), folder (every image must "
-                        "sit in a class sub-folder) or none (all -1), "
-                        "e.g. --labels none")
+                        "sit in a class sub-folder), none (all -1) or filename:REGEX (folders: the first group of "
+                        "REGEX in each file name, unmatched files -1), e.g. --labels 'filename:^(n\\d+)_'")
     g.add_argument("--label-field", default=None, metavar="NAME",
                    help="labels from this field: of each sample's json member for wds: inputs (default: the cls "
                         "member), the feature or column for tfrecord:, parquet: and arrow:, "
@@ -154,7 +167,7 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
 
 def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
     """A validated PackConfig from parsed arguments; raises OptionError naming the flag of a bad value."""
-    parse_choice(args.labels, "--labels", LABEL_MODES)
+    parse_labels(args.labels)
     parse_meta_fields(args.meta_fields)
     if hasattr(args, "input"):
         input_spec(args)

@@ -23,6 +23,9 @@ Processes. from_generator runs Python code, which a tf.data worker can only run 
 built the graph. So `navit-pack serve` builds and registers the dataset in the same process as its
 workers (register_dataset with a fixed dataset_id), and trainers in other processes read it with
 `read_service` (tf.data.experimental.service.from_dataset_id); inside one process, `distribute` works too.
+Worker processes started apart from the dispatcher (`navit-pack serve --dispatcher HOST:PORT`) each build
+the same graph and register it under the same id: the first registration wins, and the generator it
+names is found in every such process under the same name (py_func tokens are numbered in creation order).
 """
 from __future__ import annotations
 
@@ -203,25 +206,38 @@ def _policy(mode: str):
 
 
 class LocalService:
-    """A dispatcher and `num_workers` workers in this process, on 127.0.0.1; stop() ends them."""
+    """A dispatcher and `num_workers` workers in this process; stop() ends them.
 
-    def __init__(self, num_workers: int = 2, port: int = 0, host: str = "127.0.0.1"):
+    dispatcher: "HOST:PORT" of a dispatcher started elsewhere (`navit-pack serve --workers 0`) that the
+    workers join instead of starting one here; num_workers=0 starts a dispatcher alone. `host` is the
+    name the workers give the dispatcher, and through it the trainers, to reach them.
+    The servers bind every interface and have no authentication (see the README).
+
+    stop() can block for good: TensorFlow's worker stop waits for its running tasks while holding the
+    GIL, and a task running the packing generator (Python) needs the GIL to finish. It is safe once
+    every job read from the workers has ended (as in the tests); a process that must end promptly with
+    readers still attached exits instead (`navit-pack serve` does), which closes the servers' sockets."""
+
+    def __init__(self, num_workers: int = 2, port: int = 0, host: str = "127.0.0.1",
+                 dispatcher: Optional[str] = None):
         import tensorflow as tf
 
         svc = tf.data.experimental.service
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=port))
-        self.dispatcher_address = self.dispatcher.target.split("://")[1]
+        if num_workers < 0 or (dispatcher and num_workers < 1):
+            raise ValueError(f"num_workers must be >= 0 (>= 1 with a dispatcher elsewhere), got {num_workers}")
+        self.dispatcher = None if dispatcher else svc.DispatchServer(svc.DispatcherConfig(port=port))
+        self.dispatcher_address = dispatcher or f"{host}:{self.dispatcher.target.rsplit(':', 1)[1]}"
         self.workers = [svc.WorkerServer(svc.WorkerConfig(dispatcher_address=self.dispatcher_address,
                                                           worker_address=f"{host}:%port%"))
                         for _ in range(num_workers)]
-        self.target = self.dispatcher.target
+        self.target = f"grpc://{self.dispatcher_address}"
 
     def stop(self) -> None:
+        """Stop the workers, then the dispatcher (see the class docstring for when this can block)."""
         for w in self.workers:
             w._stop()  # noqa: SLF001 - the only way TF offers to stop an in-process server
-        self.dispatcher._stop()  # noqa: SLF001
+        if self.dispatcher is not None:
+            self.dispatcher._stop()  # noqa: SLF001
 
     def __enter__(self) -> "LocalService":
         return self

@@ -29,6 +29,7 @@ import re
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 LABEL_MODES = ("auto", "none", "folder")
+FILENAME_LABELS = "filename:"  # labels="filename:REGEX": the first group of REGEX searched in each file name
 
 
 class SourceError(ValueError):
@@ -85,6 +86,12 @@ class Source(abc.ABC):
     def num_records(self) -> Optional[int]:
         """The number of records when known without reading them (for progress bars), else None."""
         return None
+
+    def label_description(self) -> str:
+        """How labels were found, for summaries: "from the input's labels: 10 classes" or "none: every label is -1"."""
+        if self.class_names is None:
+            return "none: every label is -1"
+        return f"from the input's labels: {len(self.class_names)} classes"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
@@ -155,8 +162,22 @@ def split_options(spec: str, body: str, allowed: Sequence[str]) -> tuple[str, di
 
 
 def check_labels(spec: str, labels: str) -> None:
-    if labels not in LABEL_MODES:
-        raise SourceError(spec, f"labels={labels!r}: expected one of {', '.join(LABEL_MODES)}")
+    """Accept auto, none, folder and filename:REGEX (a valid regex with at least one group)."""
+    if isinstance(labels, str) and labels.startswith(FILENAME_LABELS):
+        filename_label_pattern(spec, labels)
+    elif labels not in LABEL_MODES:
+        raise SourceError(spec, f"labels={labels!r}: expected one of {', '.join(LABEL_MODES)} or filename:REGEX")
+
+
+def filename_label_pattern(spec: str, labels: str) -> "re.Pattern":
+    """The compiled REGEX of labels="filename:REGEX"; its first group is the class name."""
+    try:
+        pattern = re.compile(labels[len(FILENAME_LABELS):])
+    except re.error as e:
+        raise SourceError(spec, f"labels={labels!r}: not a regular expression ({e})") from None
+    if pattern.groups < 1:
+        raise SourceError(spec, f"labels={labels!r}: the regular expression needs a group, e.g. filename:^(\\w+?)_\\d+")
+    return pattern
 
 
 def check_meta_fields(spec: str, meta_fields: Sequence[str], available: Iterable[str]) -> tuple[str, ...]:
@@ -194,6 +215,8 @@ def open_source(spec: str, *, labels: str = "auto", meta_fields: Sequence[str] =
     check_labels(spec, labels)
     meta_fields = tuple(meta_fields)
     kind, _, body = spec.partition(":")
+    if labels.startswith(FILENAME_LABELS) and kind in ("synthetic", "tfds", "tfrecord", "parquet", "arrow"):
+        raise SourceError(spec, f"labels={labels!r} applies to image folders only")
     if kind == "synthetic":
         from .sources_synthetic import SyntheticSource
         return SyntheticSource.from_spec(spec, body, labels=labels, meta_fields=meta_fields)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
+import re
 from typing import IO, Iterator, Optional, Sequence
 
-from .sources import (SourceError, Source, SourceRecord, check_meta_fields, glob_root, has_scheme, is_glob,
-                      relative_key)
+from .sources import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_meta_fields, filename_label_pattern,
+                      glob_root, has_scheme, is_glob, relative_key)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FILES_PER_UNIT = 256
@@ -72,20 +73,30 @@ def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple
     return root, paths, use_beam
 
 
+def _filename_class(pattern: "re.Pattern", key: str) -> Optional[str]:
+    """The first group of `pattern` searched in the file name of `key`, or None when it does not match."""
+    match = pattern.search(key.rsplit("/", 1)[-1])
+    return match.group(1) if match and match.group(1) else None
+
+
 class FileSource(Source):
     """Image files; key = path relative to the folder (or the glob's fixed prefix), POSIX separators.
 
     Labels: with labels="auto" and every image in a sub-folder, the first sub-folder name is the class
-    (sorted class names -> 0, 1, ...); "folder" demands that layout; "none" gives no labels.
+    (sorted class names -> 0, 1, ...); "folder" demands that layout; "none" gives no labels;
+    "filename:REGEX" takes the class name from the first group of REGEX searched in the file name
+    (without its folders); a file whose name does not match gets no label (-1).
     Units are JSON lists of up to FILES_PER_UNIT relative paths, in sorted order."""
 
     unique_keys = True
     META = ("path", "class_name")
 
     def __init__(self, spec: str, root: str, keys: list[str], *, use_beam: bool, class_names: Optional[tuple[str, ...]],
-                 meta_fields: tuple[str, ...] = (), files_per_unit: int = FILES_PER_UNIT):
+                 meta_fields: tuple[str, ...] = (), files_per_unit: int = FILES_PER_UNIT, labels: str = "auto"):
         self.spec, self.root, self.use_beam = spec, root, use_beam
         self.class_names, self.meta_fields = class_names, meta_fields
+        self.labels = labels
+        self._pattern = filename_label_pattern(spec, labels) if labels.startswith(FILENAME_LABELS) else None
         self._units = [json.dumps(keys[i:i + files_per_unit]) for i in range(0, len(keys), files_per_unit)]
         self._num = len(keys)
         self._class_index = {name: i for i, name in enumerate(class_names or ())}
@@ -114,9 +125,27 @@ class FileSource(Source):
             loose, inner = keys[nested.index(False)], keys[nested.index(True)]
             raise SourceError(spec, f"some images sit in sub-folders ({inner!r}) and some do not ({loose!r}), so the "
                                     "sub-folder labels are ambiguous: pass labels='none' or move the loose images")
-        class_names = tuple(sorted({k.split("/", 1)[0] for k in keys})) if labels != "none" and all(nested) else None
+        if labels.startswith(FILENAME_LABELS):
+            pattern = filename_label_pattern(spec, labels)
+            class_names = tuple(sorted({c for c in (_filename_class(pattern, k) for k in keys) if c is not None}))
+        else:
+            class_names = tuple(sorted({k.split("/", 1)[0] for k in keys})) if labels != "none" and all(nested) else None
         return cls(spec, root, keys, use_beam=use_beam, class_names=class_names, meta_fields=meta_fields,
-                   files_per_unit=files_per_unit)
+                   files_per_unit=files_per_unit, labels=labels)
+
+    def label_description(self) -> str:
+        if self.class_names is None:
+            return "none: every label is -1"
+        if self._pattern is not None:
+            return f"from file names by {self._pattern.pattern}: {len(self.class_names)} classes"
+        return f"from folder names: {len(self.class_names)} classes"
+
+    def _class_name(self, key: str) -> Optional[str]:
+        if self.class_names is None:
+            return None
+        if self._pattern is not None:
+            return _filename_class(self._pattern, key)
+        return key.split("/", 1)[0]
 
     def units(self) -> list[str]:
         return list(self._units)
@@ -130,7 +159,7 @@ class FileSource(Source):
 
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         for key in json.loads(unit):
-            class_name = key.split("/", 1)[0] if self.class_names is not None else None
+            class_name = self._class_name(key)
             label = self._class_index[class_name] if class_name is not None else None
             path = self._path(key)
             meta = {name: (path if name == "path" else class_name or "") for name in self.meta_fields}

@@ -95,6 +95,7 @@ def test_pack_summary_table(image_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("images in", "images packed", "images rejected", "sequences", "packing efficiency"):
         assert row in out
+    assert "from folder names: 2 classes" in out
     with pytest.raises(SystemExit):  # a non-empty output without --overwrite: one line, exit 2
         cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--no-progress"])
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -126,3 +127,28 @@ def test_resize_flag_reaches_the_config(argv, kernel):
     parser = argparse.ArgumentParser()
     options.add_pack_options(parser)
     assert options.config_or_error(parser.parse_args(argv)).resize == kernel
+
+
+def test_labels_from_file_names_reach_the_records_and_the_summary(tmp_path, capsys):
+    import schemas
+
+    for name in ("cat_1.png", "cat_2.png", "dog_1.png", "other.png"):
+        Image.new("RGB", (40, 30)).save(tmp_path / name)
+    out = tmp_path / "o"
+    assert cli.main(["pack", "--input", str(tmp_path), "--output", str(out), "--labels", r"filename:^([a-z]+)_\d",
+                     "--seq-len", "64", "--no-progress"]) == 0
+    assert r"labels              from file names by ^([a-z]+)_\d: 2 classes" in capsys.readouterr().out
+    labels = {k: int(v) for r in schemas.read(str(out)) for k, v in zip(r["image_keys"][: r["num_images"]],
+                                                                         r["labels"][: r["num_images"]])}
+    assert labels == {"cat_1.png": 0, "cat_2.png": 0, "dog_1.png": 1, "other.png": -1}
+
+
+def test_inspect_captions_give_width_by_height():
+    import packer
+    from pipelines.cmd_inspect import image_caption
+
+    config = packer.PackConfig(seq_len=64, patch_size=8, resolution="native")
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 16)).save(buf, format="PNG")  # 48 wide, 16 high
+    caption = image_caption(1, packer.prepare_image(buf.getvalue(), "wide.png", config))
+    assert "original 48x16 (WxH)" in caption and "grid 6x2 (WxH)" in caption

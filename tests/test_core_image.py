@@ -121,3 +121,13 @@ def test_size_from_header_without_decoding():
     assert packer.image_size(data) == (37, 91)
 
 
+def test_too_many_pixels_quotes_max_pixels_not_pillows_limit():
+    from PIL import Image
+
+    side = int((Image.MAX_IMAGE_PIXELS * 1.1) ** 0.5)  # above Pillow's warning limit, below twice it
+    with pytest.raises(ImageRejected) as err:
+        OpenedImage(_png_header_only(side, side), max_pixels=side * side - 1)
+    assert err.value.reason == "too_many_pixels" and f"limit of {side * side - 1} pixels" in str(err.value)
+    assert OpenedImage(_png_header_only(side, side), max_pixels=side * side).height == side  # within max_pixels
+    with pytest.raises(ImageRejected, match="max_pixels 50000000"):
+        OpenedImage(_png_header_only(100_000, 100_000), max_pixels=50_000_000)

@@ -76,28 +76,6 @@ def test_bad_sharding_mode_is_refused(local_service, records):
         service.distribute(dataset(records), local_service.target, "static")
 
 
-def test_serve_command_feeds_a_trainer_in_another_process():
-    import os
-    import re
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--input", "synthetic:12", "--workers", "2", "--epochs", "2",
-           "--seq-len", "64", "--patch-size", "8", "--resolution", "budget:32", "--group-units", "4", "--duration", "120"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    try:
-        line = proc.stdout.readline()
-        target = re.search(r"dispatcher (grpc://\S+),", line).group(1)
-        config = packer.PackConfig(seq_len=64, patch_size=8, resolution="budget:32")
-        out = list(service.read_service(target, config, processing_mode="dynamic").as_numpy_iterator())
-        keys = collections.Counter(k for r in out for k in r["image_keys"][: r["num_images"]])
-        assert len(keys) == 12 and set(keys.values()) == {2}  # dynamic sharding: once per epoch, 2 epochs
-    finally:
-        proc.terminate()
-        assert proc.wait(60) == 0
-
-
 def test_group_generator_counts_fill_failures_and_crashes(records, monkeypatch):
     """The service's group generator runs on the same core: a truncated image (header plans, pixels
     fail) and an image whose worker process dies are rejected and counted; the rest is packed once."""

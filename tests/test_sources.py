@@ -393,3 +393,22 @@ def test_glob_root_and_relative_key():
     assert sources.glob_root("*.png") == "."
     assert sources.relative_key("gs://b/data/c/x.jpg", "gs://b/data") == "c/x.jpg"
     assert sources.relative_key("./a/b.png", ".") == "a/b.png"
+
+
+def test_labels_from_file_names_and_label_descriptions(tmp_path):
+    for name in ("cat_1.png", "cat_2.png", "sub/dog_1.png", "x.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    src = open_source(str(tmp_path), labels=r"filename:^([a-z]+)_\d+")
+    assert src.class_names == ("cat", "dog")
+    assert {r.key: r.label for r in pickle.loads(pickle.dumps(src))} == {
+        "cat_1.png": 0, "cat_2.png": 0, "sub/dog_1.png": 1, "x.png": None}
+    assert src.label_description() == r"from file names by ^([a-z]+)_\d+: 2 classes"
+    assert open_source(str(tmp_path / "sub")).label_description() == "none: every label is -1"  # a flat folder
+    assert open_source("synthetic:3").label_description() == "from the input's labels: 10 classes"
+    with pytest.raises(SourceError, match="needs a group"):
+        open_source(str(tmp_path), labels="filename:cat")
+    with pytest.raises(SourceError, match="not a regular expression"):
+        open_source(str(tmp_path), labels="filename:(")
+    with pytest.raises(SourceError, match="image folders only"):
+        open_source("synthetic:3", labels="filename:(x)")

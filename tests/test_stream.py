@@ -192,8 +192,9 @@ def test_all_rejected_or_empty_source_fails_instead_of_spinning():
 def test_state_from_other_config_is_refused():
     s = PackedStream(ListSource(make_records(6)), CONFIG, num_parallel=0)
     next(s)
-    with pytest.raises(StreamError, match="seed"):
+    with pytest.raises(StreamError, match="seed") as err:
         PackedStream(ListSource(make_records(6)), dataclasses.replace(CONFIG, seed=9), num_parallel=0, state=s.state())
+    assert str(err.value) == f"state was saved with another config: seed={CONFIG.seed!r} (this stream: 9)"  # only what differs
 
 
 def test_tf_dataset_static_shapes_and_same_records():

@@ -1,0 +1,114 @@
+"""`navit-pack serve` as trainers meet it: separate processes on 127.0.0.1, and a bounded shutdown.
+
+Each serve process imports TensorFlow (seconds), so the tests start few of them."""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import packer
+
+pytest.importorskip("tensorflow")
+
+from pipelines import cmd_serve, service  # noqa: E402
+
+PACK_OPTIONS = ["--seq-len", "64", "--patch-size", "8", "--resolution", "budget:32"]
+CONFIG = packer.PackConfig(seq_len=64, patch_size=8, resolution="budget:32")
+BOUND = cmd_serve.STOP_SECONDS + 5  # the stated bound, plus slack for a loaded test machine
+
+
+def start_serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+
+
+def address(proc: subprocess.Popen) -> str:
+    """The dispatcher address a serve process prints on its first line."""
+    line = proc.stdout.readline()
+    match = re.search(r"dispatcher grpc://([\w.-]+:\d+)", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return match.group(1)
+
+
+def finish(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_dispatcher_alone_and_two_worker_processes_then_sigterm_stops_each():
+    dispatcher = start_serve("--workers", "0")
+    procs = [dispatcher]
+    try:
+        addr = address(dispatcher)
+        assert addr.startswith("127.0.0.1:")
+        for _ in range(2):
+            worker = start_serve("--input", "synthetic:12", "--dispatcher", addr, "--workers", "1", "--epochs", "2",
+                                 "--group-units", "1", *PACK_OPTIONS)
+            procs.append(worker)
+            assert "joined dispatcher" in worker.stdout.readline()
+        partial = service.read_service(f"grpc://{addr}", CONFIG).take(1)  # a trainer that stops early
+        assert len(list(partial.as_numpy_iterator())) == 1
+        out = list(service.read_service(f"grpc://{addr}", CONFIG).as_numpy_iterator())
+        keys = collections.Counter(k for r in out for k in r["image_keys"][: r["num_images"]])
+        assert len(keys) == 12 and set(keys.values()) == {2}  # dynamic sharding over both workers: once per epoch
+        start = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(BOUND) for p in procs] == [0, 0, 0]
+        assert time.monotonic() - start < BOUND
+        assert all("stopped" in p.stderr.read() for p in procs)
+    finally:
+        finish(procs)
+
+
+def test_duration_ends_the_server_after_a_trainer_has_read():
+    duration = 15  # counted from when the servers are up (the line `address` reads)
+    proc = start_serve("--input", "synthetic:400", "--workers", "2", "--epochs", "5", "--group-units", "1",
+                       "--duration", str(duration), *PACK_OPTIONS)
+    try:
+        addr = address(proc)
+        start = time.monotonic()
+        assert len(list(service.read_service(f"grpc://{addr}", CONFIG).take(3).as_numpy_iterator())) == 3
+        assert proc.wait(duration + BOUND) == 0
+        assert duration - 1 <= time.monotonic() - start < duration + BOUND
+    finally:
+        finish([proc])
+
+
+def test_servers_that_do_not_stop_are_killed_in_the_bound_and_a_second_signal_ends_at_once():
+    hang = {cmd_serve.HANG_ON_STOP_ENV: "1"}
+    first, second = start_serve("--workers", "0", env=hang), start_serve("--workers", "0", env=hang)
+    try:
+        address(first), address(second)
+        start = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        second.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert second.poll() is None  # still waiting for its servers
+        second.send_signal(signal.SIGINT)
+        assert second.wait(3) == 128 + signal.SIGINT
+        assert second.stdout.read() == ""  # EOF: the servers' process is gone too
+        assert first.wait(BOUND) == 0
+        assert cmd_serve.STOP_SECONDS <= time.monotonic() - start < BOUND
+        assert "did not stop within" in first.stderr.read()
+        assert first.stdout.read() == ""
+    finally:
+        finish([first, second])
+
+
+def test_bad_serve_options_fail_before_starting_anything():
+    for args, flag in ((["--workers", "2"], "--input"), (["--workers", "0", "--dispatcher", "x:1"], "--workers"),
+                       (["--input", "synthetic:4", "--dispatcher", "nohostport"], "--dispatcher")):
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", *args], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and flag in result.stderr and result.stderr.count("\n") == 1, result.stderr
