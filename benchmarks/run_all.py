@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import packing
+from pipelines import packing_efficiency as packing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -51,7 +51,7 @@ def packing_section(input_spec: str, draws: int) -> str:
     sizes = packing.load_sizes(input_spec)
     rel_input = os.path.relpath(input_spec, os.path.join(HERE, ".."))
     t0 = time.perf_counter()
-    targets = packing.issue2_targets(sizes, draws=draws)
+    targets = packing.core_targets(sizes, draws=draws)
     sweep_args = ["--input", rel_input, "--seq-len", *map(str, packing.DEFAULT_SEQ_LENS), "--resolution",
                   *SWEEP_RESOLUTIONS, "--token-drop", *SWEEP_DROPS, "--draws", str(draws)]
     result = packing.sweep(sizes, resolutions=SWEEP_RESOLUTIONS, drops=SWEEP_DROPS, draws=draws)
@@ -64,8 +64,8 @@ def packing_section(input_spec: str, draws: int) -> str:
         _machine_line(),
         f"Input: `{rel_input}` ({len(sizes)} image sizes from headers), resampled {draws:,} times per cell with the "
         "real planning functions; every packer packs the same draws.", "",
-        "### Core targets (issue 2): uniform:64:256, P=16, L=256, no drop, E_max=16", "",
-        "Command: `python -m benchmarks.run_all --only packing` (function `benchmarks.packing.issue2_targets`; "
+        "### Core targets: uniform:64:256, P=16, L=256, no drop, E_max=16", "",
+        "Command: `python -m benchmarks.run_all --only packing` (function `pipelines.packing_efficiency.core_targets`; "
         f"same figures: `navit-pack bench packing --input {rel_input} --seq-len 256 --draws {draws} --targets`)", "",
         "| packer | peer | efficiency % |", "|---|---|---|",
     ]

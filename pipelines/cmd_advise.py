@@ -9,7 +9,7 @@ from pipelines.options import fail
 
 def register(subparsers) -> None:
     import packer
-    from benchmarks.packing import ADVISE_SEQ_LENS
+    from pipelines.packing_efficiency import ADVISE_SEQ_LENS
 
     p = subparsers.add_parser("advise", help="recommend L and E_max for a padding target",
                               description="Packs resampled draws of SRC's size distribution at candidate sequence "
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import packer
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     try:
         sizes = packing.load_sizes(args.input)

@@ -1,4 +1,4 @@
-"""`navit-pack bench packing`: the packing-efficiency sweep of benchmarks/packing.py."""
+"""`navit-pack bench packing`: the packing-efficiency sweep of pipelines.packing_efficiency."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from pipelines.options import fail
 
 
 def register(subparsers) -> None:
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     bench = subparsers.add_parser("bench", help="benchmarks (packing efficiency)")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     try:
         return packing.run(args, command="navit-pack " + " ".join(sys.argv[1:]))
