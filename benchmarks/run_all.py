@@ -2,7 +2,7 @@
 
 Each benchmark fills one section of RESULTS.md (between `<!-- bench: NAME -->` markers) with its figures,
 the machine, the date and the exact command. The packing section is written here from
-benchmarks/packing.py; the other benchmarks (throughput, formats, streaming) are run through their
+pipelines.packing_efficiency; the other benchmarks (throughput, formats, streaming) are run through their
 module's main() and their printed output is recorded; a missing module is skipped with a note.
 `--only NAME ...` reruns some benchmarks and keeps the other sections as they are.
 """

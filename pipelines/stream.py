@@ -42,7 +42,7 @@ import numpy as np
 
 import packer
 from packer import Decision, FillPool, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudgetExceeded, Refit
-from packer._engine import check_budget_spec
+from packer import check_budget_spec
 
 STATE_VERSION = 2
 __all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source"]
