@@ -9,8 +9,8 @@ from ._config import (DROP_HELP, FILL_PACKERS, PACKERS, RESOLUTION_HELP, BetaDro
                       NaFlex, Native, NoDrop, PackConfig, ResDepDrop, SigmoidSchedule, TruncNormal, Uniform, parse_drop,
                       parse_resolution)
 from ._drop import kept_count, sample_drop_rate
-from ._engine import (Decision, ImagePlan, PackingCore, Refit, RejectBudgetExceeded, check_budget_spec, plan_header,
-                      prepare_image, text_fields)
+from ._engine import (Decision, ImagePlan, PackingCore, Refit, RejectBudgetExceeded, assemble, check_budget_spec,
+                      fill_image, plan_header, prepare_image, text_fields)
 from ._fill import FILL_EXTRA_DROP, FillPlan, plan_fill
 from ._image import ImageRejected, OpenedImage, image_size, library_versions
 from ._packer import META_PREFIX, PER_IMAGE_FIELDS, SequencePacker, build_record, unpack
@@ -34,6 +34,7 @@ __all__ = [
     "pack_lengths", "make_algorithm", "fill_lengths",
     # the plan / decide / fill core that the stream and the Beam job drive
     "PackingCore", "ImagePlan", "Decision", "Refit", "RejectBudgetExceeded", "check_budget_spec", "text_fields",
+    "fill_image", "assemble",
     "FillPool", "WorkerError",
     # deterministic randomness: a pure function of (seed, key, epoch)
     "image_rng", "stable_hash", "unit_fraction",

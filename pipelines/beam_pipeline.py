@@ -58,6 +58,7 @@ class PackJob:
     labels: str = "auto"
     meta_fields: tuple[str, ...] = ()
     max_reject_fraction: float = 1.0
+    owner: Optional[str] = None  # the output claim's token (schemas.claim_output); the manifest needs it
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -167,7 +168,7 @@ def _make_pack_group():
     class PackGroup(beam.DoFn):
         """Orders one packing group, prepares and packs its images, writes its shards.
 
-        Main output: one summary dict per group; tagged output 'rejects': {key, reason, detail, epoch}."""
+        Output: ("summary", one summary dict per group) and ("rejects", {key, reason, detail, epoch}) pairs."""
 
         def __init__(self, job: PackJob, progress_dir: Optional[str]):
             self.job, self.progress_dir = job, progress_dir
@@ -178,54 +179,21 @@ def _make_pack_group():
                              for name in ("images_in", "packed", "rejected", "sequences", "tokens", "padding")}
 
         def process(self, element, num_images: int):
-            import schemas
+            from pipelines.batch import decide_group, fill_in_process, write_group
 
             (epoch, group), values = element
-            job, cfg = self.job, self.job.config
-            items = sorted((v for v in values if v is not None), key=_sort_key(cfg.seed, epoch))
-            sp = packer.SequencePacker(cfg, job.meta_fields)
-            records, rejected, seen = [], 0, set()
-            progress = os.path.join(self.progress_dir, f"{epoch}-{group}") if self.progress_dir else None
-            for i, (key, data, label, meta, source_reject, detail) in enumerate(items):
-                reject = None
-                if source_reject:
-                    reject = (source_reject, detail)
-                elif key in seen:
-                    reject = ("duplicate_key", f"key {key!r} appears in another input record")
-                else:
-                    seen.add(key)
-                    try:
-                        image = packer.prepare_image(data, key, cfg, epoch=epoch, label=label, meta=meta,
-                                                     images_seen=images_seen(cfg.seed, key, epoch, num_images))
-                        records.extend(sp.add(image))
-                    except packer.ImageRejected as e:
-                        reject = (e.reason, e.detail)
-                if reject:
-                    rejected += 1
-                    yield beam.pvalue.TaggedOutput(_REJECTS_TAG, {"key": key, "reason": reject[0],
-                                                                  "detail": reject[1], "epoch": epoch})
-                if progress and i % 64 == 63:
-                    _write_text(progress, str(i + 1))
-            records.extend(sp.flush())
-            if progress:
-                _write_text(progress, str(len(items)))
-
-            groups, shards = layout(num_images, job)
-            mine = list(range(group, shards, groups))
-            written = []
-            for s, chunk in zip(mine, split_contiguous(records, len(mine))):
-                info = schemas.write_shard(job.output, epoch * shards + s, job.epochs * shards, job.fmt, chunk,
-                                           seq_len=cfg.seq_len, token_dim=cfg.token_dim,
-                                           max_images=cfg.max_images_per_seq, meta_fields=job.meta_fields)
-                written.append((epoch * shards + s, info))
-            stats = sp.stats
-            for name, value in (("images_in", len(items)), ("packed", stats["images"]), ("rejected", rejected),
-                                ("sequences", stats["sequences"]), ("tokens", stats["tokens_real"]),
-                                ("padding", stats["tokens_padding"])):
+            job = self.job
+            gp = decide_group([v for v in values if v is not None], job, epoch, group, num_images)
+            summary = write_group(gp, (fill_in_process(d, gp.datas, job) for d in gp.decisions), job, num_images)
+            if self.progress_dir:
+                _write_text(os.path.join(self.progress_dir, f"{epoch}-{group}"), str(gp.images_in))
+            for r in gp.rejects:
+                yield _REJECTS_TAG, r
+            for name, value in (("images_in", summary["images_in"]), ("packed", summary["packed"]),
+                                ("rejected", summary["rejected"]), ("sequences", summary["sequences"]),
+                                ("tokens", summary["tokens_real"]), ("padding", summary["tokens_padding"])):
                 self.counters[name].inc(value)
-            yield {"epoch": epoch, "group": group, "images_in": len(items), "rejected": rejected,
-                   "packed": stats["images"], "sequences": stats["sequences"], "tokens_real": stats["tokens_real"],
-                   "tokens_padding": stats["tokens_padding"], "shards": written}
+            yield "summary", summary
 
     return PackGroup
 
@@ -253,7 +221,7 @@ def finalize(job: PackJob, summaries: list[dict], rejects: list[dict]) -> dict:
                            tokens_padding=totals["tokens_padding"], shards=shards, meta_fields=job.meta_fields,
                            extra={"input": job.input, "epochs": job.epochs, "shards_per_epoch": shards_per_epoch,
                                   "packing_groups_per_epoch": groups, "group_size": job.group_size,
-                                  "libraries": packer.library_versions()})
+                                  "libraries": packer.library_versions()}, owner=job.owner)
     return totals
 
 
@@ -272,15 +240,17 @@ def build_pipeline(pipeline, job: PackJob, units: list[str], progress_dir: Optio
     packed = ((assigned, markers)
               | "Join" >> beam.Flatten()
               | "Group" >> beam.GroupByKey()
-              | "Pack" >> beam.ParDo(_make_pack_group()(job, progress_dir), AsSingleton(count))
-              .with_outputs(_REJECTS_TAG, main="summaries"))
+              | "Pack" >> beam.ParDo(_make_pack_group()(job, progress_dir), AsSingleton(count)))
     return (pipeline
             | "Once" >> beam.Create([None])
-            | "Finalize" >> beam.Map(_finalize_once, job, AsList(packed.summaries), AsList(packed[_REJECTS_TAG])))
+            | "Finalize" >> beam.Map(_finalize_once, job, AsList(packed)))
 
 
-def _finalize_once(_, job: PackJob, summaries: list[dict], rejects: list[dict]) -> dict:
-    return finalize(job, summaries, rejects)
+def _finalize_once(_, job: PackJob, outputs: list[tuple[str, dict]]) -> dict:
+    """finalize() on the pack step's one output of (kind, dict) pairs. One tagged stream rather than Beam's
+    multiple outputs: the DaskRunner hands every output of a multi-output ParDo to each consumer."""
+    return finalize(job, [d for kind, d in outputs if kind == "summary"],
+                    [d for kind, d in outputs if kind == _REJECTS_TAG])
 
 
 def pipeline_options(beam_args: Iterable[str] = (), workers: int = 1):
@@ -309,20 +279,42 @@ def is_local(beam_args: Iterable[str]) -> bool:
 
 
 def run_pack(job: PackJob, *, beam_args: Sequence[str] = (), workers: int = 1, overwrite: bool = False,
-             on_progress=None) -> dict:
-    """Run the packing pipeline to completion; returns the manifest (schemas.read_manifest).
+             on_progress=None, timings: Optional[dict] = None) -> dict:
+    """Run the packing job to completion; returns the manifest (schemas.read_manifest).
 
-    on_progress(done, total), when given on a local run, is called from a polling thread."""
-    import tempfile
-    import threading
-
-    import apache_beam as beam
-
+    Without Beam options it runs on this machine (pipelines.batch.run_local: the packing core over
+    `workers` fill processes, no Beam); with them (e.g. `--runner ...`) it runs the Beam pipeline, which
+    writes the same bytes. on_progress(phase, done, total) is called on local runs ("reading", then
+    "packing"); `timings`, when given, receives seconds spent {"reading", "packing"} on the local path.
+    The output folder is claimed (schemas.claim_output) before it is touched and released at the end."""
     import schemas
     from pipelines import sources
 
-    units = sources.open_source(job.input, labels=job.labels, meta_fields=job.meta_fields).units()
-    schemas.prepare_output_dir(job.output, overwrite)
+    source = sources.open_source(job.input, labels=job.labels, meta_fields=job.meta_fields)
+    units = source.units()
+    with schemas.claim_output(job.output, overwrite) as claim:  # released at the end, success or failure
+        manifest = _run_claimed(dataclasses.replace(job, owner=claim.token), source, units, beam_args, workers,
+                                on_progress, timings)
+        claim.check()  # never report success for a folder another run has taken
+    return manifest
+
+
+def _run_claimed(job: PackJob, source, units: list[str], beam_args: Sequence[str], workers: int, on_progress,
+                 timings: Optional[dict]) -> dict:
+    """run_pack's work once the output folder is this run's (job.owner set)."""
+    import tempfile
+    import threading
+
+    import schemas
+
+    if not list(beam_args):
+        from pipelines.batch import run_local
+
+        run_local(job, source, units, workers=workers, on_progress=on_progress, timings=timings)
+        return schemas.read_manifest(job.output)
+
+    import apache_beam as beam
+
     local = is_local(beam_args)
     progress_dir = tempfile.mkdtemp(prefix="navit-pack-progress-") if on_progress and local else None
     stop = threading.Event()
@@ -353,7 +345,7 @@ def _poll_once(progress_dir: str, on_progress) -> None:
             if ".tmp" not in n:
                 with open(os.path.join(progress_dir, n)) as f:
                     values[n] = int(f.read() or 0)
-        on_progress(sum(v for n, v in values.items() if n != "total"), values["total"])
+        on_progress("packing", sum(v for n, v in values.items() if n != "total"), values["total"])
     except (OSError, ValueError):
         pass  # a file being replaced; the next poll reads it
 

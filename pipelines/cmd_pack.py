@@ -1,13 +1,17 @@
-"""`navit-pack pack`: pack an input into sharded sequences with the Beam pipeline.
+"""`navit-pack pack`: pack an input into sharded sequences.
 
-Local runs use Beam's DirectRunner (multi-process with --workers N); anything after `--` is passed to
-Beam as pipeline options, e.g. `-- --runner DataflowRunner --project P --region R --temp_location gs://B/tmp`.
+Local runs (no `--`) use the packing core directly: planning in this process, decoding in --workers
+processes (default: every core). Anything after `--` is passed to Apache Beam as pipeline options and runs
+the Beam pipeline, which writes the same bytes, e.g. `-- --runner DataflowRunner --project P --region R
+--temp_location gs://B/tmp`, or `-- --runner apache_beam.runners.dask.dask_runner.DaskRunner
+--dask_client_address HOST:8786`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Optional
 
 from pipelines import options
 
@@ -38,11 +42,13 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", default="4096", metavar="N",
                    help="images per packing group (default 4096): larger packs slightly better, holds more in one "
                         "worker's memory, e.g. --group-size 8192")
-    p.add_argument("--workers", default="1", metavar="N",
-                   help="local worker processes for the DirectRunner (default 1), e.g. --workers 4")
+    p.add_argument("--workers", default="auto", metavar="N",
+                   help="local decoding processes (default auto: one per core this process may use; with "
+                        "`-- --runner DirectRunner`, the DirectRunner's processes), e.g. --workers 4")
     p.add_argument("--max-reject-fraction", default="1", metavar="F",
-                   help="fail the job when more than this fraction of inputs is rejected (default 1: never), "
-                        "e.g. --max-reject-fraction 0.01")
+                   help="fail the job when more than this fraction of inputs is rejected (default 1: never); "
+                        "checked as inputs are rejected once 100 were seen, and at the end; a failed job leaves "
+                        "no manifest.json, e.g. --max-reject-fraction 0.01")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on local runs")
     options.add_pack_options(p)
@@ -76,15 +82,18 @@ def _beam_args(raw: list[str]) -> list[str]:
     return raw
 
 
-def summary_table(manifest: dict, output: str, seconds: float, labels: str | None = None) -> str:
-    """The end-of-run summary, one aligned `name  value` row per line; `labels` says how labels were
-    found (Source.label_description())."""
+def summary_table(manifest: dict, output: str, seconds: float, timings: Optional[dict] = None,
+                  labels: Optional[str] = None) -> str:
+    """The end-of-run summary, one aligned `name  value` row per line. With `timings` ({"reading",
+    "packing"} seconds, local runs), reading the input and packing it get their own rows; `labels`
+    says how labels were found (Source.label_description())."""
     seqs = manifest["num_sequences"]
+    images = manifest["num_images_in"]
     rows = [
         ("output", output),
         ("format", f"{manifest['format']}, {len(manifest['shards'])} shards"),
         ("epochs", manifest.get("epochs", 1)),
-        ("images in", manifest["num_images_in"]),
+        ("images in", images),
         ("images packed", manifest["num_images_packed"]),
         ("images rejected", manifest["num_rejected"] if not manifest["num_rejected"] else
          f"{manifest['num_rejected']} (see rejects.jsonl)"),
@@ -94,66 +103,94 @@ def summary_table(manifest: dict, output: str, seconds: float, labels: str | Non
         ("tokens padding", manifest["tokens_padding"]),
         ("packing efficiency", f"{100 * manifest['efficiency']:.2f}%"),
         *([("labels", labels)] if labels else []),
-        ("wall time", f"{seconds:.1f} s ({manifest['num_images_in'] / max(seconds, 1e-9):.0f} images/s)"),
     ]
+    if timings and "reading" in timings and "packing" in timings:
+        rows += [("reading input", f"{timings['reading']:.1f} s (listing and reading the source)"),
+                 ("packing", f"{timings['packing']:.1f} s ({images / max(timings['packing'], 1e-9):.0f} images/s: "
+                             "plan, decode, pack, write)")]
+    rows.append(("wall time", f"{seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 class _Progress:
-    """A tqdm bar (or a plain stderr line) fed by the pipeline's polling thread."""
+    """A tqdm bar per phase ("reading", "packing"), or a plain stderr line, fed from the packing loop."""
 
     def __init__(self):
         self.bar = None
+        self.phase = None
 
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
+    def __call__(self, phase: str, done: int, total: Optional[int]) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="img", desc="packing", file=sys.stderr)
+                self.bar = tqdm(total=total, unit="img", desc=phase, file=sys.stderr)
             except ImportError:
                 self.bar = False
         if self.bar:
+            if total is not None and self.bar.total != total:
+                self.bar.total = total
             self.bar.update(done - self.bar.n)
         else:
-            print(f"\rpacking: {done}/{total} images", end="", file=sys.stderr)
+            print(f"\r{phase}: {done}" + (f"/{total}" if total else "") + " images", end="", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar:
             self.bar.close()
         elif self.bar is False:
             print(file=sys.stderr)
+        self.bar = None
+
+
+def _quiet_beam() -> None:
+    """Silence Beam's local chatter (apitools, semi_persistent_directory, unparseable args): errors only."""
+    import logging
+    import warnings
+
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("apache_beam", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="apache_beam")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines import batch
+
     try:
         job = job_from_args(args)
-        workers = options.parse_int(args.workers, "--workers", 1)
+        workers = (batch.resolve_workers("auto") if args.workers == "auto"
+                   else options.parse_int(args.workers, "--workers", 1))
     except options.OptionError as e:
         options.fail(e)
     beam_args = _beam_args(args.beam_args)
-    import logging
-    logging.getLogger().setLevel(logging.ERROR)
+    _quiet_beam()
     import schemas
     from pipelines import sources
     from pipelines.beam_pipeline import RejectBudgetExceeded, is_local, run_pack
 
     progress = _Progress() if not args.no_progress and is_local(beam_args) and sys.stderr.isatty() else None
     start = time.perf_counter()
+    timings: dict = {}
     try:
-        manifest = run_pack(job, beam_args=beam_args, workers=workers, overwrite=args.overwrite, on_progress=progress)
+        manifest = run_pack(job, beam_args=beam_args, workers=workers, overwrite=args.overwrite,
+                            on_progress=progress, timings=timings)
     except sources.SourceError as e:
         options.fail(options.OptionError("--input", str(e)))
-    except schemas.OutputDirError as e:
+    except (schemas.OutputDirError, schemas.OutputLocked) as e:
         options.fail(options.OptionError("--output", str(e)))
     except Exception as e:  # Beam wraps worker errors; report ours in one line
-        if isinstance(e, RejectBudgetExceeded) or "RejectBudgetExceeded" in str(e):
-            text = str(e)
-            start_at = text.find("RejectBudgetExceeded")
-            line = text[start_at:].split("\n")[0] if start_at >= 0 else text
-            print(f"navit-pack: error: {line.split(': ', 1)[-1]}", file=sys.stderr)
-            return 1
-        raise
+        ours = (RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost)
+        name = next((c.__name__ for c in ours if isinstance(e, c) or f"{c.__name__}: " in str(e)), None)
+        if name is None:
+            raise
+        if progress:
+            progress.close()
+        text = str(e)
+        line = text if isinstance(e, ours) else text[text.find(f"{name}: ") + len(name) + 2:].split("\n")[0]
+        print(f"navit-pack: error: {line}", file=sys.stderr)
+        return 1
     finally:
         if progress:
             progress.close()
@@ -162,5 +199,5 @@ def run(args: argparse.Namespace) -> int:
         labels = sources.open_source(job.input, labels=job.labels).label_description()  # lists the input again
     except sources.SourceError:  # the input changed since the run: the summary goes without the row
         labels = None
-    print(summary_table(manifest, job.output, seconds, labels))
+    print(summary_table(manifest, job.output, seconds, timings, labels))
     return 0

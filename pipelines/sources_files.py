@@ -2,10 +2,12 @@
 (gs://, s3://, hdfs://, through apache_beam.io.filesystems, imported only for such paths)."""
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import json
 import os
 import re
+import stat
 from typing import IO, Iterator, Optional, Sequence
 
 from .sources import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_meta_fields, filename_label_pattern,
@@ -47,6 +49,21 @@ def open_file(path: str, *, use_beam: bool) -> IO[bytes]:
         from apache_beam.io.filesystem import CompressionTypes
         return _beam_filesystems().open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     return open(path, "rb")
+
+
+def read_file(path: str, *, use_beam: bool) -> bytes:
+    """A file's bytes. Locally only a regular file is read (opened non-blocking, so a FIFO put in its place
+    cannot hang the run): FileNotFoundError if it is gone or a broken symlink, OSError if it is a folder,
+    a FIFO or a device, or unreadable."""
+    if use_beam:
+        with open_file(path, use_beam=True) as f:
+            return f.read()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb", closefd=True) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path) \
+                if stat.S_ISDIR(os.fstat(fd).st_mode) else OSError(errno.EINVAL, "not a regular file", path)
+        return f.read()
 
 
 def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple[str, list[str], bool]:
@@ -159,9 +176,9 @@ class FileSource(Source):
             path = self._path(key)
             meta = {name: (path if name == "path" else class_name or "") for name in self.meta_fields}
             try:
-                with open_file(path, use_beam=self.use_beam) as f:
-                    data = f.read()
+                data = read_file(path, use_beam=self.use_beam)
             except Exception as e:  # vanished or unreadable since listing: recorded, not fatal
-                yield SourceRecord(key, b"", label, meta, reject="unreadable", detail=f"{type(e).__name__}: {e}")
+                reason = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+                yield SourceRecord(key, b"", label, meta, reject=reason, detail=f"{type(e).__name__}: {e}")
                 continue
             yield SourceRecord(key, data, label, meta)

@@ -92,7 +92,7 @@ def _units_fingerprint(units: Sequence[str]) -> list[int]:
 
 def _config_diff(theirs: dict, mine: dict) -> str:
     names = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-    return ", ".join(f"{k}: state {theirs.get(k)!r}, stream {mine.get(k)!r}" for k in names)
+    return ", ".join(f"{k}={theirs.get(k)!r} (this stream: {mine.get(k)!r})" for k in names)
 
 
 _EPOCH_END = object()

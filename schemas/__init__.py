@@ -5,8 +5,10 @@ Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that us
 are the public API; the `_modules` are private.
 """
 from ._hf import siglip2_inputs
-from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, prepare_output_dir,
-                  read, read_manifest, shard_paths, write_dataset, write_manifest, write_rejects, write_shard)
+from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
+                  claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
+                  write_rejects, write_shard)
+from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._schema import FORMATS, SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
@@ -20,7 +22,9 @@ __all__ = [
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",
-    "MANIFEST", "REJECTS",
+    "OutputWriteError", "MANIFEST", "REJECTS",
+    # one writer per output folder: the lock a run holds while it writes
+    "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
     # from a record to a model's inputs
     "attention_mask", "pooling_matrix", "tf_attention_mask", "tf_pooling_matrix", "siglip2_inputs",
 ]

@@ -6,22 +6,29 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ._owner import LOCK, OutputClaim, check_owner, take_lock
 from ._schema import FORMATS, META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 BATCH = 64  # records per Arrow batch / Parquet row group / TF parse batch
-_OUR_FILE = re.compile(r"^(packed-\d{5}-of-\d{5}\.\w+|\.packed-.*\.tmp|rejects\.jsonl|manifest\.json|\.manifest\.json\.tmp.*)$")
+_OUR_FILE = re.compile(r"^(packed-\d{5}-of-\d{5}\.\w+|rejects\.jsonl|manifest\.json|"
+                       r"\.(packed-.*|rejects\.jsonl\..*|manifest\.json\..*|write-check\..*)\.tmp)$")
 _REQUIRED = ("schema_version", "format", "config", "num_sequences", "shards", "seq_len", "token_dim", "max_images")
 
 
 class OutputDirError(SchemaError):
     """The output directory is not empty (and overwrite was not asked for) or is not a directory."""
+
+
+class OutputWriteError(SchemaError, OSError):
+    """Writing the output failed (disk full, file too large, I/O error): one line naming the output and
+    the OS error. What was being written is removed; no manifest is written, so readers refuse the folder."""
 
 
 class ManifestMissing(SchemaError, FileNotFoundError):
@@ -49,18 +56,42 @@ def shard_name(index: int, num_shards: int, fmt: str) -> str:
     return f"packed-{index:05d}-of-{num_shards:05d}.{FORMATS[fmt]}"
 
 
-def prepare_output_dir(path: str, overwrite: bool = False) -> None:
-    """Create `path`; if it holds files, refuse (OutputDirError) unless overwrite, in which case remove
-    this tool's outputs (manifest first, so a half-cleaned directory never looks complete)."""
+def _make_dir(path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"{path} exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", suffix=".tmp")
-        probe.close()
     except OSError as e:
         raise OutputDirError(f"cannot write to {path}: {e.strerror or e}") from None
-    entries = os.listdir(path)
+
+
+def claim_output(path: str, overwrite: bool = False, *, command: str | None = None) -> OutputClaim:
+    """Take ownership of output folder `path` before touching its contents (schemas._owner: OutputLocked
+    names a live owner, even with overwrite), then prepare it (prepare_output_dir). The caller passes
+    `owner=claim.token` to write_manifest and calls claim.release() at the end, success or failure."""
+    _make_dir(path)
+    try:
+        claim = take_lock(path, command=command)
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {path}: {e.strerror or e}") from None
+    try:
+        prepare_output_dir(path, overwrite)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def prepare_output_dir(path: str, overwrite: bool = False) -> None:
+    """Create `path`; if it holds files, refuse (OutputDirError) unless overwrite, in which case remove
+    this tool's outputs (manifest first, so a half-cleaned directory never looks complete). The owner's
+    lock (claim_output) is not counted as content."""
+    _make_dir(path)
+    try:
+        os.remove(_atomic_path(path, "write-check"))
+    except OSError as e:
+        raise OutputDirError(f"cannot write to {path}: {e.strerror or e}") from None
+    entries = [e for e in os.listdir(path) if not e.startswith(LOCK)]
     if not entries:
         return
     if not overwrite:
@@ -80,9 +111,16 @@ def sha256_file(path: str) -> str:
 
 
 def _atomic_path(directory: str, name: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return tmp
+    """Create an empty `.{name}.<random>.tmp` with the mode the umask gives a normally created file
+    (mkstemp's 0600 would make the dataset unreadable to other accounts); returns its path."""
+    path = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return path
+
+
+def _write_failed(directory: str, e: OSError) -> OutputWriteError:
+    return OutputWriteError(f"cannot write the output {directory}: {e.strerror or e}"
+                            + (f" ({os.path.basename(e.filename)})" if getattr(e, "filename", None) else ""))
 
 
 def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Iterator[list]:
@@ -100,16 +138,9 @@ def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Ite
 def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> int:
     n = 0
     if fmt == "tfrecord":
-        import tensorflow as tf
+        from ._tfrecord import encode_example, write_tfrecord
 
-        from ._tfrecord import encode_example
-
-        with tf.io.TFRecordWriter(path) as w:
-            for batch in _batches(records, schema):
-                for r in batch:
-                    w.write(encode_example(r, schema))
-                n += len(batch)
-        return n
+        return write_tfrecord(path, (encode_example(r, schema) for batch in _batches(records, schema) for r in batch))
     if fmt == "array_record":
         from . import _array_record
         from ._tfrecord import encode_example
@@ -146,24 +177,40 @@ def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: 
         n = _write_records(tmp, fmt, records, schema)
         digest = sha256_file(tmp)
         os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        if isinstance(e, OSError) and not isinstance(e, SchemaError):
+            raise _write_failed(directory, e) from e
         raise
     return {"file": name, "num_sequences": n, "sha256": digest}
 
 
-def _write_text_atomic(directory: str, name: str, text: str) -> None:
-    tmp = _atomic_path(directory, name)
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_text_atomic(directory: str, name: str, text: str, owner: str | None = None) -> None:
+    """Write `name` under a temporary name, then rename; with `owner`, check the folder is still owned
+    by that token just before the rename (schemas._owner.OwnershipLost otherwise)."""
+    try:
+        tmp = _atomic_path(directory, name)
+    except OSError as e:
+        raise _write_failed(directory, e) from e
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if owner is not None:
+            check_owner(directory, owner)
         os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        if isinstance(e, OSError) and not isinstance(e, SchemaError):
+            raise _write_failed(directory, e) from e
         raise
 
 
@@ -212,9 +259,11 @@ def _sniff_meta_fields(directory: str, fmt: str, shard: str) -> tuple[str, ...]:
 
 def write_manifest(directory: str, *, fmt: str, config: Any, num_images_in: int, num_images_packed: int,
                    num_rejected: int, num_sequences: int, tokens_real: int, tokens_padding: int, shards: list,
-                   meta_fields: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+                   meta_fields: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None,
+                   owner: str | None = None) -> dict:
     """Write manifest.json (last: its presence marks the dataset complete). `config` is a PackConfig or its
-    to_json() dict; meta_fields default to those stored in the first shard. Returns the manifest."""
+    to_json() dict; meta_fields default to those stored in the first shard; with `owner` (a claim's
+    token, claim_output) it is written only if the folder is still that run's. Returns the manifest."""
     if fmt not in FORMATS:
         raise SchemaError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     config_json = config.to_json() if hasattr(config, "to_json") else dict(config)
@@ -235,7 +284,7 @@ def write_manifest(directory: str, *, fmt: str, config: Any, num_images_in: int,
         **schema.to_json(),
         **dict(extra or {}),
     }
-    _write_text_atomic(directory, MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _write_text_atomic(directory, MANIFEST, json.dumps(manifest, indent=2) + "\n", owner)
     return manifest
 
 
@@ -248,9 +297,13 @@ def write_dataset(directory: str, records: Iterable[Mapping[str, np.ndarray]], *
         raise SchemaError(f"num_shards must be an integer >= 1, got {num_shards!r}")
     config_json = config.to_json() if hasattr(config, "to_json") else dict(config)
     schema = Schema.from_config(config_json, meta_fields)
-    prepare_output_dir(directory, overwrite)
-    records = list(records)
-    rejects = list(rejects)
+    with claim_output(directory, overwrite) as claim:
+        return _write_dataset(directory, list(records), list(rejects), config_json, schema, fmt, num_shards,
+                              num_images_in, claim.token)
+
+
+def _write_dataset(directory: str, records: list, rejects: list, config_json: dict, schema: Schema, fmt: str,
+                   num_shards: int, num_images_in: int | None, owner: str) -> dict:
     bounds = np.linspace(0, len(records), num_shards + 1).astype(int)
     shards = [write_shard(directory, i, num_shards, fmt, records[bounds[i]:bounds[i + 1]], seq_len=schema.seq_len,
                           token_dim=schema.token_dim, max_images=schema.max_images, meta_fields=schema.meta_fields)
@@ -262,7 +315,7 @@ def write_dataset(directory: str, records: Iterable[Mapping[str, np.ndarray]], *
                           num_images_in=packed + num_rejected if num_images_in is None else num_images_in,
                           num_images_packed=packed, num_rejected=num_rejected, num_sequences=len(records),
                           tokens_real=real, tokens_padding=len(records) * schema.seq_len - real, shards=shards,
-                          meta_fields=schema.meta_fields)
+                          meta_fields=schema.meta_fields, owner=owner)
 
 
 def read_manifest(directory: str) -> dict:

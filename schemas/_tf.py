@@ -12,19 +12,23 @@ from ._schema import Schema
 
 
 def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shards: bool = False, seed: int | None = None,
-               deterministic: bool = True, check_sha256: bool = False) -> Any:
+               deterministic: bool = True, check_sha256: bool | None = None) -> Any:
     """A tf.data.Dataset of record dicts: patches uint8 [L, D], int32/float32 fields, tf.string for
     image_keys and meta_*; every shape static, so batches feed tf.function / XLA (jit_compile) directly.
 
     Shards are read `cycle_length` at a time (default min(#shards, 8)) with parallel interleave.
     TFRecord CRCs and ArrayRecord chunk hashes are always checked by the reader, and every shard's record
-    count against the manifest; check_sha256 also hashes each shard once up front.
+    count against the manifest; check_sha256 also hashes each shard once up front. Its default (None) is
+    on for Arrow and Parquet, whose readers have no per-record checksum (a flipped byte would otherwise
+    come back as wrong data), off for TFRecord and ArrayRecord.
     """
     import tensorflow as tf
 
     manifest = read_manifest(directory)
     schema = Schema.from_manifest(manifest)
     fmt = manifest["format"]
+    if check_sha256 is None:
+        check_sha256 = fmt in ("arrow", "parquet")
     paths = [_check_sha(directory, s) if check_sha256 else os.path.join(directory, s["file"]) for s in manifest["shards"]]
     counts = [int(s["num_sequences"]) for s in manifest["shards"]]
     files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]),

@@ -1,34 +1,93 @@
 """TFRecord codec: tf.train.Example encoder and the feature spec / parser, both derived from the Schema.
 
 uint8 fields are one raw bytes value (row-major); int32 fields are int64_list; float32 float_list;
-strings bytes_list (UTF-8). Imports tensorflow lazily: only the TFRecord paths pay for it.
+strings bytes_list (UTF-8). Writing needs no TensorFlow (the Example wire format and the TFRecord framing
+are written here); reading imports tensorflow lazily.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import struct
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ._schema import RecordError, Schema
 
 
-def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
-    """Serialized tf.train.Example of one (validated) record."""
-    import tensorflow as tf
+def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
-    feature = {}
-    for f in schema.fields:
-        v = np.asarray(record[f.name])
-        if f.dtype == "uint8":
-            feat = tf.train.Feature(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(v).tobytes()]))
-        elif f.dtype == "int32":
-            feat = tf.train.Feature(int64_list=tf.train.Int64List(value=v.reshape(-1).tolist()))
-        elif f.dtype == "float32":
-            feat = tf.train.Feature(float_list=tf.train.FloatList(value=v.reshape(-1).tolist()))
-        else:
-            feat = tf.train.Feature(bytes_list=tf.train.BytesList(value=[s.encode("utf-8") for s in v.reshape(-1)]))
-        feature[f.name] = feat
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+def _varints(values: np.ndarray) -> bytes:
+    """Concatenated varints of int values as protobuf writes int64 (negatives as 10-byte two's complement)."""
+    v = values.reshape(-1).astype(np.int64).view(np.uint64)
+    if v.size == 0 or int(v.max()) < 0x80:
+        return v.astype(np.uint8).tobytes()
+    groups = (v[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
+    nbytes = np.maximum(1, 10 - np.argmax((groups[:, ::-1] != 0), axis=1))
+    nbytes[~(groups != 0).any(axis=1)] = 1
+    cont = np.arange(10)[None, :] < (nbytes[:, None] - 1)
+    out = (groups | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    return out[np.arange(10)[None, :] < nbytes[:, None]].tobytes()
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _feature(v: np.ndarray, dtype: str) -> bytes:
+    """A serialized tf.train.Feature: bytes_list = 1, float_list = 2, int64_list = 3 (packed lists)."""
+    if dtype == "uint8":
+        return _field(1, _field(1, np.ascontiguousarray(v).tobytes()))
+    if dtype == "int32":
+        packed = _varints(v)
+        return _field(3, _field(1, packed) if packed else b"")
+    if dtype == "float32":
+        packed = np.ascontiguousarray(v, dtype="<f4").tobytes()
+        return _field(2, _field(1, packed) if packed else b"")
+    return _field(1, b"".join(_field(1, s.encode("utf-8")) for s in v.reshape(-1)))
+
+
+def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
+    """Serialized tf.train.Example of one (validated) record, written as protobuf wire format by hand (no
+    TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key)."""
+    entries = []
+    for f in sorted(schema.fields, key=lambda f: f.name.encode("utf-8")):
+        entry = _field(1, f.name.encode("utf-8")) + _field(2, _feature(np.asarray(record[f.name]), f.dtype))
+        entries.append(_field(1, entry))
+    return _field(1, b"".join(entries))
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's masked CRC32C of `data`, little-endian."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def tfrecord_frame(payload: bytes) -> bytes:
+    """One TFRecord record: uint64 length, masked CRC32C of the length, payload, masked CRC32C of the payload
+    (the framing tf.io.TFRecordWriter writes, uncompressed)."""
+    length = struct.pack("<Q", len(payload))
+    return length + _masked_crc(length) + payload + _masked_crc(payload)
+
+
+def write_tfrecord(path: str, payloads: Iterable[bytes]) -> int:
+    """Write `payloads` as an uncompressed TFRecord file at `path`; returns the record count."""
+    n = 0
+    with open(path, "wb") as f:
+        for p in payloads:
+            f.write(tfrecord_frame(p))
+            n += 1
+    return n
 
 
 def feature_spec(schema: Schema) -> dict[str, Any]:

@@ -55,13 +55,14 @@ def _files(directory) -> dict[str, bytes]:
 def test_output_byte_identical_with_one_and_two_worker_processes(image_dir, tmp_path, fmt):
     job1 = _job(image_dir, tmp_path / "w1", fmt=fmt, num_shards=3, group_size=8, epochs=2)
     job2 = _job(image_dir, tmp_path / "w2", fmt=fmt, num_shards=3, group_size=8, epochs=2)
-    bp.run_pack(job1, workers=1)
-    bp.run_pack(job2, workers=2)  # DirectRunner multi_processing: DoFns pickled into worker processes
+    bp.run_pack(job1, workers=1)  # the local path (packing core, one fill process)
+    bp.run_pack(job2, beam_args=["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                                 "--direct_num_workers=2"])  # Beam: DoFns pickled into 2 worker processes
     one, two = _files(job1.output), _files(job2.output)
     assert len([n for n in one if n.startswith("packed-")]) == 6  # 2 epochs x 3 shards
     assert one.keys() == two.keys()
     for name in one:
-        assert one[name] == two[name], f"{name} differs between 1 and 2 workers"
+        assert one[name] == two[name], f"{name} differs between the local path and Beam on 2 workers"
 
 
 def test_rejects_reconcile_and_nothing_is_lost(image_dir, tmp_path):
@@ -132,7 +133,7 @@ def test_epochs_resample_every_image(image_dir, tmp_path):
 
 def test_reject_budget_fails_after_writing_rejects(image_dir, tmp_path):
     job = _job(image_dir, tmp_path / "out", max_reject_fraction=0.01)
-    with pytest.raises(Exception, match="max-reject-fraction"):
+    with pytest.raises(bp.RejectBudgetExceeded, match="max-reject-fraction"):
         bp.run_pack(job)
     assert (tmp_path / "out" / "rejects.jsonl").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()

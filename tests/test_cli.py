@@ -96,17 +96,19 @@ def test_pack_summary_table(image_dir, tmp_path, capsys):
     for row in ("images in", "images packed", "images rejected", "sequences", "packing efficiency"):
         assert row in out
     assert "from folder names: 2 classes" in out
-    with pytest.raises(SystemExit):  # a non-empty output without --overwrite: one line, exit 2
+    with pytest.raises(SystemExit) as exit_info:  # a non-empty output without --overwrite: one line, exit 2
         cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--no-progress"])
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("navit-pack: error: --output"), repr(err)
 
 
 def test_reject_budget_exits_nonzero_with_one_line(image_dir, tmp_path, capsys):
     code = cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--max-reject-fraction", "0",
                      "--resolution", "budget:16", "--no-progress"])
     assert code == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if "navit-pack: error" in line]
-    assert len(err) == 1 and "max-reject-fraction" in err[0]
+    err = capsys.readouterr().err  # raw stderr: the one line and nothing else (no progress with --no-progress)
+    assert err.count("\n") == 1 and err.startswith("navit-pack: error") and "max-reject-fraction" in err, repr(err)
 
 
 def test_inspect_renders_each_image_of_the_sequence(packed, tmp_path, capsys):

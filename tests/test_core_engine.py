@@ -67,10 +67,10 @@ def test_plan_token_count_equals_filled_token_count(name):
     core, decisions, data = run_core(config, images, epoch=1)
     assert sorted(k for d in decisions for k in d.provenances) == sorted(k for k, _, _ in images)
     for d in decisions:
-        filled = [packer._engine.fill_image(data[p.key], p, config) for p in d.plans]
+        filled = [packer.fill_image(data[p.key], p, config) for p in d.plans]
         assert [im.num_tokens for im in filled] == [p.final_tokens for p in d.plans]
         assert [(im.grid_h, im.grid_w) for im in filled] == [p.final_grid for p in d.plans]
-        record, rejects = packer._engine.assemble(d, filled, config)
+        record, rejects = packer.assemble(d, filled, config)
         assert not rejects
         assert int((record["segment_ids"] > 0).sum()) == d.tokens <= config.seq_len
     if config.fill == "exact":
@@ -90,7 +90,7 @@ def test_core_packs_what_sequence_packer_packs(name):
     for i, (key, d, label) in enumerate(images):
         expected += sp.add(packer.prepare_image(d, key, config, epoch=2, images_seen=i, label=label))
     expected += sp.flush()
-    got = [packer._engine.assemble(d, [packer._engine.fill_image(data[p.key], p, config) for p in d.plans], config)[0] for d in decisions]
+    got = [packer.assemble(d, [packer.fill_image(data[p.key], p, config) for p in d.plans], config)[0] for d in decisions]
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.keys() == b.keys()
@@ -103,7 +103,7 @@ def test_prepare_image_is_plan_then_fill():
     config = CONFIGS["schedule"]
     for key, d, label in make_images(12, seed=9):
         plan = packer.plan_header(d, key, config, epoch=3, images_seen=40, label=label, meta={"m": 1})
-        a = packer._engine.fill_image(d, plan, config)
+        a = packer.fill_image(d, plan, config)
         b = packer.prepare_image(d, key, config, epoch=3, images_seen=40, label=label, meta={"m": 1})
         np.testing.assert_array_equal(a.patches, b.patches)
         np.testing.assert_array_equal(a.pos_y, b.pos_y)
@@ -117,7 +117,7 @@ def test_plan_reads_the_header_only_and_rejects_bad_input():
     plan = packer.plan_header(truncated, "t", config)
     assert (plan.orig_h, plan.orig_w) == (40, 30)
     with pytest.raises(packer.ImageRejected) as e:
-        packer._engine.fill_image(truncated, plan, config)
+        packer.fill_image(truncated, plan, config)
     assert e.value.reason == "undecodable"
     for data, label, reason in ((b"", -1, "empty"), (b"junk", -1, "undecodable"), (d, 1.5, "bad_label")):
         with pytest.raises(packer.ImageRejected) as e:
@@ -127,7 +127,7 @@ def test_plan_reads_the_header_only_and_rejects_bad_input():
         packer.plan_header(d, "x", dataclasses.replace(config, max_pixels=100))
     assert e.value.reason == "too_many_pixels"
     with pytest.raises(packer.ImageRejected) as e:
-        packer._engine.fill_image(encode(41, 30, 1), plan, config)
+        packer.fill_image(encode(41, 30, 1), plan, config)
     assert e.value.reason == "changed"
 
 
@@ -169,10 +169,10 @@ def test_failed_fill_slot_becomes_padding_and_is_counted():
     core, decisions, data = run_core(config, make_images(40, seed=2))
     d = next(d for d in decisions if len(d.items) >= 3)
     before = dict(core.stats)
-    filled = [packer._engine.fill_image(data[p.key], p, config) for p in d.plans]
+    filled = [packer.fill_image(data[p.key], p, config) for p in d.plans]
     failed = packer.ImageRejected("worker_crashed", "the worker process died")
     filled[1] = failed
-    record, rejects = packer._engine.assemble(d, filled, config)
+    record, rejects = packer.assemble(d, filled, config)
     assert [(r.slot, r.key, r.reason) for r in rejects] == [(1, d.plans[1].key, "worker_crashed")]
     rest = [im for i, im in enumerate(filled) if i != 1]
     expected = packer.build_record(rest, config)  # the remaining images, in order, renumbered 1..k
@@ -185,7 +185,7 @@ def test_failed_fill_slot_becomes_padding_and_is_counted():
     assert core.stats["images"] == before["images"] - 1 and core.stats["fill_failed"] == 1
     assert core.stats["tokens_padding"] == before["tokens_padding"] + d.plans[1].final_tokens
     assert core.images_seen == 40  # already counted when planned
-    every = packer._engine.assemble(d, [failed] * len(d.items), config)[0]  # all failed: all padding
+    every = packer.assemble(d, [failed] * len(d.items), config)[0]  # all failed: all padding
     assert int(every["num_images"]) == 0 and not every["segment_ids"].any() and not every["patches"].any()
 
 
@@ -212,12 +212,12 @@ def test_assemble_refuses_a_fill_that_does_not_match_its_plan():
     config = CONFIGS["uniform-beta"]
     _, decisions, data = run_core(config, make_images(20))
     d = decisions[0]
-    filled = [packer._engine.fill_image(data[p.key], p, config) for p in d.plans]
+    filled = [packer.fill_image(data[p.key], p, config) for p in d.plans]
     filled[0] = dataclasses.replace(filled[0], patches=filled[0].patches[:-1], pos_y=filled[0].pos_y[:-1],
                                     pos_x=filled[0].pos_x[:-1]) if filled[0].num_tokens > 1 else \
         dataclasses.replace(filled[0], patches=np.concatenate([filled[0].patches] * 2))
     with pytest.raises(ValueError, match="plan has"):
-        packer._engine.assemble(d, filled, config)
+        packer.assemble(d, filled, config)
 
 
 def jpeg_variants():
@@ -264,7 +264,7 @@ def test_fast_jpeg_header_agrees_with_pillow():
             assert (head.height, head.width, head.orientation) == (pillow.height, pillow.width, pillow.orientation), key
         plan = packer.plan_header(data, key, config)
         assert (plan.orig_h, plan.orig_w) == (pillow.height, pillow.width), key
-        assert packer._engine.fill_image(data, plan, config).num_tokens == plan.num_tokens
+        assert packer.fill_image(data, plan, config).num_tokens == plan.num_tokens
     assert fast >= 60  # most take the fast path
     for bad in (b"\xff\xd8", b"\xff\xd8\xff\xc0\x00\x11" + b"\x00" * 4, b"GIF89a", b"\xff\xd8\xff\xe1\xff\xff"):
         assert jpeg_header(bad) is None

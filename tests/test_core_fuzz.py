@@ -40,4 +40,4 @@ def test_mutated_images_decode_or_reject_with_a_reason(seed, fmt):
         else:
             assert im.patches.dtype == np.uint8 and 1 <= im.num_tokens <= CONFIG.seq_len
             outcomes["ok"] += 1
-    assert outcomes["ok"] + outcomes["rejected"] == 60
+    assert outcomes["rejected"] >= 1, outcomes  # the mutants did reach the reject path

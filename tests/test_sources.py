@@ -105,12 +105,12 @@ def test_glob_and_single_file_and_labels_modes(image_tree, tmp_path):
     assert flat.class_names is None and {r.label for r in flat} == {None}
 
 
-def test_unreadable_file_is_a_rejection_not_a_crash(image_tree):
+def test_file_gone_after_listing_is_a_rejection_not_a_crash(image_tree):
     root, files = image_tree
     src = open_source(str(root))
     os.remove(root / "dog" / "e.bmp")
     by_key = {r.key: r for r in src}
-    assert by_key["dog/e.bmp"].reject == "unreadable" and by_key["dog/e.bmp"].data == b""
+    assert by_key["dog/e.bmp"].reject == "missing" and by_key["dog/e.bmp"].data == b""
     assert len(by_key) == len(files)
 
 

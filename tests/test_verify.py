@@ -68,12 +68,17 @@ def offsets(path):
 
 
 def check_detected(d, fmt):
+    """Every reader path with its defaults refuses the damaged shard: verify, schemas.read, tf_dataset."""
+    import tensorflow as tf
+
     with pytest.raises(schemas.VerificationError) as e:
         schemas.verify(d)
     assert e.value.shards == [f"{BAD}.{fmt}"] and BAD in str(e.value)
     with pytest.raises(schemas.CorruptShard, match=BAD) as e:
         list(schemas.read(d))
     assert e.value.shard == f"{BAD}.{fmt}"
+    with pytest.raises((schemas.CorruptShard, tf.errors.DataLossError, tf.errors.InvalidArgumentError)):
+        list(schemas.tf_dataset(d))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

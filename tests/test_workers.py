@@ -36,10 +36,10 @@ def reference(decisions, data, crashed=None):
                 filled.append(packer.ImageRejected("worker_crashed", ""))
                 continue
             try:
-                filled.append(packer._engine.fill_image(data[p.key], p, CONFIG))
+                filled.append(packer.fill_image(data[p.key], p, CONFIG))
             except packer.ImageRejected as e:
                 filled.append(e)
-        record, rejects = packer._engine.assemble(d, filled, CONFIG)
+        record, rejects = packer.assemble(d, filled, CONFIG)
         out.append((record, [(r.key, r.reason) for r in rejects]))
     return out
 
@@ -150,7 +150,7 @@ def test_close_detaches_workers_for_reuse_and_frees_everything(decided):
     with packer.FillPool(other, 2, rows_per_slot=3) as again:
         assert sorted(again.worker_pids) == sorted(pids)
         got = run_pool(again, other_decisions, other_data)
-    expected = [packer._engine.assemble(d, [packer._engine.fill_image(other_data[p.key], p, other) for p in d.plans], other)[0]
+    expected = [packer.assemble(d, [packer.fill_image(other_data[p.key], p, other) for p in d.plans], other)[0]
                 for d in other_decisions]
     for (a, _), b in zip(got, expected):
         for k in a:

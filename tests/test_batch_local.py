@@ -1,0 +1,132 @@
+"""The local batch path (pipelines.batch.run_local: the packing core over FillPool processes) against the
+Beam pipeline: byte-identical shards, rejects and manifest; any worker count; a crashed worker costs only
+its image; the reject budget fails early with one line. Inputs are small JPEGs made here."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import packer
+import schemas
+from pipelines import batch
+from pipelines import beam_pipeline as bp
+
+
+def _jpeg(h: int, w: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """36 JPEGs in 3 class folders, an undecodable file, an empty one, and one whose body is cut short (its
+    header plans, its decode fails: a fill-time reject)."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(3)
+    for i in range(36):
+        folder = root / f"class{i % 3}"
+        folder.mkdir(exist_ok=True)
+        h, w = (int(v) for v in rng.integers(20, 200, 2))
+        (folder / f"img{i:02d}.jpg").write_bytes(_jpeg(h, w, i))
+    (root / "class0" / "broken.jpg").write_bytes(b"not an image at all")
+    (root / "class1" / "empty.jpg").write_bytes(b"")
+    (root / "class2" / "cut.jpg").write_bytes(_jpeg(120, 90, 99)[:1500])
+    return str(root)
+
+
+def _job(src, out, **kw) -> bp.PackJob:
+    cfg = packer.PackConfig(seq_len=96, resolution="uniform:24:128", token_drop="beta:0.2:0.5")
+    return bp.PackJob(input=src, output=str(out), config=cfg, **kw)
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory))}
+
+
+def test_local_path_and_beam_direct_runner_write_identical_bytes(image_dir, tmp_path):
+    pytest.importorskip("apache_beam")
+    kw = dict(fmt="tfrecord", num_shards=3, group_size=10, epochs=2)
+    local = _job(image_dir, tmp_path / "local", **kw)
+    beam = _job(image_dir, tmp_path / "beam", **kw)
+    bp.run_pack(local, workers=2)
+    bp.run_pack(beam, beam_args=["--runner=DirectRunner"])
+    a, b = _files(local.output), _files(beam.output)
+    assert len([n for n in a if n.startswith("packed-")]) == 6
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between the local path and Beam"
+    reasons = {json.loads(line)["reason"] for line in a["rejects.jsonl"].decode().splitlines()}
+    assert {"undecodable", "empty"} <= reasons
+
+
+def test_any_worker_count_writes_identical_bytes(image_dir, tmp_path):
+    outs = []
+    for workers in (1, 3):
+        job = _job(image_dir, tmp_path / f"w{workers}", fmt="parquet", num_shards=2, group_size=12)
+        bp.run_pack(job, workers=workers)
+        outs.append(_files(job.output))
+    assert outs[0] == outs[1]
+
+
+def test_crashed_worker_costs_only_its_image(image_dir, tmp_path, monkeypatch):
+    victim = "class1/img04.jpg"
+    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, victim)
+    outs = []
+    for run in range(2):
+        job = _job(image_dir, tmp_path / f"run{run}", num_shards=2)
+        manifest = bp.run_pack(job, workers=2)
+        rejects = [json.loads(line) for line in open(os.path.join(job.output, "rejects.jsonl"))]
+        assert [r["reason"] for r in rejects if r["key"] == victim] == ["worker_crashed"]
+        assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"] == 39
+        keys = {k for rec in schemas.read(job.output) for k in rec["image_keys"] if k}
+        assert victim not in keys and len(keys) == 39 - len(rejects)
+        outs.append(_files(job.output))
+    assert outs[0] == outs[1]  # deterministic despite the crash
+
+
+@pytest.fixture(scope="module")
+def mostly_broken(tmp_path_factory):
+    """150 inputs, 120 of them undecodable."""
+    root = tmp_path_factory.mktemp("broken")
+    for i in range(150):
+        (root / f"f{i:03d}.jpg").write_bytes(_jpeg(24, 24, i) if i % 5 == 0 else b"garbage %d" % i)
+    return str(root)
+
+
+def test_reject_budget_fails_while_packing_and_leaves_no_output(mostly_broken, tmp_path):
+    job = _job(mostly_broken, tmp_path / "out", max_reject_fraction=0.5)
+    with pytest.raises(bp.RejectBudgetExceeded, match=r"of the first (\d+) inputs rejected .*undecodable") as e:
+        bp.run_pack(job, workers=1)
+    seen = int(str(e.value).split("of the first ")[1].split()[0])
+    assert batch.MIN_SEEN_FOR_BUDGET <= seen < 150  # failed before the input was used up
+    assert not [n for n in os.listdir(job.output) if n.startswith("packed-") or n == "manifest.json"]
+    with pytest.raises(schemas.ManifestMissing):
+        list(schemas.read(job.output))
+
+
+def test_reject_budget_cli_prints_one_line(mostly_broken, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pack", "--no-progress", "--input", mostly_broken,
+                        "--output", str(tmp_path / "o"), "--max-reject-fraction", "0.5", "--seq-len", "64"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("navit-pack: error:") and "--max-reject-fraction 0.5" in lines[0]
+
+
+def test_summary_separates_reading_from_packing(image_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "pack", "--no-progress", "--input", image_dir,
+                        "--output", str(tmp_path / "o"), "--seq-len", "64", "--workers", "1"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("  ")[1].strip() for line in r.stdout.splitlines() if line.startswith("  ")}
+    assert {"reading input", "packing", "wall time"} <= rows
+    assert r.stderr.strip() == ""  # no Beam or decoder chatter on a local run
