@@ -47,7 +47,7 @@ def _pct(x: float) -> str:
 
 
 def packing_section(input_spec: str, draws: int) -> str:
-    """Runs the issue-2 targets and the sweep over L, resolution and drop; returns the markdown section."""
+    """Runs the packing-core targets and the sweep over L, resolution and drop; returns the markdown section."""
     sizes = packing.load_sizes(input_spec)
     rel_input = os.path.relpath(input_spec, os.path.join(HERE, ".."))
     t0 = time.perf_counter()
