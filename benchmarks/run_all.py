@@ -64,7 +64,7 @@ def packing_section(input_spec: str, draws: int) -> str:
         _machine_line(),
         f"Input: `{rel_input}` ({len(sizes)} image sizes from headers), resampled {draws:,} times per cell with the "
         "real planning functions; every packer packs the same draws.", "",
-        "### Core targets: uniform:64:256, P=16, L=256, no drop, E_max=16", "",
+        "### Core targets: uniform:64:256, P=16, L=256, no drop, max_images_per_seq=16", "",
         "Command: `python -m benchmarks.run_all --only packing` (function `pipelines.packing_efficiency.core_targets`; "
         f"same figures: `navit-pack bench packing --input {rel_input} --seq-len 256 --draws {draws} --targets`)", "",
         "| packer | peer | efficiency % |", "|---|---|---|",
@@ -74,7 +74,7 @@ def packing_section(input_spec: str, draws: int) -> str:
         lines.append(f"| {label} | {peer} | {_pct(e[label])} |")
     lines += [
         f"| lower bound ceil(total/L) | | {_pct(targets['lower_bound_ceil'])} |",
-        f"| lower bound max(L2, ceil(n/E_max)) | | {_pct(targets['lower_bound_l2'])} |", "",
+        f"| lower bound max(L2, ceil(n/max_images_per_seq)) | | {_pct(targets['lower_bound_l2'])} |", "",
         f"- Default packer efficiency >= 98.5%: {_pct(targets['default_efficiency'])}% ({mark(ok['efficiency'])}); "
         f"within 0.2 points of offline BFD: {targets['gap_to_bfd_points']:+.2f} points ({mark(ok['near_bfd'])}).",
         f"- Packing decisions (`packer.pack_lengths('window-bfd')`, {targets['speed_items']:,} lengths, one core, best "
@@ -84,7 +84,7 @@ def packing_section(input_spec: str, draws: int) -> str:
         "- Streaming memory (tracemalloc peak of WindowBestFit fed from a generator, closed bins dropped): "
         + ", ".join(f"{int(n):,} images: {b / 1024:.0f} KiB" for n, b in mem.items())
         + f" ({mark(ok['memory'])}: bounded by the window, not by the number of images).", "",
-        "### Sweep: efficiency % by sequence length (E_max = L // 16)", "",
+        "### Sweep: efficiency % by sequence length (max_images_per_seq = L // 16)", "",
         "Command: `navit-pack bench packing " + " ".join(sweep_args) + " --plots benchmarks/results`", "",
     ]
     labels = list(dict.fromkeys(c["packer"] for c in result["cells"]))

@@ -274,7 +274,7 @@ def parse_drop(spec: "str | DropPolicy") -> DropPolicy:
 class PackConfig:
     """Everything that shapes the packed output. Spec strings are parsed and validated on construction.
 
-    max_tokens_per_image defaults to seq_len; max_images_per_seq (E_max) defaults to seq_len // 16
+    max_tokens_per_image defaults to seq_len; max_images_per_seq defaults to seq_len // 16
     (room for 4x4-patch images), at least 1.
     """
 

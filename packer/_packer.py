@@ -11,7 +11,7 @@ from ._config import PackConfig
 from ._fill import ImageFill, refit_image
 from ._process import PatchedImage
 
-# Per-image record fields, padded to E_max, with their dtype and padding value.
+# Per-image record fields, padded to max_images_per_seq, with their dtype and padding value.
 PER_IMAGE_FIELDS: dict[str, tuple[Any, Any]] = {
     "labels": (np.int32, -1),
     "grid_h": (np.int32, 0),
@@ -38,7 +38,7 @@ def build_record(images: list[PatchedImage], config: PackConfig, meta_fields: It
     counts = [im.patches.shape[0] for im in images]
     total, k = sum(counts), len(images)
     if total > L or k > E or k == 0:
-        raise ValueError(f"cannot pack {k} images with {total} tokens into L={L}, E_max={E}")
+        raise ValueError(f"cannot pack {k} images with {total} tokens into L={L}, max_images_per_seq={E}")
     patches = np.empty((L, config.token_dim), np.uint8)
     np.concatenate([im.patches for im in images], out=patches[:total])
     patches[total:] = 0

@@ -1,4 +1,4 @@
-"""`navit-pack advise`: recommend a sequence length L and E_max for a padding target."""
+"""`navit-pack advise`: recommend a sequence length L and --max-images-per-seq for a padding target."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     import packer
     from pipelines.packing_efficiency import ADVISE_SEQ_LENS
 
-    p = subparsers.add_parser("advise", help="recommend L and E_max for a padding target",
+    p = subparsers.add_parser("advise", help="recommend L and --max-images-per-seq for a padding target",
                               description="Packs resampled draws of SRC's size distribution at candidate sequence "
                                           "lengths and recommends the smallest L whose padding meets the target.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

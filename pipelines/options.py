@@ -134,7 +134,7 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help=f"per-image token dropping: {packer.DROP_HELP} (default none), "
                         "e.g. --token-drop beta:0.25:0.5 or --token-drop const:0.5@sigmoid:0.2:0.8:1e6:-2e5")
     g.add_argument("--max-images-per-seq", default=None, metavar="E",
-                   help="at most E images in one sequence (E_max, default seq_len//16), e.g. --max-images-per-seq 8")
+                   help="at most E images in one sequence (default seq_len//16), e.g. --max-images-per-seq 8")
     g.add_argument("--max-tokens-per-image", default=None, metavar="T",
                    help="cap on one image's tokens before dropping (default seq_len); larger images are "
                         "resized to fit, e.g. --max-tokens-per-image 196")

@@ -8,12 +8,12 @@ peers' behaviour: each image padded to the token budget (timm / Hugging Face NaF
 smallest that holds every draw, min(L, largest image), their best case), next-fit in input
 order (vit-pytorch NaViT) and first-fit (the paper, A.3). Per cell: efficiency (real tokens / (sequences
 * L)), padding, images per sequence, the gap to two lower bounds on the number of sequences (ceil(total /
-L) and Martello-Toth L2, both also raised to ceil(images / E_max)), the effect of E_max, and the speed of
+L) and Martello-Toth L2, both also raised to ceil(images / max_images_per_seq)), the effect of max_images_per_seq, and the speed of
 the packing decisions.
 
-E_max columns: `emax_closed` counts sequences closed because they reached E_max images while room was
+max_images_per_seq columns: `emax_closed` counts sequences closed because they reached max_images_per_seq images while room was
 left; `images_over_emax` counts the images that the paper's scheme would drop: the same packer run
-without the E_max limit, and every image beyond the E_max-th of a sequence counted as lost.
+without the max_images_per_seq limit, and every image beyond the max_images_per_seq-th of a sequence counted as lost.
 """
 from __future__ import annotations
 
@@ -151,20 +151,20 @@ def martello_toth_l2(lengths: np.ndarray, capacity: int) -> int:
     return int(np.max(n1 + n2 + extra))
 
 
-def lower_bounds(lengths: np.ndarray, capacity: int, max_items: int) -> dict[str, int]:
-    """Lower bounds on the number of sequences: ceil(total / L), Martello-Toth L2, ceil(images / E_max),
-    and `best`, the largest of L2 and the E_max bound."""
+def lower_bounds(lengths: np.ndarray, capacity: int, max_images_per_seq: int) -> dict[str, int]:
+    """Lower bounds on the number of sequences: ceil(total / L), Martello-Toth L2, ceil(images / max_images_per_seq),
+    and `best`, the largest of L2 and the max_images_per_seq bound."""
     total = int(np.sum(lengths))
-    items = -(-len(lengths) // max_items)
+    items = -(-len(lengths) // max_images_per_seq)
     l2 = martello_toth_l2(lengths, capacity)
     return {"ceil": -(-total // capacity), "l2": l2, "items": items, "best": max(l2, items)}
 
 
 # ---------------------------------------------------------------------------------------------- cells
 
-def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_items: int,
+def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_images_per_seq: int,
                    repeats: int = 2) -> dict[str, Any]:
-    """Pack `lengths` with one packer; efficiency, images per sequence, E_max effects, decision speed."""
+    """Pack `lengths` with one packer; efficiency, images per sequence, max_images_per_seq effects, decision speed."""
     n, total = len(lengths), int(np.sum(lengths))
     if spec.name == PAD_TO_BUDGET:  # one image per sequence, padded to the smallest budget that holds every draw
         budget = int(np.max(lengths))
@@ -175,18 +175,18 @@ def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_ite
     best = math.inf
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        bins = packer.pack_lengths(items, spec.name, capacity, max_items, spec.window)
+        bins = packer.pack_lengths(items, spec.name, capacity, max_images_per_seq, spec.window)
         best = min(best, time.perf_counter() - t0)
     sizes = np.fromiter((len(b) for b in bins), np.int64, len(bins))
     fill = np.fromiter((sum(items[i] for i in b) for b in bins), np.int64, len(bins))
     assert int(sizes.sum()) == n and int(fill.sum()) == total and int(fill.max()) <= capacity
-    unbounded = packer.pack_lengths(items, spec.name, capacity, capacity, spec.window) if max_items < capacity else bins
-    over = sum(max(0, len(b) - max_items) for b in unbounded)
+    unbounded = packer.pack_lengths(items, spec.name, capacity, capacity, spec.window) if max_images_per_seq < capacity else bins
+    over = sum(max(0, len(b) - max_images_per_seq) for b in unbounded)
     hist = np.bincount(sizes)
     return {"sequences": len(bins), "slots": len(bins) * capacity, "efficiency": total / (len(bins) * capacity),
             "images_per_seq": n / len(bins),
             "images_per_seq_hist": {int(k): int(v) for k, v in enumerate(hist) if v},
-            "emax_closed": int(np.sum((sizes == max_items) & (fill < capacity))),
+            "emax_closed": int(np.sum((sizes == max_images_per_seq) & (fill < capacity))),
             "images_over_emax": int(over), "images_per_s": n / best if best > 0 else None}
 
 
@@ -195,7 +195,7 @@ def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_L
           max_images: Sequence[int | None] = (None,), packers: Sequence[PackerSpec] | None = None,
           draws: int = 20_000, patch_size: int = 16, seed: int = 0, repeats: int = 2,
           progress: bool = False) -> dict[str, Any]:
-    """Every (resolution, drop, L, E_max, packer) cell on the same draws per (resolution, drop, L).
+    """Every (resolution, drop, L, max_images_per_seq, packer) cell on the same draws per (resolution, drop, L).
     Returns {"cells": [...], "distributions": [...]} (plain JSON)."""
     packers = list(packers or default_packers())
     cells, dists = [], []
@@ -234,10 +234,10 @@ def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_L
 # ---------------------------------------------------------------------------------------------- targets
 
 def streaming_peak_bytes(lengths: np.ndarray, num_items: int, name: str = "window-bfd", capacity: int = 256,
-                         max_items: int = 16, window: int = 1024) -> int:
+                         max_images_per_seq: int = 16, window: int = 1024) -> int:
     """tracemalloc peak of a streaming packer fed `num_items` lengths from a generator (closed bins are
     consumed and dropped, as a pipeline does): the memory the packer itself holds."""
-    algo = packer.make_algorithm(name, capacity, max_items, window)
+    algo = packer.make_algorithm(name, capacity, max_images_per_seq, window)
     src = lengths.tolist()
     n_src = len(src)
     tracemalloc.start()
@@ -277,7 +277,7 @@ def core_targets(sizes: Sequence[ImageSize], *, draws: int = 20_000, speed_items
         t0 = time.perf_counter()
         packer.pack_lengths(big, "next-fit", 256, config.max_images_per_seq)
         baseline.append(time.perf_counter() - t0)
-    peaks = {str(n): streaming_peak_bytes(lengths, n, window=config.window, max_items=config.max_images_per_seq)
+    peaks = {str(n): streaming_peak_bytes(lengths, n, window=config.window, max_images_per_seq=config.max_images_per_seq)
              for n in memory_items}
     first, last = peaks[str(memory_items[0])], peaks[str(memory_items[-1])]
     return {
@@ -295,9 +295,9 @@ def core_targets(sizes: Sequence[ImageSize], *, draws: int = 20_000, speed_items
 ADVISE_SEQ_LENS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-def smallest_emax(lengths: np.ndarray, capacity: int, spec: PackerSpec, tolerance: float = 0.001) -> tuple[int, float]:
-    """The smallest E_max whose efficiency is within `tolerance` of packing without an E_max limit (binary
-    search; efficiency does not decrease as E_max grows, up to packer noise), and that efficiency."""
+def smallest_max_images_per_seq(lengths: np.ndarray, capacity: int, spec: PackerSpec, tolerance: float = 0.001) -> tuple[int, float]:
+    """The smallest max_images_per_seq whose efficiency is within `tolerance` of packing without an max_images_per_seq limit (binary
+    search; efficiency does not decrease as max_images_per_seq grows, up to packer noise), and that efficiency."""
     items, total = lengths.tolist(), int(np.sum(lengths))
     eff = lambda e: total / (len(packer.pack_lengths(items, spec.name, capacity, e, spec.window)) * capacity)  # noqa: E731
     free = eff(capacity)
@@ -314,8 +314,8 @@ def smallest_emax(lengths: np.ndarray, capacity: int, spec: PackerSpec, toleranc
 def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", token_drop: str = "none",
            target_padding: float = 0.02, seq_lens: Sequence[int] = ADVISE_SEQ_LENS, packer_spec: str = "window-bfd",
            draws: int = 20_000, patch_size: int = 16, seed: int = 0, max_shrunk: float = 0.01) -> dict[str, Any]:
-    """Recommend a sequence length L and E_max for a padding target (the paper kept padding under 2% by
-    tuning L). For each candidate L: padding with the chosen packer and E_max, the smallest E_max that costs
+    """Recommend a sequence length L and max_images_per_seq for a padding target (the paper kept padding under 2% by
+    tuning L). For each candidate L: padding with the chosen packer and max_images_per_seq, the smallest max_images_per_seq that costs
     at most 0.1 points of efficiency, and the share of draws whose sampled resolution needs more than L tokens
     (those images would be shrunk to fit, changing the resolution distribution). The recommendation is the
     smallest L (attention cost grows with L) that meets the target while shrinking at most `max_shrunk` of the
@@ -331,9 +331,9 @@ def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", to
     for L in sorted(seq_lens):
         config = packer.PackConfig(seq_len=L, patch_size=patch_size, resolution=resolution, token_drop=token_drop, seed=seed)
         lengths = uncapped if L == big else draw_tokens(sizes, config, draws)
-        emax, eff = smallest_emax(lengths, L, spec)
-        bounds = lower_bounds(lengths, L, emax)
-        rows.append({"seq_len": L, "max_images": emax, "padding": 1.0 - eff, "efficiency": eff,
+        max_images_per_seq, eff = smallest_max_images_per_seq(lengths, L, spec)
+        bounds = lower_bounds(lengths, L, max_images_per_seq)
+        rows.append({"seq_len": L, "max_images": max_images_per_seq, "padding": 1.0 - eff, "efficiency": eff,
                      "padding_bound": 1.0 - int(lengths.sum()) / (bounds["best"] * L),
                      "images_per_seq": len(lengths) * eff * L / int(lengths.sum()),
                      "shrunk": float(np.mean(uncapped > L)), "mean_tokens": float(lengths.mean())})
@@ -348,7 +348,7 @@ def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", to
 def format_advice(a: dict[str, Any]) -> str:
     lines = [f"{a['resolution']}, drop {a['token_drop']}, packer {a['packer']}, {a['draws']:,} draws, "
              f"target padding {100 * a['target_padding']:.1f}%",
-             f"  {'L':>6}{'E_max':>7}{'pad %':>8}{'bound %':>9}{'img/seq':>9}{'tok/img':>9}{'shrunk %':>10}"]
+             f"  {'L':>6}{'E':>7}{'pad %':>8}{'bound %':>9}{'img/seq':>9}{'tok/img':>9}{'shrunk %':>10}"]
     for r in a["candidates"]:
         lines.append(f"  {r['seq_len']:6d}{r['max_images']:7d}{100 * r['padding']:8.2f}{100 * r['padding_bound']:9.2f}"
                      f"{r['images_per_seq']:9.2f}{r['mean_tokens']:9.1f}{100 * r['shrunk']:10.2f}")
@@ -356,7 +356,7 @@ def format_advice(a: dict[str, Any]) -> str:
     verdict = "meets the target" if rec["meets_target"] else "no candidate meets the target; least padding"
     lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images-per-seq {rec['max_images']} "
                  f"(padding {100 * rec['padding']:.2f}%, {verdict})")
-    lines.append("  (bound: padding of the lower bound max(L2, ceil(n/E_max)); shrunk: draws needing more than L "
+    lines.append("  (bound: padding of the lower bound max(L2, ceil(n/E)), E = --max-images-per-seq; shrunk: draws needing more than L "
                  f"tokens, which would be resized to fit; at most {100 * a['max_shrunk']:.1f}% allowed)")
     return "\n".join(lines)
 
@@ -376,7 +376,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Terminal table: one block per (resolution, drop, L, E_max), one row per packer plus the bounds."""
+    """Terminal table: one block per (resolution, drop, L, max_images_per_seq), one row per packer plus the bounds."""
     lines = []
     head = f"{'packer':<18}{'peer':<20}{'eff %':>8}{'pad %':>8}{'img/seq':>9}{'seqs':>8}{'gap L2 %':>10}{'E closed':>9}{'lost@E':>8}{'k img/s':>9}"
     block = None
@@ -387,7 +387,7 @@ def format_table(result: dict[str, Any]) -> str:
                 lines.append("")
             block = key
             b = c["bounds"]
-            lines.append(f"resolution={c['resolution']} drop={c['drop']} L={c['seq_len']} E_max={c['max_images']} "
+            lines.append(f"resolution={c['resolution']} drop={c['drop']} L={c['seq_len']} max_images_per_seq={c['max_images']} "
                          f"images={c['images']} tokens={c['tokens']}")
             lines.append(f"  lower bounds: ceil(total/L)={b['ceil']} seqs (eff <= {100 * c['efficiency_ceil']:.2f}%), "
                          f"max(L2, ceil(n/E))={b['best']} seqs (eff <= {100 * c['efficiency_bound']:.2f}%)")
@@ -418,7 +418,7 @@ def draws_text(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list[str]:
-    """PNG plots: efficiency against L per packer (one figure per resolution/drop/E_max setting), tokens per
+    """PNG plots: efficiency against L per packer (one figure per resolution/drop/max_images_per_seq setting), tokens per
     image, and images per sequence at the reference L (or the closest measured L). Returns the paths."""
     import matplotlib
 
@@ -442,7 +442,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     ref = min(seq_lens, key=lambda L: abs(math.log2(L / reference_len)))
 
     # 1. efficiency against L, per (resolution, drop): full range, and zoomed on the best packers.
-    # E_max is the first value measured at each L.
+    # max_images_per_seq is the first value measured at each L.
     fig, axes = plt.subplots(len(settings), 2, figsize=(13, 4.6 * len(settings)), squeeze=False)
     for row, (res, drop) in zip(axes, settings):
         sel = [c for c in cells if c["resolution"] == res and c["drop"] == drop]
@@ -455,7 +455,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
         zoom_low = min([100 * c["efficiency"] for c in sel if c["algorithm"] in ("window-bfd", "bfd", "first-fit")]
                        + [100 * b for b in bound.values()])
         for ax, zoom in zip(row, (False, True)):
-            ax.plot(xs, [100 * bound[x] for x in xs], "k--", lw=1, label="efficiency ceiling: from the lower bound max(L2, ceil(n/E_max)) on sequences")
+            ax.plot(xs, [100 * bound[x] for x in xs], "k--", lw=1, label="efficiency ceiling: from the lower bound max(L2, ceil(n/max_images_per_seq)) on sequences")
             for label in labels:
                 pts = sorted((c["seq_len"], c["efficiency"]) for c in sel if c["packer"] == label)
                 if not pts or (zoom and label in (PAD_TO_BUDGET, "next-fit")):
@@ -507,7 +507,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
         ks = np.array(sorted(hist))
         ax.bar(ks - 0.4 + width * (j + 0.5), [100 * hist[k] / c["sequences"] for k in ks], width,
                color=_color(c["packer"], labels), label=f"{c['packer']} (mean {c['images_per_seq']:.2f})")
-    ax.set_xlabel(f"images per sequence (E_max = {first_e})")
+    ax.set_xlabel(f"images per sequence (max_images_per_seq = {first_e})")
     ax.set_ylabel("% of sequences")
     ax.set_title(f"Images per sequence at L = {ref}, {res}, drop {drop}")
     ax.grid(alpha=0.3, axis="y")
@@ -525,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", nargs="+", default=["uniform:64:256"], help=packer.RESOLUTION_HELP)
     parser.add_argument("--token-drop", nargs="+", default=["none"], help=packer.DROP_HELP)
     parser.add_argument("--max-images-per-seq", nargs="+", default=["auto"],
-                        help="E_max values; 'auto' = L // 16 for each L")
+                        help="max_images_per_seq values; 'auto' = L // 16 for each L")
     parser.add_argument("--packers", nargs="+", default=None,
                         help="packers, a list (unlike pack's single --packer): pad-to-budget next-fit first-fit window-bfd@W bfd "
                              "(default: all, windows " + ",".join(map(str, DEFAULT_WINDOWS)) + ")")

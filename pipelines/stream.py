@@ -448,7 +448,7 @@ class PackedStream:
 
 
 def element_spec(config: PackConfig, meta_fields: Sequence[str] = ()) -> dict:
-    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [E_max], []."""
+    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [max_images_per_seq], []."""
     import tensorflow as tf
 
     L, E = config.seq_len, config.max_images_per_seq

@@ -62,7 +62,7 @@ def test_martello_toth_l2_known_and_bounding():
 
 
 def test_emax_accounting():
-    """100 one-token images, L=10, E_max=2: every sequence is closed by E_max; the paper's scheme (pack
+    """100 one-token images, L=10, max_images_per_seq=2: every sequence is closed by max_images_per_seq; the paper's scheme (pack
     without the limit, drop the extra images) would lose 8 of every 10."""
     m = packing.measure_packer(np.ones(100, np.int64), packing.PackerSpec("next-fit"), 10, 2)
     assert m["sequences"] == 50 and m["emax_closed"] == 50 and m["images_over_emax"] == 80
