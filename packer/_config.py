@@ -1,6 +1,6 @@
 """Validated, frozen configuration and the one parser of the spec strings shared by CLI and API.
 
-Spec strings (see README):
+Spec strings (see docs/core.md):
   resolution: native | fixed:R | budget:T | naflex:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area
   token drop: none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], each optionally followed
               by @sigmoid:RHO_MIN:RHO_MAX:MU:TAU (paper A.5), which then sets the policy's mean rate.

@@ -152,7 +152,7 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help="none (default) or exact: resize the last image of a sequence to fill it exactly, e.g. --fill exact")
     g.add_argument("--resize", default="default", metavar="KERNEL",
                    help="resize kernel: default (antialiased, close to Pillow's bicubic) or fast (linear, about "
-                        "1.2x faster per image, less faithful; see README), e.g. --resize fast")
+                        "1.2x faster per image, less faithful; see docs/core.md), e.g. --resize fast")
     g.add_argument("--labels", default="auto", metavar="MODE",
                    help="auto (default: from sub-folder names or the dataset's label column), folder (every image must "
                         "sit in a class sub-folder), none (all -1) or filename:REGEX (folders: the first group of "
