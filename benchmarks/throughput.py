@@ -1,18 +1,19 @@
-"""End-to-end packing throughput on one core, as ratios to two baselines measured in the same run.
+"""`navit-pack pack` throughput on ImageNet-size JPEGs, as ratios to baselines measured in the same run.
 
-On a folder of JPEGs (default ../shared/data/imagenet-dev), with --resolution uniform:64:256 and L=256,
-the process pinned to one core (os.sched_setaffinity):
+The 250 JPEGs of --data (default ../shared/data/imagenet-dev) are copied under distinct names into a
+temporary folder until there are --images of them (default 2,000). With --resolution uniform:64:256, L=256:
 
-- pack_core: the pack path in-process, JPEG bytes -> prepare_image -> SequencePacker -> schemas.write_shard.
-- pack_beam: `navit-pack pack` (the Beam pipeline, DirectRunner, one worker) end to end from the image folder
-  to written shards and manifest. Steady rate: extra epochs / extra time between a run with 1 epoch and
-  one with 1 + E epochs, which cancels the fixed start-up cost (pipeline construction, imports).
-- pillow_full_decode: Image.open(...).convert("RGB") of every image at full size (baseline 1).
-- timm_naflex: timm-style NaFlex preprocessing: full decode, resize to the largest grid with at most 256
-  patches under ceil rounding (timm / SigLIP2 get_image_size_for_max_num_patches), patchify; no packing
-  (baseline 2).
+- prepare_image: in-process `packer.prepare_image` over the same files' bytes, pinned to one core (baseline).
+- pillow_full_decode: Image.open(...).convert("RGB") of the same bytes on one core (reference).
+- pack_1core_steady: `navit-pack pack --workers 1` as a subprocess pinned to one core (its main process and
+  its one fill process share it). Steady rate: extra images / extra time between a run of 1 epoch and one
+  of 2 epochs, which cancels the start-up cost (imports, listing, worker start).
+- pack_2core_steady vs pack_1w_2core_steady: `--workers 2` and `--workers 1` pinned to two cores.
+- startup_s: wall time of `navit-pack pack` on a folder of one JPEG, start to exit (an upper bound on the
+  start-up to the first decoded image).
+- efficiency: packing efficiency of the 1-epoch run (manifest).
 
-  python -m benchmarks.throughput [--data DIR] [--epochs 4] [--json out.json]
+  python -m benchmarks.throughput [--data DIR] [--images 2000] [--json out.json]
 """
 from __future__ import annotations
 
@@ -20,127 +21,107 @@ import argparse
 import glob
 import io
 import json
-import math
 import os
-import statistics
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 import packer
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet-dev")
+DEFAULT_DATA = "/work/shared/data/imagenet-dev"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pin_to_one_core() -> int:
-    core = sorted(os.sched_getaffinity(0))[0]
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def timed_rate(fn, n: int, rounds: int) -> float:
-    """Median images/s of `rounds` calls of fn() (each processes n images), after one warm-up call."""
+def rate(fn, n: int) -> float:
+    """Images/s of one call of fn() over n images, after a warm-up on the first few."""
+    t = time.perf_counter()
     fn()
-    rates = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return n / (time.perf_counter() - t)
 
 
-def pillow_full_decode(blobs: list[bytes]) -> None:
-    for b in blobs:
-        Image.open(io.BytesIO(b)).convert("RGB").load()
+def make_folder(data: str, images: int, dest: str) -> list[str]:
+    """Copy the JPEGs of `data` under distinct names into `dest` until there are `images` of them."""
+    paths = sorted(glob.glob(os.path.join(data, "*.JPEG")) + glob.glob(os.path.join(data, "*.jpg")))
+    if not paths:
+        raise SystemExit(f"no JPEGs in {data}")
+    out = []
+    for i in range(images):
+        target = os.path.join(dest, f"copy{i // len(paths):03d}_{os.path.basename(paths[i % len(paths)])}")
+        shutil.copyfile(paths[i % len(paths)], target)
+        out.append(target)
+    return out
 
 
-def naflex_size(h: int, w: int, patch: int, max_patches: int) -> tuple[int, int]:
-    """timm / SigLIP2 NaFlex: the largest scale whose ceil-rounded patch grid has <= max_patches patches."""
-    lo, hi = 1e-6, 64.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if math.ceil(h * mid / patch) * math.ceil(w * mid / patch) <= max_patches:
-            lo = mid
-        else:
-            hi = mid
-    return max(1, math.ceil(h * lo / patch)) * patch, max(1, math.ceil(w * lo / patch)) * patch
+def pack_seconds(folder: str, out: str, cores: set[int], workers: int, epochs: int, args) -> tuple[float, dict]:
+    """Wall seconds of one `navit-pack pack` subprocess pinned to `cores`, and its manifest."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "pack", "--no-progress", "--input", folder, "--output", out,
+           "--overwrite", "--seq-len", str(args.seq_len), "--resolution", args.resolution, "--labels", "none",
+           "--workers", str(workers), "--epochs", str(epochs)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores))
+    seconds = time.perf_counter() - t
+    with open(os.path.join(out, "manifest.json")) as f:
+        return seconds, json.load(f)
 
 
-def timm_naflex(blobs: list[bytes], patch: int = 16, max_patches: int = 256) -> None:
-    for b in blobs:
-        img = Image.open(io.BytesIO(b)).convert("RGB")
-        th, tw = naflex_size(img.height, img.width, patch, max_patches)
-        pixels = np.asarray(img.resize((tw, th), Image.Resampling.BICUBIC))
-        packer.patchify(pixels, patch)
-
-
-def pack_core(blobs: list[bytes], keys: list[str], config: packer.PackConfig, out: str) -> None:
-    import schemas
-
-    sp = packer.SequencePacker(config)
-    records = []
-    for key, b in zip(keys, blobs):
-        records.extend(sp.add(packer.prepare_image(b, key, config)))
-    records.extend(sp.flush())
-    schemas.write_shard(out, 0, 1, "tfrecord", records, seq_len=config.seq_len, token_dim=config.token_dim,
-                        max_images=config.max_images_per_seq)
-
-
-def pack_beam_seconds(data: str, config: packer.PackConfig, epochs: int) -> float:
-    from pipelines.beam_pipeline import PackJob, run_pack
-
-    with tempfile.TemporaryDirectory() as tmp:
-        job = PackJob(input=data, output=os.path.join(tmp, "out"), config=config, epochs=epochs)
-        t = time.perf_counter()
-        run_pack(job, workers=1)
-        return time.perf_counter() - t
+def steady(folder: str, tmp: str, cores: set[int], workers: int, n: int, args) -> tuple[float, dict]:
+    """Steady images/s: n extra images over the extra time of 2 epochs against 1; also the 1-epoch manifest."""
+    one, manifest = pack_seconds(folder, os.path.join(tmp, "o1"), cores, workers, 1, args)
+    two, _ = pack_seconds(folder, os.path.join(tmp, "o2"), cores, workers, 2, args)
+    return n / max(two - one, 1e-9), manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--resolution", default="uniform:64:256")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="extra epochs of the Beam run for the steady rate")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import logging
-    logging.getLogger().setLevel(logging.ERROR)
-
-    paths = sorted(glob.glob(os.path.join(args.data, "*.JPEG")) + glob.glob(os.path.join(args.data, "*.jpg")))
-    if not paths:
-        raise SystemExit(f"no JPEGs in {args.data}")
-    blobs = [open(p, "rb").read() for p in paths]
-    keys = [os.path.basename(p) for p in paths]
-    core = pin_to_one_core()
+    cores = sorted(os.sched_getaffinity(0))
+    one_core, two_cores = {cores[0]}, set(cores[:2])
     config = packer.PackConfig(seq_len=args.seq_len, resolution=args.resolution)
-    n = len(blobs)
-    result = {"images": n, "core": core, "config": config.to_json(), "rates_images_per_s": {}}
-    rates = result["rates_images_per_s"]
-    rates["pillow_full_decode"] = timed_rate(lambda: pillow_full_decode(blobs), n, args.rounds)
-    rates["timm_naflex"] = timed_rate(lambda: timm_naflex(blobs, config.patch_size, args.seq_len), n, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        rates["pack_core"] = timed_rate(lambda: pack_core(blobs, keys, config, tmp), n, args.rounds)
-    one = pack_beam_seconds(args.data, config, 1)
-    more = pack_beam_seconds(args.data, config, 1 + args.epochs)
-    rates["pack_beam_steady"] = args.epochs * n / max(more - one, 1e-9)
-    rates["pack_beam_incl_startup"] = (1 + args.epochs) * n / more
-    result["beam_seconds"] = {"epochs_1": one, f"epochs_{1 + args.epochs}": more}
-    result["ratios"] = {
-        "pack_beam_steady / pillow_full_decode": rates["pack_beam_steady"] / rates["pillow_full_decode"],
-        "pack_beam_steady / timm_naflex": rates["pack_beam_steady"] / rates["timm_naflex"],
-        "pack_core / pillow_full_decode": rates["pack_core"] / rates["pillow_full_decode"],
-        "pack_core / timm_naflex": rates["pack_core"] / rates["timm_naflex"],
-    }
-    print(f"{n} JPEGs from {args.data}, {args.resolution}, L={args.seq_len}, pinned to core {core}")
-    for name, rate in rates.items():
-        print(f"  {name:<24} {rate:8.1f} images/s")
-    for name, ratio in result["ratios"].items():
-        print(f"  {name:<40} {ratio:5.2f}x")
+        folder = os.path.join(tmp, "images")
+        os.makedirs(folder)
+        paths = make_folder(args.data, args.images, folder)
+        n = len(paths)
+        blobs = [open(p, "rb").read() for p in paths]
+        keys = [os.path.basename(p) for p in paths]
+        os.sched_setaffinity(0, one_core)
+        rates = {
+            "prepare_image": rate(lambda: [packer.prepare_image(b, k, config) for k, b in zip(keys, blobs)], n),
+            "pillow_full_decode": rate(lambda: [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], n),
+        }
+        os.sched_setaffinity(0, set(cores))
+        rates["pack_1core_steady"], manifest = steady(folder, tmp, one_core, 1, n, args)
+        if len(two_cores) == 2:
+            rates["pack_1w_2core_steady"], _ = steady(folder, tmp, two_cores, 1, n, args)
+            rates["pack_2w_2core_steady"], _ = steady(folder, tmp, two_cores, 2, n, args)
+        single = os.path.join(tmp, "single")
+        os.makedirs(single)
+        shutil.copyfile(paths[0], os.path.join(single, "one.jpg"))
+        startup, _ = pack_seconds(single, os.path.join(tmp, "os"), one_core, 1, 1, args)
+    ratios = {"pack_1core_steady / prepare_image": rates["pack_1core_steady"] / rates["prepare_image"],
+              "pack_1core_steady / pillow_full_decode": rates["pack_1core_steady"] / rates["pillow_full_decode"]}
+    if "pack_2w_2core_steady" in rates:
+        ratios["2 workers on 2 cores / 1 worker on 1 core"] = rates["pack_2w_2core_steady"] / rates["pack_1core_steady"]
+        ratios["2 workers on 2 cores / 1 worker on 2 cores"] = rates["pack_2w_2core_steady"] / rates["pack_1w_2core_steady"]
+    result = {"images": n, "data": args.data, "config": config.to_json(), "rates_images_per_s": rates,
+              "ratios": ratios, "startup_s": startup, "efficiency": manifest["efficiency"]}
+    print(f"{n} JPEGs (copies of {args.data}), {args.resolution}, L={args.seq_len}")
+    for name, value in rates.items():
+        print(f"  {name:<28} {value:8.1f} images/s")
+    for name, value in ratios.items():
+        print(f"  {name:<46} {value:5.2f}x")
+    print(f"  {'start-up (1-image pack, start to exit)':<46} {startup:5.2f} s")
+    print(f"  {'packing efficiency':<46} {100 * manifest['efficiency']:.2f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -182,7 +182,13 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
     from pipelines.beam_pipeline import finalize
 
     timings = timings if timings is not None else {}
-    progress = on_progress or (lambda *a: None)
+    with packer.FillPool(job.config, max(1, workers)) as pool:  # workers start while the input is read
+        summaries, rejects = _run_groups(job, source, units, pool, on_progress or (lambda *a: None), timings)
+    return finalize(job, summaries, rejects)
+
+
+def _run_groups(job: PackJob, source, units: Sequence[str], pool, progress, timings: dict) -> tuple[list, list]:
+    """Read the input (listing pass), then decide, fill and write every group; (summaries, rejects)."""
     budget = RejectBudget(job.max_reject_fraction)
     t0 = time.perf_counter()
     index: list[tuple[int, int, str]] = []  # (unit index, position in unit, key)
@@ -206,23 +212,22 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
     groups, _ = layout(num_images, job)
     summaries, rejects, done = [], [], 0
     read_time = 0.0
-    with packer.FillPool(job.config, max(1, workers)) as pool:
-        for epoch in range(job.epochs):
-            members: list[list[int]] = [[] for _ in range(groups)]
-            for i, (_, _, key) in enumerate(index):
-                members[packing_group(job.config.seed, key, epoch, groups)].append(i)
-            for g in range(groups):
-                t1 = time.perf_counter()
-                items = _read_items(source, units, [index[i] for i in members[g]], kept)
-                read_time += time.perf_counter() - t1
-                gp = decide_group(items, job, epoch, g, num_images, budget)
-                summaries.append(write_group(gp, _pool_records(pool, gp, job), job, num_images, budget))
-                rejects.extend(gp.rejects)
-                done += gp.images_in
-                progress("packing", done, num_images * job.epochs)
+    for epoch in range(job.epochs):
+        members: list[list[int]] = [[] for _ in range(groups)]
+        for i, (_, _, key) in enumerate(index):
+            members[packing_group(job.config.seed, key, epoch, groups)].append(i)
+        for g in range(groups):
+            t1 = time.perf_counter()
+            items = _read_items(source, units, [index[i] for i in members[g]], kept)
+            read_time += time.perf_counter() - t1
+            gp = decide_group(items, job, epoch, g, num_images, budget)
+            summaries.append(write_group(gp, _pool_records(pool, gp, job), job, num_images, budget))
+            rejects.extend(gp.rejects)
+            done += gp.images_in
+            progress("packing", done, num_images * job.epochs)
     timings["reading"] += read_time
     timings["packing"] = time.perf_counter() - t0 - timings["reading"]
-    return finalize(job, summaries, rejects)
+    return summaries, rejects
 
 
 def _read_items(source, units: Sequence[str], entries: Sequence[tuple[int, int, str]],

@@ -14,8 +14,13 @@ import numpy as np
 from ._schema import RecordError, Schema
 
 
+_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -37,32 +42,46 @@ def _varints(values: np.ndarray) -> bytes:
     return out[np.arange(10)[None, :] < nbytes[:, None]].tobytes()
 
 
+_TAGS = {number: _varint(number << 3 | 2) for number in (1, 2, 3)}
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return b"".join((_TAGS[number], _varint(len(payload)), payload))
 
 
-def _feature(v: np.ndarray, dtype: str) -> bytes:
-    """A serialized tf.train.Feature: bytes_list = 1, float_list = 2, int64_list = 3 (packed lists)."""
+def _wrap(number: int, parts: list[bytes], length: int) -> tuple[list[bytes], int]:
+    """Parts of a length-delimited field around `parts` (of total `length` bytes), without copying them."""
+    head = _TAGS[number] + _varint(length)
+    return [head, *parts], len(head) + length
+
+
+def _feature(v: np.ndarray, dtype: str) -> tuple[list[bytes], int]:
+    """A tf.train.Feature as parts: bytes_list = 1, float_list = 2, int64_list = 3 (packed lists)."""
     if dtype == "uint8":
-        return _field(1, _field(1, np.ascontiguousarray(v).tobytes()))
-    if dtype == "int32":
-        packed = _varints(v)
-        return _field(3, _field(1, packed) if packed else b"")
-    if dtype == "float32":
-        packed = np.ascontiguousarray(v, dtype="<f4").tobytes()
-        return _field(2, _field(1, packed) if packed else b"")
-    return _field(1, b"".join(_field(1, s.encode("utf-8")) for s in v.reshape(-1)))
+        raw = np.ascontiguousarray(v).tobytes()
+        return _wrap(1, *_wrap(1, [raw], len(raw)))
+    if dtype in ("int32", "float32"):
+        packed = _varints(v) if dtype == "int32" else np.ascontiguousarray(v, dtype="<f4").tobytes()
+        inner = _wrap(1, [packed], len(packed)) if packed else ([], 0)
+        return _wrap(3 if dtype == "int32" else 2, *inner)
+    values = [_field(1, s.encode("utf-8")) for s in v.reshape(-1)]
+    return _wrap(1, values, sum(map(len, values)))
 
 
 def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
     """Serialized tf.train.Example of one (validated) record, written as protobuf wire format by hand (no
-    TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key)."""
-    entries = []
+    TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key). Built
+    as a list of parts joined once, so the patches are copied once."""
+    parts: list[bytes] = []
+    total = 0
     for f in sorted(schema.fields, key=lambda f: f.name.encode("utf-8")):
-        entry = _field(1, f.name.encode("utf-8")) + _field(2, _feature(np.asarray(record[f.name]), f.dtype))
-        entries.append(_field(1, entry))
-    return _field(1, b"".join(entries))
+        name = _field(1, f.name.encode("utf-8"))
+        feature, length = _wrap(2, *_feature(np.asarray(record[f.name]), f.dtype))
+        entry, length = _wrap(1, [name, *feature], len(name) + length)
+        parts += entry
+        total += length
+    return b"".join(_wrap(1, parts, total)[0])
 
 
 def _masked_crc(data: bytes) -> bytes:
