@@ -150,7 +150,8 @@ class _GcsLock:
         return True
 
 
-def _store(directory: str):
+def _store(directory: "str | os.PathLike[str]"):
+    directory = os.fspath(directory)  # write_dataset and the readers accept pathlib paths too
     return _GcsLock(directory) if directory.startswith("gs://") else _LocalLock(directory)
 
 
