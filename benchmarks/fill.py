@@ -1,4 +1,4 @@
-"""The price of exact fill (fill="exact", issue 9), against the same stream packed with fill="none".
+"""The price of exact fill (fill="exact"), against the same stream packed with fill="none".
 
 For each sequence length L, `--draws` images are drawn from the input's sizes (draw i resamples size
 i % n with key f"{i}/{name}") and planned with the resolution policy (default uniform:64:256, P=16). Both

@@ -2,7 +2,7 @@
 
 Each benchmark fills one section of RESULTS.md (between `<!-- bench: NAME -->` markers) with its figures,
 the machine, the date and the exact command. The packing section is written here from
-benchmarks/packing.py; the other benchmarks (throughput, formats, streaming) are run through their
+pipelines.packing_efficiency; the other benchmarks (throughput, formats, streaming) are run through their
 module's main() and their printed output is recorded; a missing module is skipped with a note.
 `--only NAME ...` reruns some benchmarks and keeps the other sections as they are.
 """
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import packing
+from pipelines import packing_efficiency as packing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -47,11 +47,11 @@ def _pct(x: float) -> str:
 
 
 def packing_section(input_spec: str, draws: int) -> str:
-    """Runs the issue-2 targets and the sweep over L, resolution and drop; returns the markdown section."""
+    """Runs the packing-core targets and the sweep over L, resolution and drop; returns the markdown section."""
     sizes = packing.load_sizes(input_spec)
     rel_input = os.path.relpath(input_spec, os.path.join(HERE, ".."))
     t0 = time.perf_counter()
-    targets = packing.issue2_targets(sizes, draws=draws)
+    targets = packing.core_targets(sizes, draws=draws)
     sweep_args = ["--input", rel_input, "--seq-len", *map(str, packing.DEFAULT_SEQ_LENS), "--resolution",
                   *SWEEP_RESOLUTIONS, "--token-drop", *SWEEP_DROPS, "--draws", str(draws)]
     result = packing.sweep(sizes, resolutions=SWEEP_RESOLUTIONS, drops=SWEEP_DROPS, draws=draws)
@@ -64,8 +64,8 @@ def packing_section(input_spec: str, draws: int) -> str:
         _machine_line(),
         f"Input: `{rel_input}` ({len(sizes)} image sizes from headers), resampled {draws:,} times per cell with the "
         "real planning functions; every packer packs the same draws.", "",
-        "### Core targets (issue 2): uniform:64:256, P=16, L=256, no drop, E_max=16", "",
-        "Command: `python -m benchmarks.run_all --only packing` (function `benchmarks.packing.issue2_targets`; "
+        "### Core targets: uniform:64:256, P=16, L=256, no drop, max_images_per_seq=16", "",
+        "Command: `python -m benchmarks.run_all --only packing` (function `pipelines.packing_efficiency.core_targets`; "
         f"same figures: `navit-pack bench packing --input {rel_input} --seq-len 256 --draws {draws} --targets`)", "",
         "| packer | peer | efficiency % |", "|---|---|---|",
     ]
@@ -74,7 +74,7 @@ def packing_section(input_spec: str, draws: int) -> str:
         lines.append(f"| {label} | {peer} | {_pct(e[label])} |")
     lines += [
         f"| lower bound ceil(total/L) | | {_pct(targets['lower_bound_ceil'])} |",
-        f"| lower bound max(L2, ceil(n/E_max)) | | {_pct(targets['lower_bound_l2'])} |", "",
+        f"| lower bound max(L2, ceil(n/max_images_per_seq)) | | {_pct(targets['lower_bound_l2'])} |", "",
         f"- Default packer efficiency >= 98.5%: {_pct(targets['default_efficiency'])}% ({mark(ok['efficiency'])}); "
         f"within 0.2 points of offline BFD: {targets['gap_to_bfd_points']:+.2f} points ({mark(ok['near_bfd'])}).",
         f"- Packing decisions (`packer.pack_lengths('window-bfd')`, {targets['speed_items']:,} lengths, one core, best "
@@ -84,7 +84,7 @@ def packing_section(input_spec: str, draws: int) -> str:
         "- Streaming memory (tracemalloc peak of WindowBestFit fed from a generator, closed bins dropped): "
         + ", ".join(f"{int(n):,} images: {b / 1024:.0f} KiB" for n, b in mem.items())
         + f" ({mark(ok['memory'])}: bounded by the window, not by the number of images).", "",
-        "### Sweep: efficiency % by sequence length (E_max = L // 16)", "",
+        "### Sweep: efficiency % by sequence length (max_images_per_seq = L // 16)", "",
         "Command: `navit-pack bench packing " + " ".join(sweep_args) + " --plots benchmarks/results`", "",
     ]
     labels = list(dict.fromkeys(c["packer"] for c in result["cells"]))

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-TARGET_IMAGES_PER_S = 3_150  # one H100 training NaViT-B/16 at L=256, batch 64 (issue 12)
+TARGET_IMAGES_PER_S = 3_150  # one H100 training NaViT-B/16 at L=256, batch 64
 CONFIG = dict(seq_len=256, patch_size=16, resolution="uniform:64:256")
 
 

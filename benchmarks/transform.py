@@ -1,4 +1,4 @@
-"""The per-image transform (issue 14): speed on one pinned core and accuracy against the reference.
+"""The per-image transform: speed on one pinned core and accuracy against the reference.
 
 Over the dev JPEGs (default ../shared/data/imagenet-dev, looped to at least --decodes decodes), with each
 image's target grid drawn as prepare_image draws it (--resolution uniform:64:256, P=16, L=256):
@@ -6,7 +6,7 @@ image's target grid drawn as prepare_image draws it (--resolution uniform:64:256
 - pillow_full_decode: Image.open(...).convert("RGB") at full size, the yardstick (1.0x).
 - pillow_draft_decode: Pillow with draft() (DCT scaling 1/2, 1/4, 1/8) to >= the target, no resize.
 - simplejpeg_decode: libjpeg-turbo at the 1/2^k scale that prepare_image uses, no resize.
-- previous_transform: the transform before issue 14 (Pillow draft + Pillow bicubic, reducing_gap=2).
+- previous_transform: the earlier transform (Pillow draft + Pillow bicubic, reducing_gap=2).
 - prepare_default / prepare_fast: packer.prepare_image, --resize default / fast (decode, resize, patchify).
 
 The same on --large photos of 1600x1200 (landscape) or 1200x1600, made by upscaling dev images with Pillow
@@ -95,7 +95,7 @@ def simplejpeg_scaled(data: bytes, height: int, width: int) -> None:
 
 
 def previous_transform(data: bytes, height: int, width: int) -> np.ndarray:
-    """decode_resized before issue 14: Pillow draft, EXIF transpose, Pillow bicubic with reducing_gap=2."""
+    """The earlier decode_resized: Pillow draft, EXIF transpose, Pillow bicubic with reducing_gap=2."""
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (width, height))
     img = ImageOps.exif_transpose(img).convert("RGB")

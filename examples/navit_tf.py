@@ -8,7 +8,7 @@ things a NaViT consumer must get right, and the tests check each:
     (pos / grid size, bucketed or through a small MLP), looked up per token from its own image's grid;
   - self-attention masked by segment_ids: a token attends only to tokens of its own image (padding
     tokens attend only to padding, so every softmax row has a finite entry and nothing becomes NaN);
-  - masked mean pooling to E_max vectors per sequence, one per image slot, zeros for empty slots.
+  - masked mean pooling to max_images_per_seq vectors per sequence, one per image slot, zeros for empty slots.
 Not part of the core package (it imports TensorFlow); load it from examples/.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class NaViTConfig:
 
     patch_size: int = 16
     channels: int = 3
-    max_images: int = 16  # E_max of the records: one output slot per image
+    max_images: int = 16  # max_images_per_seq of the records: one output slot per image
     num_classes: int = 10
     width: int = 64
     depth: int = 2

@@ -1,5 +1,5 @@
 """Packing decisions on lengths only. Each algorithm takes items (id, length) in arrival order and
-returns closed bins as lists of item ids; none ever puts more than `capacity` tokens or `max_items`
+returns closed bins as lists of item ids; none ever puts more than `capacity` tokens or `max_images_per_seq`
 items in a bin. Their state is plain JSON so that a stream can resume."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import math
 from itertools import repeat
 from typing import Callable, Iterable, Iterator, Optional
+from ._config import FILL_PACKERS
 
 # feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
 Feasible = Callable[[int, int, int], Optional[float]]
@@ -16,14 +17,14 @@ Feasible = Callable[[int, int, int], Optional[float]]
 class NextFit:
     """One open bin; an item that does not fit closes it (vit-pytorch NaViT, input order)."""
 
-    def __init__(self, capacity: int, max_items: int):
-        self.capacity, self.max_items = capacity, max_items
+    def __init__(self, capacity: int, max_images_per_seq: int):
+        self.capacity, self.max_images_per_seq = capacity, max_images_per_seq
         self._bin: list[int] = []
         self._room = capacity
 
     def push(self, item: int, length: int) -> list[list[int]]:
         out = []
-        if length > self._room or len(self._bin) == self.max_items:
+        if length > self._room or len(self._bin) == self.max_images_per_seq:
             out.append(self._bin)
             self._bin, self._room = [], self.capacity
         self._bin.append(item)
@@ -47,8 +48,8 @@ class FirstFit:
     until full, so memory grows with the stream: a baseline. A max-tree over bin rooms finds the
     first fitting bin in O(log bins)."""
 
-    def __init__(self, capacity: int, max_items: int):
-        self.capacity, self.max_items = capacity, max_items
+    def __init__(self, capacity: int, max_images_per_seq: int):
+        self.capacity, self.max_images_per_seq = capacity, max_images_per_seq
         self._bins: list[list[int] | None] = []
         self._size = 1
         self._tree = [0, 0]  # implicit binary tree; leaves at [size, 2*size)
@@ -90,7 +91,7 @@ class FirstFit:
         room = tree[i] - length
         contents = self._bins[pos]
         contents.append(item)
-        if room == 0 or len(contents) == self.max_items:
+        if room == 0 or len(contents) == self.max_images_per_seq:
             self._set(pos, 0)
             self._bins[pos] = None
             return [contents]
@@ -99,7 +100,7 @@ class FirstFit:
 
     def flush(self) -> list[list[int]]:
         out = [b for b in self._bins if b]
-        self.__init__(self.capacity, self.max_items)
+        self.__init__(self.capacity, self.max_images_per_seq)
         return out
 
     def state(self) -> dict:
@@ -107,13 +108,13 @@ class FirstFit:
         return {"bins": [[b, r] for b, r in zip(self._bins, rooms) if b]}
 
     def restore(self, state: dict) -> None:
-        self.__init__(self.capacity, self.max_items)
+        self.__init__(self.capacity, self.max_images_per_seq)
         for contents, room in state["bins"]:
             self._open([room])
             self._bins[-1] = list(contents)
 
 
-def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_items: int
+def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_images_per_seq: int
                         ) -> tuple[list[list[tuple[int, int, int]]], list[int], list[int]]:
     """Best-fit-decreasing over (negated length, id, age) tuples. Returns the bins, their rooms and the
     oldest age in each.
@@ -122,7 +123,7 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_it
     indexed by room in a bitmask so that the search is a few integer operations. Carried items (age > 0)
     are placed before new ones: short items carried from a round where nothing had room for them then
     meet the new long items' bins first, instead of ending in bins of short items alone that reach
-    max_items half empty (at L=4096 with token dropping: 96.6% -> 99.8% efficiency)."""
+    max_images_per_seq half empty (at L=4096 with token dropping: 96.6% -> 99.8% efficiency)."""
     items = sorted(it for it in items if it[2]) + sorted(it for it in items if not it[2])
     bins: list[list[tuple[int, int, int]]] = []
     rooms: list[int] = []
@@ -149,7 +150,7 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_it
         contents.append(it)
         room -= length
         rooms[b] = room
-        if room and len(contents) < max_items:
+        if room and len(contents) < max_images_per_seq:
             stack = by_room[room]
             if not stack:
                 mask |= 1 << room
@@ -161,14 +162,14 @@ class WindowBestFit:
     """The default streaming packer: best-fit-decreasing over a bounded window, with carry-over.
 
     Items collect in a window of `window` items. When it is full, the window is packed with
-    best-fit-decreasing; bins that are exactly full, at max_items, or with less room than the window's
+    best-fit-decreasing; bins that are exactly full, at max_images_per_seq, or with less room than the window's
     shortest item are emitted, and the items of the other bins are carried over into the next round to
     meet new items, unless one of them has already been carried `max_age` times, in which case its bin
     is emitted as it is. Memory is bounded
     by the window; every item leaves within max_age + 1 rounds."""
 
-    def __init__(self, capacity: int, max_items: int, window: int = 1024, max_age: int = 1):
-        self.capacity, self.max_items, self.window, self.max_age = capacity, max_items, window, max_age
+    def __init__(self, capacity: int, max_images_per_seq: int, window: int = 1024, max_age: int = 1):
+        self.capacity, self.max_images_per_seq, self.window, self.max_age = capacity, max_images_per_seq, window, max_age
         self._items: list[tuple[int, int, int]] = []  # (-length, id, age): sorts longest first, then by arrival
 
     def push(self, item: int, length: int) -> list[list[int]]:
@@ -194,12 +195,12 @@ class WindowBestFit:
         return self._round(final=True) if self._items else []
 
     def _round(self, final: bool) -> list[list[int]]:
-        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_items)
+        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_images_per_seq)
         out, carried = [], []
-        max_age, max_items = self.max_age, self.max_items
+        max_age, max_images_per_seq = self.max_age, self.max_images_per_seq
         shortest = -max(self._items)[0]  # a bin with less room than this takes no item of the window
         for contents, room, age in zip(bins, rooms, oldest):
-            if final or room < shortest or age >= max_age or len(contents) == max_items:
+            if final or room < shortest or age >= max_age or len(contents) == max_images_per_seq:
                 out.append([it[1] for it in contents])
             else:
                 carried += [(n, i, a + 1) for n, i, a in contents]
@@ -285,9 +286,9 @@ class ExactFillWindow(WindowBestFit):
     items of the non-full bins are re-packed, longest first, one bin at a time, each bin closed as
     above with the rest as donors, so only the last bin may be non-full. Chosen lengths: take_refits()."""
 
-    def __init__(self, capacity: int, max_items: int, window: int, feasible: Feasible, max_age: int = 1,
+    def __init__(self, capacity: int, max_images_per_seq: int, window: int, feasible: Feasible, max_age: int = 1,
                  max_defer: int = 2, max_probes: int = 64, bound_weight: float = 0.25, swap_probes: int = 8):
-        super().__init__(capacity, max_items, window, max_age)
+        super().__init__(capacity, max_images_per_seq, window, max_age)
         self.swap_probes = swap_probes
         self._ages: dict[int, int] = {}
         self.feasible, self.max_defer, self.max_probes, self.bound_weight = feasible, max_defer, max_probes, bound_weight
@@ -300,12 +301,12 @@ class ExactFillWindow(WindowBestFit):
         return out
 
     def _round(self, final: bool) -> list[list[int]]:
-        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_items)
+        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_images_per_seq)
         emit: list[list] = []  # [[[id, length], ...], room]
         carried = []
-        max_age, max_items = self.max_age, self.max_items
+        max_age, max_images_per_seq = self.max_age, self.max_images_per_seq
         for contents, room, age in zip(bins, rooms, oldest):
-            if room == 0 or len(contents) == max_items or (not final and age >= max_age):
+            if room == 0 or len(contents) == max_images_per_seq or (not final and age >= max_age):
                 emit.append([[[i, -n] for n, i, _ in contents], room])
             else:
                 carried.extend(contents)
@@ -329,7 +330,7 @@ class ExactFillWindow(WindowBestFit):
         """End of stream: the donors left make bins one at a time, longest first, each closed exactly."""
         while donors:
             contents, room = [], self.capacity
-            while room and len(contents) < self.max_items:
+            while room and len(contents) < self.max_images_per_seq:
                 found = donors.largest_at_most(room)
                 if found is None:
                     break
@@ -346,7 +347,7 @@ class ExactFillWindow(WindowBestFit):
         """Close the bin `entry` (room > 0) with the cheapest feasible re-plan, moving in the longest
         donor that fits as it is while there is none; False if it cannot be closed."""
         while not self._close_once(entry, donors):
-            found = donors.largest_at_most(entry[1]) if len(entry[0]) < self.max_items else None
+            found = donors.largest_at_most(entry[1]) if len(entry[0]) < self.max_images_per_seq else None
             if found is None:
                 return False
             donors.taken.add(found[1])
@@ -364,7 +365,7 @@ class ExactFillWindow(WindowBestFit):
             cost = feasible(item, n, n + room)
             if cost is not None and (best is None or cost < best[0]):
                 best = (cost, pos, n + room, None)
-        if len(contents) < self.max_items:
+        if len(contents) < self.max_images_per_seq:
             for probes, (bound, n, item) in enumerate(donors.nearest(room)):
                 if probes == self.max_probes or (best is not None and self.bound_weight * bound >= best[0]):
                     break
@@ -417,36 +418,36 @@ class ExactFillWindow(WindowBestFit):
         return True
 
 
-def make_algorithm(name: str, capacity: int, max_items: int, window: int = 1024, feasible: Feasible | None = None):
+def make_algorithm(name: str, capacity: int, max_images_per_seq: int, window: int = 1024, feasible: Feasible | None = None):
     """The streaming packer called `name` ('bfd' is offline: it decides everything at flush).
     With `feasible`, the exact-fill variant (window-bfd and bfd only; see ExactFillWindow)."""
     if feasible is not None:
-        if name not in ("window-bfd", "bfd"):
+        if name not in FILL_PACKERS:
             raise ValueError(f"exact fill needs packer window-bfd or bfd, got {name!r}")
-        return ExactFillWindow(capacity, max_items, window if name == "window-bfd" else 2**62, feasible)
+        return ExactFillWindow(capacity, max_images_per_seq, window if name == "window-bfd" else 2**62, feasible)
     if name == "next-fit":
-        return NextFit(capacity, max_items)
+        return NextFit(capacity, max_images_per_seq)
     if name == "first-fit":
-        return FirstFit(capacity, max_items)
+        return FirstFit(capacity, max_images_per_seq)
     if name == "window-bfd":
-        return WindowBestFit(capacity, max_items, window)
+        return WindowBestFit(capacity, max_images_per_seq, window)
     if name == "bfd":
-        return WindowBestFit(capacity, max_items, window=2**62)
+        return WindowBestFit(capacity, max_images_per_seq, window=2**62)
     raise ValueError(f"unknown packer {name!r}")
 
 
-def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: int, window: int = 1024,
+def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_images_per_seq: int, window: int = 1024,
                  feasible: Feasible | None = None) -> list[list[int]]:
     """Bins of item indices for a sequence of lengths: the packing decisions alone (benchmarks, planning).
     With `feasible` (a model of which re-plans are allowed), the exact-fill decisions; see fill_lengths."""
     if feasible is not None:
-        return fill_lengths(lengths, name, capacity, max_items, window, feasible)[0]
+        return fill_lengths(lengths, name, capacity, max_images_per_seq, window, feasible)[0]
     lengths = [int(n) for n in lengths]
     bad = next((i for i, n in enumerate(lengths) if not 1 <= n <= capacity), None) \
         if lengths and not (1 <= min(lengths) and max(lengths) <= capacity) else None
     if bad is not None:
         raise ValueError(f"item {bad} has length {lengths[bad]}, outside [1, {capacity}]")
-    algo = make_algorithm(name, capacity, max_items, window)
+    algo = make_algorithm(name, capacity, max_images_per_seq, window)
     # Hundreds of thousands of small lists and no reference cycles: the cyclic garbage collector would
     # rescan the growing output again and again (a third of the time at 1M items), so pause it.
     collecting = gc.isenabled()
@@ -463,11 +464,11 @@ def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: in
     return bins
 
 
-def fill_lengths(lengths: Iterable[int], name: str, capacity: int, max_items: int, window: int,
+def fill_lengths(lengths: Iterable[int], name: str, capacity: int, max_images_per_seq: int, window: int,
                  feasible: Feasible) -> tuple[list[list[int]], list[int], int]:
     """Exact-fill packing on lengths: (bins of item indices, each item's final length, number of bins
     emitted non-full that were not the stream's last)."""
-    algo = make_algorithm(name, capacity, max_items, window, feasible)
+    algo = make_algorithm(name, capacity, max_images_per_seq, window, feasible)
     final = [int(n) for n in lengths]
     bins: list[list[int]] = []
     for i, n in enumerate(final):

@@ -1,6 +1,6 @@
 """Validated, frozen configuration and the one parser of the spec strings shared by CLI and API.
 
-Spec strings (see README):
+Spec strings (see docs/core.md):
   resolution: native | fixed:R | budget:T | naflex:T | uniform:RMIN:RMAX | tnormal:RMIN:RMAX:MU:SIGMA:side|area
   token drop: none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], each optionally followed
               by @sigmoid:RHO_MIN:RHO_MAX:MU:TAU (paper A.5), which then sets the policy's mean rate.
@@ -211,6 +211,7 @@ DropPolicy = Union[NoDrop, ConstDrop, BetaDrop, ResDepDrop]
 DROP_HELP = "none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], optionally + @sigmoid:RHO_MIN:RHO_MAX:MU:TAU"
 
 PACKERS = ("window-bfd", "next-fit", "first-fit", "bfd")
+FILL_PACKERS = ("window-bfd", "bfd")  # the packers that can close a sequence exactly full (fill="exact")
 DEFAULT_PACKER = "window-bfd"
 
 
@@ -273,7 +274,7 @@ def parse_drop(spec: "str | DropPolicy") -> DropPolicy:
 class PackConfig:
     """Everything that shapes the packed output. Spec strings are parsed and validated on construction.
 
-    max_tokens_per_image defaults to seq_len; max_images_per_seq (E_max) defaults to seq_len // 16
+    max_tokens_per_image defaults to seq_len; max_images_per_seq defaults to seq_len // 16
     (room for 4x4-patch images), at least 1.
     """
 
@@ -319,6 +320,8 @@ class PackConfig:
                  f"must be three integers in [0, 255], got {self.background!r}")
         set_("background", tuple(self.background))
         _require(self.fill in ("none", "exact"), "fill", f"must be none or exact, got {self.fill!r}")
+        _require(self.fill == "none" or self.packer in FILL_PACKERS, "fill",
+                 f"exact fill needs packer {' or '.join(FILL_PACKERS)}, got packer {self.packer!r}")
         _require(self.resize in ("default", "fast"), "resize", f"must be default or fast, got {self.resize!r}")
 
     @property

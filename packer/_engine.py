@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ._algorithms import make_algorithm
-from ._config import ConfigError, ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
+from ._config import ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._fill import plan_fill
 from ._image import ImageRejected, JpegHeader, OpenedImage, read_header
@@ -365,9 +365,7 @@ class PackingCore:
         self.unique_keys = unique_keys
         self._pending: dict[int, tuple[ImagePlan, Any]] = {}
         self._fill: Optional[_PlanFill] = None
-        if config.fill == "exact":
-            if config.packer not in ("window-bfd", "bfd"):
-                raise ConfigError("fill", f"exact fill needs packer window-bfd or bfd, got {config.packer!r}")
+        if config.fill == "exact":  # PackConfig checked that the packer can fill
             self._fill = _PlanFill(config, self._pending)
         self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window, self._fill)
         self._next_id = 0

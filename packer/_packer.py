@@ -7,11 +7,11 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from ._algorithms import make_algorithm
-from ._config import ConfigError, PackConfig
+from ._config import PackConfig
 from ._fill import ImageFill, refit_image
 from ._process import PatchedImage
 
-# Per-image record fields, padded to E_max, with their dtype and padding value.
+# Per-image record fields, padded to max_images_per_seq, with their dtype and padding value.
 PER_IMAGE_FIELDS: dict[str, tuple[Any, Any]] = {
     "labels": (np.int32, -1),
     "grid_h": (np.int32, 0),
@@ -38,7 +38,7 @@ def build_record(images: list[PatchedImage], config: PackConfig, meta_fields: It
     counts = [im.patches.shape[0] for im in images]
     total, k = sum(counts), len(images)
     if total > L or k > E or k == 0:
-        raise ValueError(f"cannot pack {k} images with {total} tokens into L={L}, E_max={E}")
+        raise ValueError(f"cannot pack {k} images with {total} tokens into L={L}, max_images_per_seq={E}")
     patches = np.empty((L, config.token_dim), np.uint8)
     np.concatenate([im.patches for im in images], out=patches[:total])
     patches[total:] = 0
@@ -97,9 +97,7 @@ class SequencePacker:
         self.meta_fields = tuple(meta_fields)
         self._pending: dict[int, tuple[PatchedImage, Any]] = {}
         self._fill = None
-        if config.fill == "exact":
-            if config.packer not in ("window-bfd", "bfd"):
-                raise ConfigError("fill", f"exact fill needs packer window-bfd or bfd, got {config.packer!r}")
+        if config.fill == "exact":  # PackConfig checked that the packer can fill
             self._fill = ImageFill(config, _Images(self._pending))
         self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window, self._fill)
         self._next_id = 0

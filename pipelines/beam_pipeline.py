@@ -34,8 +34,8 @@ import os
 from typing import Iterable, Iterator, Optional, Sequence
 
 import packer
+from schemas import FORMATS
 
-FORMATS = ("tfrecord", "arrow", "parquet", "array_record")
 COUNTERS = "navit_pack"  # Beam Metrics namespace
 _REJECTS_TAG = "rejects"
 

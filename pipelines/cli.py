@@ -19,8 +19,19 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line in the CLI's one error format (`navit-pack: error: ...`,
+    exit 2), like every other configuration error, instead of the usage block."""
+
+    def error(self, message: str):
+        from pipelines.options import fail
+
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        fail(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="navit-pack", description="NaViT (Patch n' Pack) data pipeline.")
+    parser = _Parser(prog="navit-pack", description="NaViT (Patch n' Pack) data pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

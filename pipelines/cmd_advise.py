@@ -1,16 +1,17 @@
-"""`navit-pack advise`: recommend a sequence length L and E_max for a padding target."""
+"""`navit-pack advise`: recommend a sequence length L and --max-images-per-seq for a padding target."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from pipelines.options import fail
 
 
 def register(subparsers) -> None:
     import packer
-    from benchmarks.packing import ADVISE_SEQ_LENS
+    from pipelines.packing_efficiency import ADVISE_SEQ_LENS
 
-    p = subparsers.add_parser("advise", help="recommend L and E_max for a padding target",
+    p = subparsers.add_parser("advise", help="recommend L and --max-images-per-seq for a padding target",
                               description="Packs resampled draws of SRC's size distribution at candidate sequence "
                                           "lengths and recommends the smallest L whose padding meets the target.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import packer
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     try:
         sizes = packing.load_sizes(args.input)
@@ -40,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
                                 draws=args.draws, patch_size=args.patch_size, seed=args.seed,
                                 max_shrunk=args.max_shrunk)
     except (ValueError, packer.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(e)
     print(packing.format_advice(advice))
     if args.json:
         with open(args.json, "w") as f:

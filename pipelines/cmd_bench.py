@@ -1,12 +1,14 @@
-"""`navit-pack bench packing`: the packing-efficiency sweep of benchmarks/packing.py."""
+"""`navit-pack bench packing`: the packing-efficiency sweep of pipelines.packing_efficiency."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pipelines.options import fail
+
 
 def register(subparsers) -> None:
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     bench = subparsers.add_parser("bench", help="benchmarks (packing efficiency)")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -18,10 +20,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks import packing
+    from pipelines import packing_efficiency as packing
 
     try:
         return packing.run(args, command="navit-pack " + " ".join(sys.argv[1:]))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(e)

@@ -60,7 +60,8 @@ def register(subparsers) -> None:
 
 def job_from_args(args: argparse.Namespace):
     """A PackJob from parsed arguments; raises options.OptionError on a bad value."""
-    from pipelines.beam_pipeline import FORMATS, PackJob
+    from pipelines.beam_pipeline import PackJob
+    from schemas import FORMATS
 
     config = options.config_or_error(args)
     return PackJob(

@@ -16,7 +16,7 @@ Stopping: SIGTERM, SIGINT (Ctrl-C) or the end of --duration stops the servers wi
 a second signal kills them and exits at once with status 128 + the signal number. The servers run in a child process: TensorFlow cannot stop a worker that
 a trainer has read from without deadlocking (its stop waits, holding the GIL, for a task that needs it),
 so the child exits without stopping them, and the parent kills it if that takes longer than 10 s.
-The servers bind every network interface and have no authentication: see the README.
+The servers bind every network interface and have no authentication: see docs/streaming.md.
 """
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     if args.report:
-        from benchmarks.report import write_report
+        from pipelines.report import write_report
 
         print(f"wrote {write_report(args.dir, args.report)}", file=sys.stderr)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.options import fail
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("verify", help="check a packed output directory (sha256, counts, CRCs, records)",
@@ -24,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAILED {e}", file=sys.stderr)
         return 1
     except (schemas.ManifestMissing, schemas.ManifestError) as e:
-        print(f"FAILED {e}", file=sys.stderr)
-        return 2
+        fail(e)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"OK {report.directory}: {report.format}, {report.num_shards} shards, {report.num_sequences} sequences"

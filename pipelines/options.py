@@ -1,6 +1,6 @@
 """Command-line options that shape the packed output, shared by `pack`, `serve` and `bench`.
 
-`add_pack_options(parser)` adds them; `config_from_args(args)` turns them into a validated PackConfig.
+`add_pack_options(parser)` adds them; `config_or_error(args)` turns them into a validated PackConfig.
 Values are parsed here rather than by argparse so that every invalid value gives exactly one line on
 stderr naming the option and what it accepts (argparse would print the usage block first), and the
 command exits with status 2 before doing any work.
@@ -32,8 +32,10 @@ class OptionError(ValueError):
         self.flag = flag
 
 
-def fail(error: OptionError | str, prog: str = "navit-pack") -> NoReturn:
-    """Print one line `navit-pack: error: ...` and exit with status 2."""
+def fail(error: Exception | str, prog: str = "navit-pack") -> NoReturn:
+    """Print one line `navit-pack: error: ...` and exit with status 2: the one error format of every subcommand."""
+    if isinstance(error, packer.ConfigError):
+        error = as_option_error(error)
     print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -132,7 +134,7 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help=f"per-image token dropping: {packer.DROP_HELP} (default none), "
                         "e.g. --token-drop beta:0.25:0.5 or --token-drop const:0.5@sigmoid:0.2:0.8:1e6:-2e5")
     g.add_argument("--max-images-per-seq", default=None, metavar="E",
-                   help="at most E images in one sequence (E_max, default seq_len//16), e.g. --max-images-per-seq 8")
+                   help="at most E images in one sequence (default seq_len//16), e.g. --max-images-per-seq 8")
     g.add_argument("--max-tokens-per-image", default=None, metavar="T",
                    help="cap on one image's tokens before dropping (default seq_len); larger images are "
                         "resized to fit, e.g. --max-tokens-per-image 196")
@@ -150,7 +152,7 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help="none (default) or exact: resize the last image of a sequence to fill it exactly, e.g. --fill exact")
     g.add_argument("--resize", default="default", metavar="KERNEL",
                    help="resize kernel: default (antialiased, close to Pillow's bicubic) or fast (linear, about "
-                        "1.2x faster per image, less faithful; see README), e.g. --resize fast")
+                        "1.2x faster per image, less faithful; see docs/core.md), e.g. --resize fast")
     g.add_argument("--labels", default="auto", metavar="MODE",
                    help="auto (default: from sub-folder names or the dataset's label column), folder (every image must "
                         "sit in a class sub-folder), none (all -1) or filename:REGEX (folders: the first group of "
@@ -163,16 +165,8 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                    help="source metadata fields carried per image as meta_<name> columns, e.g. --meta-fields caption,url")
 
 
-def config_from_args(args: argparse.Namespace) -> packer.PackConfig:
-    """A validated PackConfig from parsed arguments; on a bad value prints one line and exits 2."""
-    try:
-        return config_or_error(args)
-    except OptionError as e:
-        fail(e)
-
-
 def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
-    """Like config_from_args, but raises OptionError (for callers that report errors themselves)."""
+    """A validated PackConfig from parsed arguments; raises OptionError naming the flag of a bad value."""
     parse_labels(args.labels)
     parse_meta_fields(args.meta_fields)
     if hasattr(args, "input"):
@@ -194,6 +188,11 @@ def config_or_error(args: argparse.Namespace) -> packer.PackConfig:
     try:
         return packer.PackConfig(**values)
     except packer.ConfigError as e:
-        flag = CONFIG_FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        message = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
-        raise OptionError(flag, message) from None
+        raise as_option_error(e) from None
+
+
+def as_option_error(error: packer.ConfigError) -> OptionError:
+    """The ConfigError of a PackConfig field, reworded to name the flag the user typed."""
+    flag = CONFIG_FLAGS.get(error.field, "--" + error.field.replace("_", "-"))
+    message = str(error).split(": ", 1)[1] if ": " in str(error) else str(error)
+    return OptionError(flag, message)

@@ -211,7 +211,7 @@ class LocalService:
     dispatcher: "HOST:PORT" of a dispatcher started elsewhere (`navit-pack serve --workers 0`) that the
     workers join instead of starting one here; num_workers=0 starts a dispatcher alone. `host` is the
     name the workers give the dispatcher, and through it the trainers, to reach them.
-    The servers bind every interface and have no authentication (see the README).
+    The servers bind every interface and have no authentication (see docs/streaming.md).
 
     stop() can block for good: TensorFlow's worker stop waits for its running tasks while holding the
     GIL, and a task running the packing generator (Python) needs the GIL to finish. It is safe once

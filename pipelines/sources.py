@@ -82,11 +82,6 @@ class Source(abc.ABC):
         records = (r for unit in self.units() for r in self._read(unit))
         return records if self.unique_keys else flag_duplicates(records)
 
-    @property
-    def num_records(self) -> Optional[int]:
-        """The number of records when known without reading them (for progress bars), else None."""
-        return None
-
     def label_description(self) -> str:
         """How labels were found, for summaries: "from the input's labels: 10 classes" or "none: every label is -1"."""
         if self.class_names is None:

@@ -115,7 +115,6 @@ class FileSource(Source):
         self.labels = labels
         self._pattern = filename_label_pattern(spec, labels) if labels.startswith(FILENAME_LABELS) else None
         self._units = [json.dumps(keys[i:i + files_per_unit]) for i in range(0, len(keys), files_per_unit)]
-        self._num = len(keys)
         self._class_index = {name: i for i, name in enumerate(class_names or ())}
 
     @classmethod
@@ -166,10 +165,6 @@ class FileSource(Source):
 
     def units(self) -> list[str]:
         return list(self._units)
-
-    @property
-    def num_records(self) -> int:
-        return self._num
 
     def _path(self, key: str) -> str:
         return key if self.root in ("", ".") else f"{self.root.rstrip('/')}/{key}"

@@ -258,10 +258,6 @@ class SyntheticSource(Source):
     def units(self) -> list[str]:
         return [f"{a}-{min(a + IMAGES_PER_UNIT, self.count)}" for a in range(0, self.count, IMAGES_PER_UNIT)]
 
-    @property
-    def num_records(self) -> int:
-        return self.count
-
     def key(self, index: int) -> str:
         return f"synthetic/{index:0{self._width}d}"
 

@@ -127,11 +127,10 @@ class ArrowSource(Source):
     """Parquet (one unit per row group, "FILE#GROUP") or Arrow IPC file/stream (one unit per file)."""
 
     def __init__(self, spec: str, kind: str, root: str, units: list[str], *, image: str, label: Optional[str],
-                 key: Optional[str], class_names: Optional[tuple[str, ...]], meta_fields: tuple[str, ...],
-                 num_records: Optional[int]):
+                 key: Optional[str], class_names: Optional[tuple[str, ...]], meta_fields: tuple[str, ...]):
         self.spec, self.kind, self.root, self._units = spec, kind, root, units
         self.image, self.label, self.key = image, label, key
-        self.class_names, self.meta_fields, self._num = class_names, meta_fields, num_records
+        self.class_names, self.meta_fields = class_names, meta_fields
 
     @classmethod
     def from_spec(cls, spec: str, body: str, *, kind: str, labels: str = "auto",
@@ -143,9 +142,9 @@ class ArrowSource(Source):
         root, paths, use_beam = expand_input(spec, pattern, suffixes=(f".{kind}",))
         try:
             if kind == "parquet":
-                schema, units, total = _parquet_layout(paths, use_beam)
+                schema, units = _parquet_layout(paths, use_beam)
             else:
-                schema, units, total = _read_arrow_table(paths[0], use_beam, schema_only=True), list(paths), None
+                schema, units = _read_arrow_table(paths[0], use_beam, schema_only=True), list(paths)
         except Exception as e:
             raise SourceError(spec, f"cannot read {kind} metadata: {type(e).__name__}: {e}") from None
         image = _arrow_image_column(spec, schema, options.get("image"))
@@ -165,14 +164,11 @@ class ArrowSource(Source):
         meta_fields = check_meta_fields(spec, meta_fields, schema.names)
         class_names = _hf_class_names(schema, label) if label is not None else None
         return cls(spec, kind, root, units, image=image, label=label, key=key, class_names=class_names,
-                   meta_fields=meta_fields, num_records=total)
+                   meta_fields=meta_fields)
 
     def units(self) -> list[str]:
         return list(self._units)
 
-    @property
-    def num_records(self) -> Optional[int]:
-        return self._num
 
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         columns = list(dict.fromkeys(c for c in (self.image, self.label, self.key, *self.meta_fields) if c))
@@ -210,10 +206,10 @@ def _split_unit(unit: str) -> tuple[str, int]:
 
 
 def _parquet_layout(paths: list[str], use_beam: bool):
-    """(schema of the first file, units "FILE#GROUP#FIRSTROW", total rows) from the files' footers."""
+    """(schema of the first file, units "FILE#GROUP#FIRSTROW") from the files' footers."""
     import pyarrow.parquet as pq
 
-    schema, units, total = None, [], 0
+    schema, units = None, []
     for path in paths:
         with open_file(path, use_beam=use_beam) as f:
             meta = pq.ParquetFile(f).metadata
@@ -223,8 +219,7 @@ def _parquet_layout(paths: list[str], use_beam: bool):
         for g in range(meta.num_row_groups):
             units.append(f"{path}#{g}#{first}")
             first += meta.row_group(g).num_rows
-        total += meta.num_rows
-    return schema, units, total
+    return schema, units
 
 
 def _read_arrow_table(path: str, use_beam: bool, schema_only: bool = False):

@@ -65,8 +65,7 @@ class TfdsSource(Source):
         if base not in builder.info.splits:
             raise SourceError(spec, f"no split {base!r}; {name} has {', '.join(builder.info.splits.keys())}")
         info = builder.info.splits[split]
-        self._num = int(info.num_examples)
-        if self._num == 0:
+        if int(info.num_examples) == 0:
             raise SourceError(spec, f"split {split!r} is empty")
         shards = 0 if "[" in split else len(builder.info.splits[base].shard_lengths)
         self._units = [f"{split}[{i}shard:{i + 1}shard]" for i in range(shards)] if shards > 1 else [split]
@@ -113,10 +112,6 @@ class TfdsSource(Source):
 
     def units(self) -> list[str]:
         return list(self._units)
-
-    @property
-    def num_records(self) -> int:
-        return self._num
 
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         import tensorflow_datasets as tfds

@@ -42,7 +42,7 @@ import numpy as np
 
 import packer
 from packer import Decision, FillPool, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudgetExceeded, Refit
-from packer._engine import check_budget_spec
+from packer import check_budget_spec
 
 STATE_VERSION = 2
 __all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source"]
@@ -448,7 +448,7 @@ class PackedStream:
 
 
 def element_spec(config: PackConfig, meta_fields: Sequence[str] = ()) -> dict:
-    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [E_max], []."""
+    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [max_images_per_seq], []."""
     import tensorflow as tf
 
     L, E = config.seq_len, config.max_images_per_seq

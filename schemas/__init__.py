@@ -1,18 +1,30 @@
 """The packed-record schema and its formats: one definition (schemas.Schema, SCHEMA_VERSION) from which
 the TFRecord feature spec, the Arrow/Parquet schema, the writers, the readers and verify() derive.
 
-Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that use them.
+Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that use them. The names in `__all__`
+are the public API; the `_modules` are private.
 """
-from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
-                  claim_output, iter_shard, prepare_output_dir, read, read_manifest, sha256_file, shard_name, shard_paths, write_dataset,
-                  write_manifest, write_rejects, write_shard)
-from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._hf import siglip2_inputs
+from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
+                  claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
+                  write_rejects, write_shard)
+from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
-from ._schema import (BASE_FIELDS, FORMATS, SCHEMA_VERSION, Field, RecordError, Schema, SchemaError,
-                      check_consistency, numpy_dtype)
+from ._schema import FORMATS, SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
-from ._tfrecord import decode_example
 from ._verify import VerificationError, VerifyReport, verify
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # the record schema and the formats it is written in
+    "Schema", "SCHEMA_VERSION", "FORMATS", "SchemaError", "RecordError",
+    # reading packed output: records, tf.data, the manifest, verification
+    "read", "tf_dataset", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
+    "ManifestError", "ManifestMissing", "CorruptShard",
+    # writing packed output (atomic, sharded), as the Beam job and the examples do
+    "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",
+    "OutputWriteError", "MANIFEST", "REJECTS",
+    # one writer per output folder: the lock a run holds while it writes
+    "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
+    # from a record to a model's inputs
+    "attention_mask", "pooling_matrix", "tf_attention_mask", "tf_pooling_matrix", "siglip2_inputs",
+]

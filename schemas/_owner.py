@@ -150,8 +150,8 @@ class _GcsLock:
         return True
 
 
-def _store(directory: "str | os.PathLike"):
-    directory = os.fspath(directory)
+def _store(directory: "str | os.PathLike[str]"):
+    directory = os.fspath(directory)  # write_dataset and the readers accept pathlib paths too
     return _GcsLock(directory) if directory.startswith("gs://") else _LocalLock(directory)
 
 
@@ -221,6 +221,4 @@ def take_lock(directory: str, *, command: Optional[str] = None,
                                f"wait for it, or remove {LOCK} if that run is gone")
         if store.remove(held[1]):
             note(f"navit-pack: note: taking over {directory} from a run that is gone ({describe(other)})")
-            if store.create(data):
-                return OutputClaim(directory, record, store)
     raise OutputLocked(f"output folder {directory}: could not take its lock (other runs keep taking it)")

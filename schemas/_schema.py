@@ -8,8 +8,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from packer import META_PREFIX
+
 SCHEMA_VERSION = 1
-META_PREFIX = "meta_"  # same as packer.META_PREFIX; kept here so readers need not import the packer
 FORMATS = {"tfrecord": "tfrecord", "arrow": "arrow", "parquet": "parquet",
            "array_record": "array_record"}  # format name -> file extension
 

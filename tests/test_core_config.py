@@ -50,6 +50,8 @@ def test_drop_specs_parse_and_round_trip(spec):
     ({"packer": "magic"}, "packer"),
     ({"seed": -1}, "seed"),
     ({"resize": "lanczos"}, "resize"),
+    ({"fill": "exact", "packer": "next-fit"}, "fill"),
+    ({"fill": "exact", "packer": "first-fit"}, "fill"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:

@@ -77,7 +77,7 @@ def test_exif_orientation_applied_before_planning(orientation, expected_shape):
     opened = OpenedImage(data, 10**8)
     assert (opened.height, opened.width) == expected_shape
     out = opened.decode_resized(*expected_shape)
-    reference = np.asarray(packer.to_rgb(Image.fromarray(pix), (0, 0, 0)))
+    reference = np.asarray(packer._image.to_rgb(Image.fromarray(pix), (0, 0, 0)))
     ref = {1: reference, 3: np.rot90(reference, 2), 6: np.rot90(reference, -1), 8: np.rot90(reference, 1)}[orientation]
     assert np.abs(out.astype(int) - ref.astype(int)).mean() < 6
 

@@ -15,13 +15,13 @@ STREAMING = ["next-fit", "first-fit", "window-bfd"]
 
 @settings(max_examples=150, deadline=None)
 @given(lengths=st.lists(st.integers(1, 64), min_size=0, max_size=300), cap=st.integers(64, 128),
-       max_items=st.integers(1, 9), name=st.sampled_from(STREAMING + ["bfd"]), window=st.integers(1, 50))
-def test_every_item_packed_once_within_capacity_and_item_limit(lengths, cap, max_items, name, window):
-    bins = packer.pack_lengths(lengths, name, cap, max_items, window)
+       max_images_per_seq=st.integers(1, 9), name=st.sampled_from(STREAMING + ["bfd"]), window=st.integers(1, 50))
+def test_every_item_packed_once_within_capacity_and_item_limit(lengths, cap, max_images_per_seq, name, window):
+    bins = packer.pack_lengths(lengths, name, cap, max_images_per_seq, window)
     flat = sorted(i for b in bins for i in b)
     assert flat == list(range(len(lengths)))
     for b in bins:
-        assert 1 <= len(b) <= max_items
+        assert 1 <= len(b) <= max_images_per_seq
         assert sum(lengths[i] for i in b) <= cap
 
 
@@ -129,8 +129,8 @@ def test_window_packer_memory_is_bounded_by_its_window():
 
 
 @settings(max_examples=100, deadline=None)
-@given(lengths=st.lists(st.integers(1, 100), max_size=400), window=st.integers(1, 40), max_items=st.integers(1, 6))
-def test_batched_window_decisions_equal_item_by_item_pushes(lengths, window, max_items):
-    algo = packer.make_algorithm("window-bfd", 100, max_items, window)
+@given(lengths=st.lists(st.integers(1, 100), max_size=400), window=st.integers(1, 40), max_images_per_seq=st.integers(1, 6))
+def test_batched_window_decisions_equal_item_by_item_pushes(lengths, window, max_images_per_seq):
+    algo = packer.make_algorithm("window-bfd", 100, max_images_per_seq, window)
     one_by_one = [b for i, n in enumerate(lengths) for b in algo.push(i, n)] + algo.flush()
-    assert packer.pack_lengths(lengths, "window-bfd", 100, max_items, window) == one_by_one
+    assert packer.pack_lengths(lengths, "window-bfd", 100, max_images_per_seq, window) == one_by_one

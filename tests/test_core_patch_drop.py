@@ -93,6 +93,6 @@ def test_every_draw_is_a_pure_function_of_seed_key_epoch(jpeg_bytes):
 def test_bad_labels_rejected():
     for bad in [float("nan"), 1.5, -2, "cat", float("inf")]:
         with pytest.raises(packer.ImageRejected) as err:
-            packer.check_label(bad)
+            packer._process.check_label(bad)
         assert err.value.reason == "bad_label"
-    assert packer.check_label(None) == -1 and packer.check_label(3.0) == 3 and packer.check_label(np.int64(7)) == 7
+    assert packer._process.check_label(None) == -1 and packer._process.check_label(3.0) == 3 and packer._process.check_label(np.int64(7)) == 7

@@ -54,7 +54,7 @@ NAFLEX_GOLDEN = [
 
 @pytest.mark.parametrize("size,patch,tokens,expected", NAFLEX_GOLDEN)
 def test_naflex_golden_grids(size, patch, tokens, expected):
-    assert packer.grid_for_naflex(*size, patch, tokens) == expected
+    assert packer._plan.grid_for_naflex(*size, patch, tokens) == expected
     cfg = PackConfig(patch_size=patch, resolution=f"naflex:{tokens}", seq_len=max(tokens, 16))
     assert packer.plan_grid(*size, cfg, None) == expected
 
@@ -66,7 +66,7 @@ def test_naflex_matches_transformers_processor_rule():
     sizes = [tuple(int(v) for v in rng.integers(1, 6000, 2)) for _ in range(300)] + [s for s, *_ in NAFLEX_GOLDEN]
     for (h, w), patch, tokens in zip(sizes, rng.choice([14, 16, 32], len(sizes)), rng.integers(1, 2048, len(sizes))):
         th, tw = siglip2.get_image_size_for_max_num_patches(h, w, int(patch), int(tokens))
-        assert packer.grid_for_naflex(h, w, int(patch), int(tokens)) == (th // patch, tw // patch), (h, w, patch, tokens)
+        assert packer._plan.grid_for_naflex(h, w, int(patch), int(tokens)) == (th // patch, tw // patch), (h, w, patch, tokens)
 
 
 @settings(max_examples=200, deadline=None)
@@ -94,7 +94,7 @@ sizes = st.integers(min_value=1, max_value=6000)
 @given(h=sizes, w=sizes, patch=st.sampled_from([8, 14, 16, 32]), r=st.floats(8, 1024), cap=st.integers(1, 2048))
 def test_scaled_grid_properties(h, w, patch, r, cap):
     scale = r / math.sqrt(h * w)
-    gh, gw = packer.grid_for_scale(h, w, patch, scale, cap)
+    gh, gw = packer._plan.grid_for_scale(h, w, patch, scale, cap)
     assert gh >= 1 and gw >= 1 and gh * gw <= cap
     ideal_sides_ok = min(h, w) * scale / patch >= 1 and math.sqrt(cap * min(h, w) / max(h, w)) >= 1
     if ideal_sides_ok:
@@ -104,8 +104,8 @@ def test_scaled_grid_properties(h, w, patch, r, cap):
 @settings(max_examples=300, deadline=None)
 @given(h=sizes, w=sizes, cap=st.integers(1, 2048), extra=st.integers(0, 512))
 def test_budget_respected_monotone_and_aspect_bounded(h, w, cap, extra):
-    gh, gw = packer.grid_for_budget(h, w, cap)
-    gh2, gw2 = packer.grid_for_budget(h, w, cap + extra)
+    gh, gw = packer._plan.grid_for_budget(h, w, cap)
+    gh2, gw2 = packer._plan.grid_for_budget(h, w, cap + extra)
     assert 1 <= gh * gw <= cap
     assert gh * gw <= gh2 * gw2  # monotone in the budget
     if math.sqrt(cap * min(h, w) / max(h, w)) >= 1:
@@ -123,7 +123,7 @@ def _brute_force_budget(h, w, cap):
 @given(h=sizes, w=sizes, cap=st.integers(1, 300))
 def test_budget_grid_is_the_best_grid_within_the_bound(h, w, cap):
     """The O(sqrt(T)) search finds what trying every grid finds (same patch count and aspect error)."""
-    got = packer.grid_for_budget(h, w, cap)
+    got = packer._plan.grid_for_budget(h, w, cap)
     best = _brute_force_budget(h, w, cap)
     if best is None:  # no grid within the bound: the floored ideal grid
         assert got == packer._plan.floored_grid(h, w, cap)
@@ -136,14 +136,14 @@ def test_budget_grid_is_the_best_grid_within_the_bound(h, w, cap):
 @given(h=sizes, w=sizes, r=st.floats(16, 1024), cap=st.integers(1, 1024), extra=st.integers(1, 512))
 def test_token_count_monotone_in_cap_for_sampled_resolutions(h, w, r, cap, extra):
     scale = r / math.sqrt(h * w)
-    a = packer.grid_for_scale(h, w, 16, scale, cap)
-    b = packer.grid_for_scale(h, w, 16, scale, cap + extra)
+    a = packer._plan.grid_for_scale(h, w, 16, scale, cap)
+    b = packer._plan.grid_for_scale(h, w, 16, scale, cap + extra)
     assert a[0] * a[1] <= b[0] * b[1]
 
 
 def test_uniform_resolution_distribution_and_determinism():
     cfg = PackConfig(resolution="uniform:64:256", seed=7)
-    rs = [packer.sample_resolution(cfg.resolution, packer.image_rng(7, f"k{i}", 0, "resolution")) for i in range(4000)]
+    rs = [packer._plan.sample_resolution(cfg.resolution, packer.image_rng(7, f"k{i}", 0, "resolution")) for i in range(4000)]
     assert 64 <= min(rs) and max(rs) <= 256
     assert abs(np.mean(rs) - 160) < 4
     assert packer.plan_image(480, 640, "k1", cfg) == packer.plan_image(480, 640, "k1", cfg)
@@ -154,7 +154,7 @@ def test_uniform_resolution_distribution_and_determinism():
 @pytest.mark.parametrize("mode", ["side", "area"])
 def test_truncated_normal_resolution_is_biased_low_and_bounded(mode):
     policy = packer.parse_resolution(f"tnormal:64:384:-0.5:1:{mode}")
-    rs = np.array([packer.sample_resolution(policy, packer.image_rng(0, str(i), 0, "r")) for i in range(4000)])
+    rs = np.array([packer._plan.sample_resolution(policy, packer.image_rng(0, str(i), 0, "r")) for i in range(4000)])
     assert rs.min() >= 64 and rs.max() <= 384
     mid = 224 if mode == "side" else math.sqrt((64**2 + 384**2) / 2)
     assert np.mean(rs < mid) > 0.55  # mu = -0.5 puts more mass on the low side
@@ -165,5 +165,5 @@ def test_area_mode_rescales_area_not_side():
     side = packer.TruncNormal(64, 384, 0.0, 1e-6, "side")
     area = packer.TruncNormal(64, 384, 0.0, 1e-6, "area")
     rng = np.random.default_rng(0)
-    assert abs(packer.sample_resolution(side, rng) - 224) < 0.01
-    assert abs(packer.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01
+    assert abs(packer._plan.sample_resolution(side, rng) - 224) < 0.01
+    assert abs(packer._plan.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01

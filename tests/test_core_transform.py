@@ -1,6 +1,6 @@
-"""The per-image transform (issue 14): libjpeg-turbo DCT-scaled decode + OpenCV resize, checked against
+"""The per-image transform: libjpeg-turbo DCT-scaled decode + OpenCV resize, checked against
 the reference (full Pillow decode, EXIF transpose, Pillow antialiased bicubic to the same grid), and
-decoder warnings kept out of stderr (issue 18 item 5)."""
+decoder warnings kept out of stderr."""
 import io
 import math
 import warnings
@@ -14,7 +14,7 @@ import packer
 from packer import ImageRejected, OpenedImage
 from conftest import encode, make_pixels
 
-MAD_BOUND = 2.5  # /255, mean over a set of images (the issue's default-kernel bound)
+MAD_BOUND = 2.5  # /255, mean over a set of images (the bound set for the default kernel)
 PSNR_BOUND = 28.0  # dB, for every image of the set here (the issue asks it of the 5th percentile)
 
 
@@ -145,7 +145,7 @@ def test_library_versions_name_decoder_and_resizer():
     assert {"pillow", "opencv"} <= versions.keys() and all(versions.values())
 
 
-# --- decoder warnings (issue 18 item 5) -----------------------------------------------------------
+# --- decoder warnings -----------------------------------------------------------
 
 def _png_with_broken_exif() -> bytes:
     """A valid PNG whose EXIF block declares a tag far longer than the block: Pillow warns while reading it."""

@@ -72,7 +72,7 @@ def test_replanned_grids_keep_aspect_and_policy_range(seq_len, resolution, drop)
     config = packer.PackConfig(seq_len=seq_len, resolution=resolution, token_drop=drop, fill="exact", window=128)
     sizes = imagenet_like_sizes(800, seed=7)
     grids = [packer.plan_image(h, w, f"img{i}", config) for i, (h, w) in enumerate(sizes)]
-    limit = packer.max_fill_drop(config)
+    limit = packer._fill.max_fill_drop(config)
     checked = 0
     rng = np.random.default_rng(3)
     for i, (h, w) in enumerate(sizes):
@@ -87,7 +87,7 @@ def test_replanned_grids_keep_aspect_and_policy_range(seq_len, resolution, drop)
             assert area >= plan.tokens == target <= config.max_tokens_per_image
             assert plan.drop_rate == pytest.approx(1 - target / area) and plan.drop_rate <= limit + 1e-12
             if (plan.grid_h, plan.grid_w) != (gh, gw):
-                smin, smax = packer.scale_range(h, w, config)
+                smin, smax = packer._fill.scale_range(h, w, config)
                 assert grid_reachable(h, w, plan.grid_h, plan.grid_w, config.patch_size, smin, smax)
                 # the planner's rounding bound on aspect distortion
                 assert abs(math.log(plan.grid_h / plan.grid_w / (h / w))) <= 1 / plan.grid_h + 1 / plan.grid_w + 1e-9
@@ -97,8 +97,8 @@ def test_replanned_grids_keep_aspect_and_policy_range(seq_len, resolution, drop)
 def test_grid_ladder_is_every_reachable_grid():
     for h, w in [(375, 500), (500, 333), (64, 900), (17, 19), (1000, 1000)]:
         smin, smax = 64 / math.sqrt(h * w), 256 / math.sqrt(h * w)
-        areas, grids = packer.grid_ladder(h, w, 16, smin, smax, 10**6)
-        sampled = {packer.grid_for_scale(h, w, 16, s, 10**6) for s in np.linspace(smin, smax, 20001)}
+        areas, grids = packer._fill.grid_ladder(h, w, 16, smin, smax, 10**6)
+        sampled = {packer._plan.grid_for_scale(h, w, 16, s, 10**6) for s in np.linspace(smin, smax, 20001)}
         assert sampled <= set(grids)
         assert all(grid_reachable(h, w, gh, gw, 16, smin, smax) for gh, gw in grids)
         assert list(areas) == sorted(areas)
@@ -155,9 +155,9 @@ def test_sequence_packer_exact_fill_end_to_end(seq_len):
                 continue
             refit += 1
             if (im.grid_h, im.grid_w) != planned:  # else: the same grid, fewer tokens
-                smin, smax = packer.scale_range(im.orig_h, im.orig_w, config)
+                smin, smax = packer._fill.scale_range(im.orig_h, im.orig_w, config)
                 assert grid_reachable(im.orig_h, im.orig_w, im.grid_h, im.grid_w, 16, smin, smax)
-            assert im.drop_rate <= packer.max_fill_drop(config) + 1e-6  # records store float32
+            assert im.drop_rate <= packer._fill.max_fill_drop(config) + 1e-6  # records store float32
             # kept patches are the image re-rendered at the new grid, at their own positions
             full = OpenedImage(data[im.key], config.max_pixels).decode_resized(im.grid_h * 16, im.grid_w * 16)
             patches, _, _ = packer.patchify(full, 16)
@@ -192,7 +192,7 @@ def test_fill_none_is_unchanged():
 
 def test_exact_fill_needs_a_windowed_packer():
     with pytest.raises(packer.ConfigError):
-        packer.SequencePacker(packer.PackConfig(fill="exact", packer="next-fit"))
+        packer.PackConfig(fill="exact", packer="next-fit")
     with pytest.raises(ValueError):
         packer.pack_lengths([3, 4], "first-fit", 8, 4, feasible=lambda i, n, t: 0.0)
 

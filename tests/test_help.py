@@ -1,4 +1,4 @@
-"""Every subcommand's --help runs and shows the default of every option that has one (issue 18, item 9)."""
+"""Every subcommand's --help runs and shows the default of every option that has one."""
 from __future__ import annotations
 
 import argparse

@@ -29,7 +29,7 @@ CASES = [((192, 256), 16, 192), ((224, 224), 16, 196), ((32, 512), 16, 64), ((48
 def _records(cases, seq_len_pad: int = 0):
     out, pixels = [], []
     for i, ((h, w), patch, tokens) in enumerate(cases):
-        assert packer.grid_for_naflex(h, w, patch, tokens) == (h // patch, w // patch)
+        assert packer._plan.grid_for_naflex(h, w, patch, tokens) == (h // patch, w // patch)
         config = packer.PackConfig(seq_len=tokens + seq_len_pad, patch_size=patch, resolution=f"naflex:{tokens}",
                                    max_images_per_seq=1)
         px = _pixels(h, w, i)

@@ -1,4 +1,4 @@
-"""Issue 16 / 18.3 faults, each created for real: output file modes under a umask, two runs on one output
+"""Output faults, each created for real: output file modes under a umask, two runs on one output
 folder, a dead run's lock, ownership lost before finalize, a write error mid-run (RLIMIT_FSIZE), and inputs
 that vanish or change between listing and reading (CLI and PackedStream).
 

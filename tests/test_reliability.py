@@ -1,4 +1,4 @@
-"""Issue 7 guarantees, end to end through the `navit-pack` command: hostile inputs, crashes mid-write,
+"""The guarantees, end to end through the `navit-pack` command: hostile inputs, crashes mid-write,
 bad configuration. Corruption of written shards is covered in test_verify.py and test_schemas.py."""
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import packer
 import schemas
+from schemas._tfrecord import decode_example
 
 FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
 META = ("caption", "tags")
@@ -66,11 +67,11 @@ def test_schema_matches_the_packer(packed):
     schema = schemas.Schema.from_config(config, META)
     by_name = {f.name: f for f in schema.fields}
     for name, (dtype, _) in packer.PER_IMAGE_FIELDS.items():
-        assert by_name[name].dims == ("E",) and schemas.numpy_dtype(by_name[name]) == dtype
+        assert by_name[name].dims == ("E",) and schemas._schema.numpy_dtype(by_name[name]) == dtype
     assert set(by_name) == set(records[0])
     for r in records:
         schema.validate(r)
-        schemas.check_consistency(r, schema)
+        schemas._schema.check_consistency(r, schema)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -130,7 +131,7 @@ def test_output_layout_and_manifest(packed, outputs, fmt):
     assert [s["file"] for s in m["shards"]] == names
     assert sum(s["num_sequences"] for s in m["shards"]) == len(records)
     for s in m["shards"]:
-        assert s["sha256"] == schemas.sha256_file(os.path.join(d, s["file"]))
+        assert s["sha256"] == schemas._io.sha256_file(os.path.join(d, s["file"]))
     with open(os.path.join(d, "rejects.jsonl")) as f:
         assert [json.loads(line) for line in f] == [{"key": "bad.jpg", "reason": "undecodable", "detail": "x"}]
 
@@ -195,9 +196,9 @@ def test_schema_rejects_bad_parameters():
     with pytest.raises(schemas.SchemaError):
         schemas.Schema(64, 48, 6, ("a", "a"))
     with pytest.raises(schemas.SchemaError):
-        schemas.shard_name(3, 3, "arrow")
+        schemas._io.shard_name(3, 3, "arrow")
     with pytest.raises(schemas.SchemaError):
-        schemas.shard_name(0, 1, "csv")
+        schemas._io.shard_name(0, 1, "csv")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -311,14 +312,14 @@ def test_array_record_random_access_like_grain(packed, outputs):
     order = [int(i) for i in np.random.default_rng(0).permutation(len(records))]
     with ArrayRecordDataSource(paths) as source:
         assert len(source) == len(records)
-        assert_same_records([schemas.decode_example(source[i], schema) for i in order], [records[i] for i in order])
+        assert_same_records([decode_example(source[i], schema) for i in order], [records[i] for i in order])
         batch = source.__getitems__(order[:5])
-    assert_same_records([schemas.decode_example(b, schema) for b in batch], [records[i] for i in order[:5]])
+    assert_same_records([decode_example(b, schema) for b in batch], [records[i] for i in order[:5]])
     reader = ArrayRecordReader(paths[1])
     assert "group_size:1," in reader.writer_options_string()
     first = manifest["shards"][0]["num_sequences"]
     j = reader.num_records() - 1
-    assert_same_records([schemas.decode_example(reader.read([j])[0], schema)], [records[first + j]])
+    assert_same_records([decode_example(reader.read([j])[0], schema)], [records[first + j]])
     reader.close()
 
 
@@ -333,4 +334,4 @@ def test_decode_example_refuses_other_bytes(packed, outputs):
     reader.close()
     for bad, s in ((b"\xff\x00garbage", schema), (raw, other)):
         with pytest.raises(schemas.RecordError):
-            schemas.decode_example(bad, s)
+            decode_example(bad, s)

@@ -219,7 +219,7 @@ def test_tf_dataset_static_shapes_and_same_records():
 
 
 def test_state_stays_small_on_a_large_folder(tmp_path):
-    """Issue 18: the state names units and images by index, never by content or file lists."""
+    """The state names units and images by index, never by content or file lists."""
     from pipelines.sources import open_source
 
     sizes = [(h, w) for h in (48, 120, 300, 500) for w in (64, 200, 375, 512)]

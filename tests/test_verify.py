@@ -122,7 +122,7 @@ def rehash(d, path):
     m = schemas.read_manifest(d)
     for s in m["shards"]:
         if s["file"] == os.path.basename(path):
-            s["sha256"] = schemas.sha256_file(path)
+            s["sha256"] = schemas._io.sha256_file(path)
     with open(os.path.join(d, "manifest.json"), "w") as f:
         json.dump(m, f)
 
@@ -233,7 +233,11 @@ def test_cli_exit_codes(clean, tmp_path, capsys):
     assert cli.main(["verify", d]) == 1
     assert f"{BAD}.parquet" in capsys.readouterr().err
     assert cli.main(["verify", "--quick", d]) == 1
+    capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(["verify", str(empty)]) == 2
-    assert "manifest" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["verify", str(empty)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("navit-pack: error: ") and "manifest" in err

@@ -114,8 +114,8 @@ def plots(stats: dict[str, Any], out_dir: str) -> list[tuple[str, str]]:
         k = stats["seq_images"]
         counts = np.bincount(k) if k.size else np.zeros(1, int)
         ax.bar(np.arange(len(counts)), counts, color="#ff7f0e")
-        emax = int(stats["manifest"]["config"].get("max_images_per_seq") or 0)
-        ax.set_xlabel(f"images per sequence (E_max = {emax})" if emax else "images per sequence")
+        max_images_per_seq = int(stats["manifest"]["config"].get("max_images_per_seq") or 0)
+        ax.set_xlabel(f"images per sequence (max_images_per_seq = {max_images_per_seq})" if max_images_per_seq else "images per sequence")
         ax.set_ylabel("sequences")
         ax.set_title(f"Images per sequence (mean {k.mean():.2f})" if k.size else "Images per sequence")
 

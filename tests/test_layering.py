@@ -1,0 +1,45 @@
+"""Package layering: packer <- schemas <- pipelines <- CLI, and the product never imports benchmarks.
+Each package is imported alone in a fresh interpreter, and the packages it pulled in are checked."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WATCHED = ("packer", "schemas", "pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow")
+
+# module -> packages it must not load
+FORBIDDEN = {
+    "packer": ("schemas", "pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow"),
+    "schemas": ("pipelines", "benchmarks"),
+    "pipelines": ("benchmarks",),
+    "pipelines.cli": ("benchmarks",),
+}
+
+
+def loaded_packages(statement: str) -> set[str]:
+    code = (f"import sys; {statement}; "
+            f"print(__import__('json').dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({WATCHED!r}))))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_importing_a_package_loads_only_the_layers_below(module):
+    loaded = loaded_packages(f"import {module}")
+    assert module.split(".")[0] in loaded
+    assert not loaded & set(FORBIDDEN[module]), sorted(loaded & set(FORBIDDEN[module]))
+
+
+def test_every_cli_subcommand_runs_without_benchmarks():
+    """Building the full parser imports every subcommand module (advise, bench and stats included)."""
+    loaded = loaded_packages("import pipelines.cli as c, pipelines.cmd_stats, pipelines.cmd_advise, "
+                             "pipelines.cmd_bench, pipelines.packing_efficiency, pipelines.report; c.build_parser()")
+    assert "benchmarks" not in loaded
