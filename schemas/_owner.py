@@ -221,4 +221,6 @@ def take_lock(directory: str, *, command: Optional[str] = None,
                                f"wait for it, or remove {LOCK} if that run is gone")
         if store.remove(held[1]):
             note(f"navit-pack: note: taking over {directory} from a run that is gone ({describe(other)})")
+            if store.create(data):
+                return OutputClaim(directory, record, store)
     raise OutputLocked(f"output folder {directory}: could not take its lock (other runs keep taking it)")
