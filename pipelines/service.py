@@ -93,6 +93,21 @@ def _take(pool: "packer.FillPool", config: PackConfig, meta_fields: Sequence[str
     return record
 
 
+def _submit(pool: "packer.FillPool", decided: collections.deque, data: dict[int, bytes], config: PackConfig,
+            meta_fields: Sequence[str]) -> Iterator[dict]:
+    """Hand every decided sequence to the pool, taking finished records out whenever it has no room
+    for the next one's bytes (slots or input ring)."""
+    while decided:
+        datas = [data[j] for j in decided[0].provenances]
+        if pool.can_submit(datas):
+            d = decided.popleft()
+            for j in d.provenances:
+                del data[j]
+            pool.submit(d, datas)
+        else:
+            yield _take(pool, config, meta_fields)
+
+
 def _pack_group(source, units: list[str], config: PackConfig, indices: np.ndarray, *, shuffle: bool,
                 meta_fields: Sequence[str], pool: "packer.FillPool", images_per_unit: float) -> Iterator[dict]:
     """Packed records of the units named by `indices` (i -> unit i mod U of epoch i // U), flushed at
@@ -117,19 +132,9 @@ def _pack_group(source, units: list[str], config: PackConfig, indices: np.ndarra
             data[n] = rec.data
             decided.extend(core.add(plan, n))
             n += 1
-            while decided:
-                if pool.can_submit():
-                    d = decided.popleft()
-                    pool.submit(d, [data.pop(j) for j in d.provenances])
-                else:
-                    yield _take(pool, config, meta_fields)
+            yield from _submit(pool, decided, data, config, meta_fields)
     decided.extend(core.flush())
-    while decided:
-        if pool.can_submit():
-            d = decided.popleft()
-            pool.submit(d, [data.pop(j) for j in d.provenances])
-        else:
-            yield _take(pool, config, meta_fields)
+    yield from _submit(pool, decided, data, config, meta_fields)
     pool.seal()
     while pool.pending:
         yield _take(pool, config, meta_fields)
