@@ -13,19 +13,21 @@ import subprocess
 import sys
 import time
 
-from pipelines import sources_synthetic
+from pipelines.sources import synthetic as sources_synthetic
 
-MODULE_PATH = "pipelines/sources_synthetic.py"
+# Where the generator lived before the sources package: baselines are read from this path.
+BASELINE_PATH = "pipelines/sources_synthetic.py"
 
 
 def load_baseline(commit: str):
-    """pipelines/sources_synthetic.py as it was at `commit`, as a module."""
-    text = subprocess.run(["git", "show", f"{commit}:{MODULE_PATH}"], capture_output=True, text=True, check=True).stdout
+    """pipelines/sources_synthetic.py as it was at `commit`, as a module of today's sources package."""
+    text = subprocess.run(["git", "show", f"{commit}:{BASELINE_PATH}"], capture_output=True, text=True, check=True).stdout
+    text = text.replace("from .sources import", "from .base import")  # the shared types moved to sources/base.py
     name = f"sources_synthetic_{commit}"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
-    module.__package__ = "pipelines"
+    module.__package__ = "pipelines.sources"
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(text, f"{commit}:{MODULE_PATH}", "exec"), module.__dict__)  # noqa: S102 - this repository's own code
+    exec(compile(text, f"{commit}:{BASELINE_PATH}", "exec"), module.__dict__)  # noqa: S102 - this repository's own code
     return module
 
 

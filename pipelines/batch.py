@@ -18,7 +18,7 @@ import collections
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import packer
 from pipelines.beam_pipeline import (PackJob, RejectBudgetExceeded, _sort_key, images_seen, layout, packing_group,

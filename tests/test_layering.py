@@ -43,3 +43,24 @@ def test_every_cli_subcommand_runs_without_benchmarks():
     loaded = loaded_packages("import pipelines.cli as c, pipelines.cmd_stats, pipelines.cmd_advise, "
                              "pipelines.cmd_bench, pipelines.packing_efficiency, pipelines.report; c.build_parser()")
     assert "benchmarks" not in loaded
+
+
+def test_the_sources_package_has_no_import_loop():
+    """Each source kind imports only `base` (and `files`, for shared file access); only the package's
+    `__init__`, the registry, imports the kinds."""
+    import ast
+
+    package = REPO / "pipelines" / "sources"
+    imports = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {node.module or "" for node in ast.walk(tree)
+                              if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert not any(isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipelines.sources")
+                       for node in ast.walk(tree)), f"{path.name} imports the package by its absolute name"
+    kinds = set(imports) - {"__init__", "base"}
+    assert imports["base"] == set()
+    assert kinds <= imports["__init__"], "every kind module is registered in __init__"
+    for kind in kinds:
+        assert imports[kind] <= {"base", "files"} and "" not in imports[kind], (kind, imports[kind])
+    assert imports["files"] == {"base"}

@@ -217,7 +217,7 @@ CHANGE_AFTER_LISTING = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import pipelines.sources_files as sf
+import pipelines.sources.files as sf
 from pipelines import cli
 from test_output_faults import _change_inputs
 listed = sf.FileSource.units
@@ -265,7 +265,7 @@ def test_an_unreadable_file_is_rejected_unreadable(tmp_path):
     and folder cases above fail for root too."""
     if os.geteuid() == 0:
         pytest.skip("root reads a chmod 000 file; the FIFO and folder cases cover 'unreadable' for root")
-    from pipelines.sources_files import FileSource
+    from pipelines.sources.files import FileSource
 
     (tmp_path / "a.png").write_bytes(b"x")
     source = FileSource.from_spec(str(tmp_path), labels="none")

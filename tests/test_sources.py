@@ -12,6 +12,7 @@ from PIL import Image
 
 import packer
 from pipelines import sources
+from pipelines.sources import base
 from pipelines.sources import SourceError, SourceRecord, flag_duplicates, open_source, read_sizes, record_sizes
 
 
@@ -64,7 +65,7 @@ def test_folder_keys_labels_bytes(image_tree):
 
 def test_folder_units_split_sorted_and_pickle(image_tree):
     root, files = image_tree
-    from pipelines.sources_files import FileSource
+    from pipelines.sources.files import FileSource
     src = FileSource.from_spec(str(root), files_per_unit=3)
     units = src.units()
     assert len(units) == 3
@@ -76,7 +77,7 @@ def test_folder_units_split_sorted_and_pickle(image_tree):
 
 def test_folder_through_beam_filesystems_matches_local(image_tree):
     root, files = image_tree
-    from pipelines.sources_files import FileSource
+    from pipelines.sources.files import FileSource
     local = [(r.key, r.data, r.label) for r in FileSource.from_spec(str(root), use_beam=False)]
     beam_src = FileSource.from_spec(str(root), use_beam=True)
     assert beam_src.use_beam
@@ -127,6 +128,20 @@ def test_file_gone_after_listing_is_a_rejection_not_a_crash(image_tree):
 def test_bad_specs(spec, match):
     with pytest.raises(SourceError, match=match):
         open_source(spec)
+
+
+@pytest.mark.parametrize("kind", sorted(sources.KINDS))
+@pytest.mark.parametrize("labels", ["folder", r"filename:^(\w+)_"])
+def test_folder_only_label_modes_are_refused_by_every_other_kind(kind, labels):
+    """Checked before the input is looked at: the spec body here names nothing."""
+    with pytest.raises(SourceError, match="applies to image folders only"):
+        open_source(f"{kind}:nothing-here", labels=labels)
+
+
+def test_an_unknown_kind_names_every_registered_one():
+    with pytest.raises(SourceError) as error:
+        open_source("nosuch:thing")
+    assert all(f"{kind}:" in str(error.value) for kind in sources.KINDS)
 
 
 def test_missing_and_empty_inputs(tmp_path):
@@ -388,11 +403,11 @@ def test_flag_duplicates_keeps_first_and_passes_rejections():
 
 
 def test_glob_root_and_relative_key():
-    assert sources.glob_root("gs://b/data/*/x*.jpg") == "gs://b/data"
-    assert sources.glob_root("/d/**/*.png") == "/d"
-    assert sources.glob_root("*.png") == "."
-    assert sources.relative_key("gs://b/data/c/x.jpg", "gs://b/data") == "c/x.jpg"
-    assert sources.relative_key("./a/b.png", ".") == "a/b.png"
+    assert base.glob_root("gs://b/data/*/x*.jpg") == "gs://b/data"
+    assert base.glob_root("/d/**/*.png") == "/d"
+    assert base.glob_root("*.png") == "."
+    assert base.relative_key("gs://b/data/c/x.jpg", "gs://b/data") == "c/x.jpg"
+    assert base.relative_key("./a/b.png", ".") == "a/b.png"
 
 
 def test_labels_from_file_names_and_label_descriptions(tmp_path):

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 import packer
-from pipelines import options, sources_wds
+from pipelines import options
+from pipelines.sources import wds as sources_wds
 from pipelines.sources import SourceError, open_source, read_sizes
-from pipelines.sources_wds import WdsSource, expand_braces, split_member_name
+from pipelines.sources.wds import WdsSource, expand_braces, split_member_name
 
 
 def image(fmt: str, h: int, w: int, seed: int = 0) -> bytes:
@@ -182,7 +183,7 @@ def test_through_beam_filesystems_matches_local(tmp_path, monkeypatch):
     spec = f"wds:{tmp_path}/s-{{0..1}}.tar"
     local = [(r.key, r.data, r.label) for r in open_source(spec)]
     opened = []
-    from pipelines import sources_files
+    from pipelines.sources import files as sources_files
     real_open = sources_files.open_file
     monkeypatch.setattr(sources_wds, "has_scheme", lambda path: True)
     monkeypatch.setattr(sources_wds, "open_file", lambda path, use_beam: opened.append(use_beam) or

@@ -10,7 +10,7 @@ import re
 import stat
 from typing import IO, Iterator, Optional, Sequence
 
-from .sources import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_meta_fields, filename_label_pattern,
+from .base import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_meta_fields, filename_label_pattern,
                       glob_root, has_scheme, is_glob, relative_key)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})

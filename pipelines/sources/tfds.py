@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Iterator, Optional, Sequence
 
-from .sources import SourceError, Source, SourceRecord, check_meta_fields, has_scheme, text
+from .base import SourceError, Source, SourceRecord, check_meta_fields, has_scheme, text
 
 
 def _version_key(name: str) -> tuple[int, ...]:
@@ -72,8 +72,6 @@ class TfdsSource(Source):
 
     @classmethod
     def from_spec(cls, spec: str, body: str, *, labels: str = "auto", meta_fields: Sequence[str] = ()) -> "TfdsSource":
-        if labels == "folder":
-            raise SourceError(spec, "labels='folder' applies to image folders only")
         parts = _split_outside_brackets(body, 2)  # a split may be sliced: train[:10%], train[0shard:4shard]
         if len(parts) < 2 or not parts[0] or not parts[1]:
             raise SourceError(spec, "expected tfds:NAME[/CONFIG]:SPLIT[:DATA_DIR]")

@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Optional, Sequence
 
-from .sources import (SourceError, Source, SourceRecord, check_meta_fields, has_scheme, relative_key, split_options,
+from .base import (SourceError, Source, SourceRecord, check_meta_fields, has_scheme, relative_key, split_options,
                       text)
-from .sources_files import expand_input, open_file
+from .files import expand_input, open_file
 
 _OPTIONS = ("image", "label", "key")
-
-
-def _check_not_folder_labels(spec: str, labels: str) -> None:
-    if labels == "folder":
-        raise SourceError(spec, "labels='folder' applies to image folders only")
 
 
 # ----------------------------------------------------------------------------- TFRecord
@@ -38,7 +33,6 @@ class TFRecordSource(Source):
 
     @classmethod
     def from_spec(cls, spec: str, body: str, *, labels: str = "auto", meta_fields: Sequence[str] = ()) -> "TFRecordSource":
-        _check_not_folder_labels(spec, labels)
         pattern, options = split_options(spec, body, _OPTIONS)
         if not pattern:
             raise SourceError(spec, "expected tfrecord:GLOB[?image=FEATURE&label=FEATURE&key=FEATURE]")
@@ -135,7 +129,6 @@ class ArrowSource(Source):
     @classmethod
     def from_spec(cls, spec: str, body: str, *, kind: str, labels: str = "auto",
                   meta_fields: Sequence[str] = ()) -> "ArrowSource":
-        _check_not_folder_labels(spec, labels)
         pattern, options = split_options(spec, body, _OPTIONS)
         if not pattern:
             raise SourceError(spec, f"expected {kind}:GLOB[?image=COLUMN&label=COLUMN&key=COLUMN]")

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .sources import SourceError, Source, SourceRecord, check_meta_fields
+from .base import SourceError, Source, SourceRecord, check_meta_fields
 
 CLASS_COLORS = {
     "red": (200, 40, 40), "orange": (230, 130, 30), "yellow": (220, 210, 50), "lime": (140, 220, 60),
@@ -251,8 +251,6 @@ class SyntheticSource(Source):
             raise SourceError(spec, "expected synthetic:N[:SEED] with integers N >= 1 and SEED >= 0") from None
         if count < 1 or seed < 0:
             raise SourceError(spec, f"N must be >= 1 and SEED >= 0, got N={count}, SEED={seed}")
-        if labels == "folder":
-            raise SourceError(spec, "labels='folder' applies to image folders only")
         return cls(spec, count, seed, labels=labels, meta_fields=check_meta_fields(spec, meta_fields, cls.META))
 
     def units(self) -> list[str]:

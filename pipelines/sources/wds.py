@@ -24,8 +24,8 @@ import re
 import tarfile
 from typing import Any, Iterator, Optional, Sequence
 
-from .sources import SourceError, Source, SourceRecord, glob_root, has_scheme, is_glob, relative_key, split_options
-from .sources_files import IMAGE_EXTENSIONS, match_files, open_file
+from .base import SourceError, Source, SourceRecord, glob_root, has_scheme, is_glob, relative_key, split_options
+from .files import IMAGE_EXTENSIONS, match_files, open_file
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 IMAGE_TYPES = frozenset(e[1:] for e in IMAGE_EXTENSIONS)
@@ -178,8 +178,6 @@ class WdsSource(Source):
     def from_spec(cls, spec: str, body: str, *, labels: str = "auto", meta_fields: Sequence[str] = (),
                   max_image_bytes: int = MAX_IMAGE_BYTES) -> "WdsSource":
         """Lists the shards now (reads none of them)."""
-        if labels == "folder":
-            raise SourceError(spec, "labels='folder' applies to image folders only")
         pattern, options = split_options(spec, body, _OPTIONS) if "=" in body.rpartition("?")[2] else (body, {})
         if not pattern:
             raise SourceError(spec, "expected wds:PATH|GLOB|gs://...[?label=JSON_FIELD], "
