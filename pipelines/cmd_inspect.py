@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import sys
 
 import numpy as np
 
 import packer
+from pipelines import options
 
 _DROPPED_GREY = 128
 
@@ -97,13 +97,10 @@ def run(args: argparse.Namespace) -> int:
         manifest = schemas.read_manifest(args.dir)
         total = manifest["num_sequences"]
         if not 0 <= args.sequence < total:
-            print(f"navit-pack: error: --sequence: must be in [0, {total - 1}] for {args.dir}, got {args.sequence}",
-                  file=sys.stderr)
-            return 2
+            options.fail(f"--sequence: must be in [0, {total - 1}] for {args.dir}, got {args.sequence}")
         record = next(itertools.islice(schemas.read(args.dir), args.sequence, None))
     except schemas.SchemaError as e:
-        print(f"navit-pack: error: {e}", file=sys.stderr)
-        return 2
+        options.fail(e)
     render_sequence(record, manifest["config"]["patch_size"], f"{args.dir} sequence {args.sequence}", args.out)
     print(f"wrote {args.out}")
     return 0

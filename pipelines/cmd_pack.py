@@ -189,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
         text = str(e)
         line = text if isinstance(e, ours) else text[text.find(f"{name}: ") + len(name) + 2:].split("\n")[0]
-        print(f"navit-pack: error: {line}", file=sys.stderr)
-        return 1
+        options.fail(line, status=1)
     finally:
         if progress:
             progress.close()

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from pipelines import options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("stats", help="summarize a packed output (efficiency, images per sequence, rejects)",
@@ -120,8 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = compute_stats(args.dir)
     except schemas.SchemaError as e:
-        print(f"navit-pack: error: {e}", file=sys.stderr)
-        return 2
+        options.fail(e)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     if args.report:
         from pipelines.report import write_report

@@ -32,12 +32,13 @@ class OptionError(ValueError):
         self.flag = flag
 
 
-def fail(error: Exception | str, prog: str = "navit-pack") -> NoReturn:
-    """Print one line `navit-pack: error: ...` and exit with status 2: the one error format of every subcommand."""
+def fail(error: Exception | str, prog: str = "navit-pack", status: int = 2) -> NoReturn:
+    """Print one line `navit-pack: error: ...` and exit: the one error format of every subcommand.
+    Status 2 for a usage or configuration error (the default), 1 for a run that failed."""
     if isinstance(error, packer.ConfigError):
         error = as_option_error(error)
     print(f"{prog}: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def parse_int(value, flag: str, minimum: int | None = None, allow_none: bool = False) -> int | None:

@@ -104,9 +104,10 @@ def test_pack_summary_table(image_dir, tmp_path, capsys):
 
 
 def test_reject_budget_exits_nonzero_with_one_line(image_dir, tmp_path, capsys):
-    code = cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--max-reject-fraction", "0",
-                     "--resolution", "budget:16", "--no-progress"])
-    assert code == 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pack", "--input", image_dir, "--output", str(tmp_path / "o"), "--max-reject-fraction", "0",
+                  "--resolution", "budget:16", "--no-progress"])
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err  # raw stderr: the one line and nothing else (no progress with --no-progress)
     assert err.count("\n") == 1 and err.startswith("navit-pack: error") and "max-reject-fraction" in err, repr(err)
 
@@ -118,7 +119,9 @@ def test_inspect_renders_each_image_of_the_sequence(packed, tmp_path, capsys):
     assert img.size[0] > 300 and img.size[1] > 200
     pixels = np.asarray(img.convert("RGB"))
     assert (np.abs(pixels.astype(int) - 128).sum(-1) == 0).sum() > 0  # dropped tokens painted grey (30% dropped)
-    assert cli.main(["inspect", packed, "--sequence", "100000", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["inspect", packed, "--sequence", "100000", "--out", str(out)])
+    assert exit_info.value.code == 2
     assert "--sequence" in capsys.readouterr().err
 
 
