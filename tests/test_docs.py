@@ -104,3 +104,32 @@ def test_readme_is_a_front_door():
     text = README.read_text()
     assert len(text.splitlines()) <= 200
     assert not re.search(r"\d+(\.\d+)?\s?%|\d[\d,]* (images|img)/s", text), "figures belong in benchmarks/RESULTS.md"
+
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+# A measured figure: a ratio (1.57x), a rate (505 img/s, 525k), a decibel or percentage with decimals,
+# or a bare number with three or more decimals (0.978). Design constants (0.2, 1.7) and counts are not.
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:x\b| ?(?:img/s|images/s|tokens/s|dB)\b|k\b)"
+                    r"|(?<![\w.])(\d+\.\d+)%|(?<![\w.])(\d+\.\d{3,})(?![\w.])")
+
+
+def measured_figures(text: str) -> list[str]:
+    """The measured figures of a markdown text, code (fenced or inline) and links left out."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|arXiv \S+", "", text)
+    return [next(g for g in m.groups() if g) for m in FIGURE.finditer(text)]
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d != RESULTS], ids=lambda p: str(p.relative_to(REPO)))
+def test_documents_copy_no_figure_that_results_lacks(doc):
+    """Figures live in benchmarks/RESULTS.md; a document that quotes one must quote it exactly as it stands
+    there, so a figure cannot drift (regenerated results that change it fail here until the text follows)."""
+    results = set(re.findall(r"\d+(?:\.\d+)?", RESULTS.read_text().replace(",", "")))
+    drifted = [f for f in measured_figures(doc.read_text()) if f not in results]
+    assert not drifted, f"{doc.name} quotes figures not in RESULTS.md: {drifted}"
+
+
+def test_the_figure_pattern_finds_figures():
+    assert measured_figures("runs at 0.9-1.05x, 505 img/s, 98.6% full, 0.978 T, 525k tokens/s, 28.7 dB") == \
+        ["1.05", "505", "98.6", "0.978", "525", "28.7"]
+    assert measured_figures("paper 2.2, a 0.2 rate, `x/127.5 - 1`, arXiv 2307.06304, 4 workers") == []
