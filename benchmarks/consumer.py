@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layouts = {"packed": packed, "one-per-sequence": unpacked}
 
     keras.utils.set_random_seed(args.seed)
-    model_config = navit_tf.NaViTConfig(patch_size=16, max_images=config.max_images_per_seq, num_classes=10,
+    model_config = navit_tf.NaViTConfig(patch_size=16, max_images_per_seq=config.max_images_per_seq, num_classes=10,
                                         width=width, depth=depth, heads=heads, mlp_dim=mlp_dim,
                                         position=args.position, max_grid=args.seq_len)
     model = navit_tf.NaViT(model_config)

@@ -167,7 +167,7 @@ def overhead(blobs: list[bytes], keys: list[str], config: packer.PackConfig, rou
         records = pack()
         with tempfile.TemporaryDirectory() as tmp:
             write = lambda: schemas.write_shard(tmp, 0, 1, "tfrecord", records, seq_len=config.seq_len,  # noqa: E731
-                                                token_dim=config.token_dim, max_images=config.max_images_per_seq)
+                                                token_dim=config.token_dim, max_images_per_seq=config.max_images_per_seq)
             steps = {"header": header, "prepare_predecoded": prepare, "pack": pack, "write_tfrecord": write}
             out: dict[str, list[float]] = {name: [] for name in steps}
             for r in range(rounds + 1):

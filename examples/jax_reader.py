@@ -31,12 +31,12 @@ import schemas  # noqa: E402
 FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "labels")
 
 
-def to_batch(records: list[dict[str, np.ndarray]], max_images: int) -> dict[str, np.ndarray]:
+def to_batch(records: list[dict[str, np.ndarray]], max_images_per_seq: int) -> dict[str, np.ndarray]:
     """Stack numpy records into one batch, with the attention mask [B, L, L] and the per-image pooling
     matrix [B, E, L]."""
     batch = {k: np.stack([r[k] for r in records]) for k in FIELDS}
     batch["mask"] = schemas.attention_mask(batch["segment_ids"])
-    batch["pool"] = schemas.pooling_matrix(batch["segment_ids"], max_images)
+    batch["pool"] = schemas.pooling_matrix(batch["segment_ids"], max_images_per_seq)
     return batch
 
 

@@ -32,7 +32,7 @@ class NaViTConfig:
 
     patch_size: int = 16
     channels: int = 3
-    max_images: int = 16  # max_images_per_seq of the records: one output slot per image
+    max_images_per_seq: int = 16  # max_images_per_seq of the records: one output slot per image
     num_classes: int = 10
     width: int = 64
     depth: int = 2
@@ -43,7 +43,7 @@ class NaViTConfig:
     frac_buckets: int = 32  # fractional: [0, 1) split into this many learned buckets per axis
 
     def __post_init__(self):
-        for name in ("patch_size", "channels", "max_images", "num_classes", "width", "depth", "heads",
+        for name in ("patch_size", "channels", "max_images_per_seq", "num_classes", "width", "depth", "heads",
                      "mlp_dim", "max_grid", "frac_buckets"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -58,9 +58,9 @@ class NaViTConfig:
         return self.patch_size * self.patch_size * self.channels
 
 
-def pooling_weights(segment_ids: tf.Tensor, max_images: int) -> tf.Tensor:
+def pooling_weights(segment_ids: tf.Tensor, max_images_per_seq: int) -> tf.Tensor:
     """[B, L] -> float32 [B, E, L]: row e averages the tokens of image e+1; empty slots are all zero."""
-    one_hot = tf.one_hot(segment_ids - 1, max_images, dtype=tf.float32)  # id 0 -> all-zero row
+    one_hot = tf.one_hot(segment_ids - 1, max_images_per_seq, dtype=tf.float32)  # id 0 -> all-zero row
     one_hot = tf.transpose(one_hot, [0, 2, 1])
     counts = tf.reduce_sum(one_hot, axis=-1, keepdims=True)
     return one_hot / tf.maximum(counts, 1.0)
@@ -154,7 +154,7 @@ class NaViT(keras.Model):
         mask = schemas.tf_attention_mask(seg)  # same segment id; padding sees only padding
         for block in self.blocks:
             x = block(x, mask)
-        pool = pooling_weights(seg, c.max_images)
+        pool = pooling_weights(seg, c.max_images_per_seq)
         embeddings = tf.einsum("bel,blw->bew", pool, self.norm(x))
         present = tf.cast(tf.reduce_sum(pool, axis=-1, keepdims=True) > 0, embeddings.dtype)
         return {"embeddings": embeddings, "logits": self.head(embeddings) * present}

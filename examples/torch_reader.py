@@ -88,10 +88,10 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch
 class TinyNaViT(torch.nn.Module):
     """Patch embedding + factorized absolute positions + masked transformer layers + per-image pooling."""
 
-    def __init__(self, token_dim: int, max_images: int, max_grid: int, num_classes: int, width: int = 64,
+    def __init__(self, token_dim: int, max_images_per_seq: int, max_grid: int, num_classes: int, width: int = 64,
                  depth: int = 2, heads: int = 4, attention: str = "dense"):
         super().__init__()
-        self.max_images, self.heads, self.attention = max_images, heads, attention
+        self.max_images_per_seq, self.heads, self.attention = max_images_per_seq, heads, attention
         self.embed = torch.nn.Linear(token_dim, width)
         self.pos_y = torch.nn.Embedding(max_grid, width)
         self.pos_x = torch.nn.Embedding(max_grid, width)
@@ -117,7 +117,7 @@ class TinyNaViT(torch.nn.Module):
                 attn = F.scaled_dot_product_attention(q, k, v, attn_mask=batch["mask"])
             x = x + layer["proj"](attn.transpose(1, 2).reshape(B, L, W))
             x = x + layer["mlp"](layer["norm2"](x))
-        pool = torch.from_numpy(schemas.pooling_matrix(batch["segment_ids"].numpy(), self.max_images))
+        pool = torch.from_numpy(schemas.pooling_matrix(batch["segment_ids"].numpy(), self.max_images_per_seq))
         return self.head(pool @ self.norm(x))  # [B, E, classes]; empty slots hold the bias only
 
 

@@ -135,7 +135,7 @@ def write_group(gp: GroupPlan, records: Iterator[tuple[dict, list]], job: PackJo
     written = []
     for s, chunk in zip(mine, split_contiguous(range(len(gp.decisions)), len(mine))):
         info = schemas.write_shard(job.output, gp.epoch * shards + s, job.epochs * shards, job.fmt, tracked(len(chunk)),
-                                   seq_len=cfg.seq_len, token_dim=cfg.token_dim, max_images=cfg.max_images_per_seq,
+                                   seq_len=cfg.seq_len, token_dim=cfg.token_dim, max_images_per_seq=cfg.max_images_per_seq,
                                    meta_fields=job.meta_fields)
         written.append((gp.epoch * shards + s, info))
     return {"epoch": gp.epoch, "group": gp.group, "images_in": gp.images_in, "rejected": len(gp.rejects),

@@ -192,7 +192,7 @@ def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_ima
 
 def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_LENS,
           resolutions: Sequence[str] = ("uniform:64:256",), drops: Sequence[str] = ("none",),
-          max_images: Sequence[int | None] = (None,), packers: Sequence[PackerSpec] | None = None,
+          max_images_per_seq: Sequence[int | None] = (None,), packers: Sequence[PackerSpec] | None = None,
           draws: int = 20_000, patch_size: int = 16, seed: int = 0, repeats: int = 2,
           progress: bool = False) -> dict[str, Any]:
     """Every (resolution, drop, L, max_images_per_seq, packer) cell on the same draws per (resolution, drop, L).
@@ -210,14 +210,14 @@ def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_L
                 tok_hist = np.bincount(lengths, minlength=L + 1)
                 dists.append({"resolution": res, "drop": drop, "seq_len": L, "tokens_hist": tok_hist.tolist(),
                               "mean_tokens": total / draws, "draws_per_s": draws / draw_s})
-                for e in max_images:
+                for e in max_images_per_seq:
                     E = e if e is not None else config.max_images_per_seq
                     bounds = lower_bounds(lengths, L, E)
                     for spec in packers:
                         m = measure_packer(lengths, spec, L, E, repeats)
                         seqs = m["sequences"]
                         cells.append({
-                            "resolution": res, "drop": drop, "seq_len": L, "max_images": E, "packer": spec.label,
+                            "resolution": res, "drop": drop, "seq_len": L, "max_images_per_seq": E, "packer": spec.label,
                             "algorithm": spec.name, "window": spec.window if spec.name == "window-bfd" else None,
                             "peer": PEERS.get(spec.name), "images": draws, "tokens": total,
                             **m, "padding": 1.0 - m["efficiency"],
@@ -333,7 +333,7 @@ def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", to
         lengths = uncapped if L == big else draw_tokens(sizes, config, draws)
         max_images_per_seq, eff = smallest_max_images_per_seq(lengths, L, spec)
         bounds = lower_bounds(lengths, L, max_images_per_seq)
-        rows.append({"seq_len": L, "max_images": max_images_per_seq, "padding": 1.0 - eff, "efficiency": eff,
+        rows.append({"seq_len": L, "max_images_per_seq": max_images_per_seq, "padding": 1.0 - eff, "efficiency": eff,
                      "padding_bound": 1.0 - int(lengths.sum()) / (bounds["best"] * L),
                      "images_per_seq": len(lengths) * eff * L / int(lengths.sum()),
                      "shrunk": float(np.mean(uncapped > L)), "mean_tokens": float(lengths.mean())})
@@ -341,7 +341,7 @@ def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", to
     best = ok[0] if ok else min(rows, key=lambda r: (r["padding"], r["seq_len"]))
     return {"resolution": resolution, "token_drop": token_drop, "packer": spec.label, "draws": draws,
             "patch_size": patch_size, "target_padding": target_padding, "max_shrunk": max_shrunk, "candidates": rows,
-            "recommended": {"seq_len": best["seq_len"], "max_images": best["max_images"], "padding": best["padding"],
+            "recommended": {"seq_len": best["seq_len"], "max_images_per_seq": best["max_images_per_seq"], "padding": best["padding"],
                             "meets_target": bool(ok)}}
 
 
@@ -350,11 +350,11 @@ def format_advice(a: dict[str, Any]) -> str:
              f"target padding {100 * a['target_padding']:.1f}%",
              f"  {'L':>6}{'E':>7}{'pad %':>8}{'bound %':>9}{'img/seq':>9}{'tok/img':>9}{'shrunk %':>10}"]
     for r in a["candidates"]:
-        lines.append(f"  {r['seq_len']:6d}{r['max_images']:7d}{100 * r['padding']:8.2f}{100 * r['padding_bound']:9.2f}"
+        lines.append(f"  {r['seq_len']:6d}{r['max_images_per_seq']:7d}{100 * r['padding']:8.2f}{100 * r['padding_bound']:9.2f}"
                      f"{r['images_per_seq']:9.2f}{r['mean_tokens']:9.1f}{100 * r['shrunk']:10.2f}")
     rec = a["recommended"]
     verdict = "meets the target" if rec["meets_target"] else "no candidate meets the target; least padding"
-    lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images-per-seq {rec['max_images']} "
+    lines.append(f"recommended: --seq-len {rec['seq_len']} --max-images-per-seq {rec['max_images_per_seq']} "
                  f"(padding {100 * rec['padding']:.2f}%, {verdict})")
     lines.append("  (bound: padding of the lower bound max(L2, ceil(n/E)), E = --max-images-per-seq; shrunk: draws needing more than L "
                  f"tokens, which would be resized to fit; at most {100 * a['max_shrunk']:.1f}% allowed)")
@@ -381,13 +381,13 @@ def format_table(result: dict[str, Any]) -> str:
     head = f"{'packer':<18}{'peer':<20}{'eff %':>8}{'pad %':>8}{'img/seq':>9}{'seqs':>8}{'gap L2 %':>10}{'E closed':>9}{'lost@E':>8}{'k img/s':>9}"
     block = None
     for c in result["cells"]:
-        key = (c["resolution"], c["drop"], c["seq_len"], c["max_images"])
+        key = (c["resolution"], c["drop"], c["seq_len"], c["max_images_per_seq"])
         if key != block:
             if block is not None:
                 lines.append("")
             block = key
             b = c["bounds"]
-            lines.append(f"resolution={c['resolution']} drop={c['drop']} L={c['seq_len']} max_images_per_seq={c['max_images']} "
+            lines.append(f"resolution={c['resolution']} drop={c['drop']} L={c['seq_len']} max_images_per_seq={c['max_images_per_seq']} "
                          f"images={c['images']} tokens={c['tokens']}")
             lines.append(f"  lower bounds: ceil(total/L)={b['ceil']} seqs (eff <= {100 * c['efficiency_ceil']:.2f}%), "
                          f"max(L2, ceil(n/E))={b['best']} seqs (eff <= {100 * c['efficiency_bound']:.2f}%)")
@@ -448,8 +448,8 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
         sel = [c for c in cells if c["resolution"] == res and c["drop"] == drop]
         first_e = {}
         for c in sel:
-            first_e.setdefault(c["seq_len"], c["max_images"])
-        sel = [c for c in sel if c["max_images"] == first_e[c["seq_len"]]]
+            first_e.setdefault(c["seq_len"], c["max_images_per_seq"])
+        sel = [c for c in sel if c["max_images_per_seq"] == first_e[c["seq_len"]]]
         bound = {c["seq_len"]: c["efficiency_bound"] for c in sel}
         xs = sorted(bound)
         zoom_low = min([100 * c["efficiency"] for c in sel if c["algorithm"] in ("window-bfd", "bfd", "first-fit")]
@@ -498,8 +498,8 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
     res, drop = settings[0]
     sel = [c for c in cells if c["resolution"] == res and c["drop"] == drop and c["seq_len"] == ref
            and c["packer"] != PAD_TO_BUDGET]
-    first_e = sel[0]["max_images"] if sel else None
-    sel = [c for c in sel if c["max_images"] == first_e]
+    first_e = sel[0]["max_images_per_seq"] if sel else None
+    sel = [c for c in sel if c["max_images_per_seq"] == first_e]
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     width = 0.8 / max(1, len(sel))
     for j, c in enumerate(sel):
@@ -541,7 +541,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     """Run the sweep that `args` describes and print its table; raises ValueError on a bad option."""
     sizes = load_sizes(args.input)
     packers = [PackerSpec.parse(p) for p in args.packers] if args.packers else default_packers()
-    max_images = [None if str(e) == "auto" else int(e) for e in args.max_images_per_seq]
+    max_images_per_seq = [None if str(e) == "auto" else int(e) for e in args.max_images_per_seq]
     for res in args.resolution:
         packer.parse_resolution(res)
     for drop in args.token_drop:
@@ -550,7 +550,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         raise ValueError(f"--draws: must be an integer >= 1, got {args.draws}")
     t0 = time.perf_counter()
     result = sweep(sizes, seq_lens=args.seq_len, resolutions=args.resolution, drops=args.token_drop,
-                   max_images=max_images, packers=packers, draws=args.draws, patch_size=args.patch_size, seed=args.seed)
+                   max_images_per_seq=max_images_per_seq, packers=packers, draws=args.draws, patch_size=args.patch_size, seed=args.seed)
     result["meta"] = {**machine_info(), "command": command or " ".join(sys.argv), "input": args.input,
                       "num_sizes": len(sizes), "draws": args.draws, "patch_size": args.patch_size, "seed": args.seed,
                       "seconds": time.perf_counter() - t0}

@@ -167,10 +167,10 @@ def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarra
 
 
 def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: Iterable[Mapping[str, np.ndarray]], *,
-                seq_len: int, token_dim: int, max_images: int, meta_fields: Sequence[str] = ()) -> dict:
+                seq_len: int, token_dim: int, max_images_per_seq: int, meta_fields: Sequence[str] = ()) -> dict:
     """Write one shard atomically (temporary name, then rename); returns {file, num_sequences, sha256}.
     Every record is validated against the schema first (RecordError names the bad field)."""
-    schema = Schema(seq_len, token_dim, max_images, tuple(meta_fields))
+    schema = Schema(seq_len, token_dim, max_images_per_seq, tuple(meta_fields))
     name = shard_name(index, num_shards, fmt)
     tmp = _atomic_path(directory, name)
     try:
@@ -306,7 +306,7 @@ def _write_dataset(directory: str, records: list, rejects: list, config_json: di
                    num_shards: int, num_images_in: int | None, owner: str) -> dict:
     bounds = np.linspace(0, len(records), num_shards + 1).astype(int)
     shards = [write_shard(directory, i, num_shards, fmt, records[bounds[i]:bounds[i + 1]], seq_len=schema.seq_len,
-                          token_dim=schema.token_dim, max_images=schema.max_images, meta_fields=schema.meta_fields)
+                          token_dim=schema.token_dim, max_images_per_seq=schema.max_images_per_seq, meta_fields=schema.meta_fields)
               for i in range(num_shards)]
     num_rejected = write_rejects(directory, rejects)
     packed = sum(int(r["num_images"]) for r in records)

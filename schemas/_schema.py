@@ -1,5 +1,5 @@
 """The one definition of a packed record: field names, dtypes and shapes as functions of
-(L = seq_len, D = token_dim, E = max_images). Every format's encoder, parser and schema derives from it."""
+(L = seq_len, D = token_dim, E = max_images_per_seq). Every format's encoder, parser and schema derives from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,13 +65,13 @@ class Schema:
 
     seq_len: int
     token_dim: int
-    max_images: int
+    max_images_per_seq: int
     meta_fields: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "seq_len", _int("seq_len", self.seq_len))
         object.__setattr__(self, "token_dim", _int("token_dim", self.token_dim))
-        object.__setattr__(self, "max_images", _int("max_images", self.max_images))
+        object.__setattr__(self, "max_images_per_seq", _int("max_images_per_seq", self.max_images_per_seq))
         if isinstance(self.meta_fields, str):
             raise SchemaError(f"meta_fields must be a sequence of names, got the string {self.meta_fields!r}")
         names = tuple(self.meta_fields)
@@ -101,11 +101,11 @@ class Schema:
         return BASE_FIELDS + meta
 
     def shape(self, field: Field) -> tuple[int, ...]:
-        dims = {"L": self.seq_len, "D": self.token_dim, "E": self.max_images}
+        dims = {"L": self.seq_len, "D": self.token_dim, "E": self.max_images_per_seq}
         return tuple(dims[d] for d in field.dims)
 
     def to_json(self) -> dict:
-        return {"seq_len": self.seq_len, "token_dim": self.token_dim, "max_images": self.max_images,
+        return {"seq_len": self.seq_len, "token_dim": self.token_dim, "max_images": self.max_images_per_seq,
                 "meta_fields": list(self.meta_fields),
                 "fields": [{"name": f.name, "dtype": f.dtype, "shape": list(self.shape(f)), "doc": f.doc}
                            for f in self.fields]}
@@ -136,8 +136,8 @@ def check_consistency(record: Mapping[str, np.ndarray], schema: Schema) -> None:
     """Cross-field invariants of a packed record (beyond dtypes and shapes); RecordError if broken."""
     k = int(record["num_images"])
     seg = np.asarray(record["segment_ids"])
-    if not 0 <= k <= schema.max_images:
-        raise RecordError(f"num_images={k} outside [0, {schema.max_images}]")
+    if not 0 <= k <= schema.max_images_per_seq:
+        raise RecordError(f"num_images={k} outside [0, {schema.max_images_per_seq}]")
     counts = np.bincount(seg, minlength=k + 1) if seg.size and seg.min() >= 0 else None
     if counts is None or counts.size != k + 1:
         raise RecordError(f"segment_ids outside [0, num_images={k}]")

@@ -37,17 +37,15 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
         files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
     cycle = cycle_length or max(1, min(len(paths), 8))
 
-    if fmt == "tfrecord":
-        from ._tfrecord import parse_examples
+    from ._tfrecord import parse_examples
 
+    if fmt == "tfrecord":
         ds = files.interleave(_counted_tfrecords, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=deterministic)
         return ds.batch(64).map(lambda s: parse_examples(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=deterministic).unbatch()
 
     if fmt == "array_record":
-        from ._tfrecord import parse_examples
-
         def serialized(path, expected):
             path = path.decode() if isinstance(path, bytes) else path
             n = 0

@@ -90,9 +90,9 @@ def test_bench_packing_cli_json_and_plots(image_dir, tmp_path):
         assert b["l2"] >= b["ceil"] and b["best"] == max(b["l2"], b["items"])
         assert c["efficiency"] <= c["efficiency_bound"] + 1e-12 <= c["efficiency_ceil"] + 2e-12
         if c["packer"] != "pad-to-budget":
-            assert c["sequences"] >= b["best"] and max(map(int, c["images_per_seq_hist"])) <= c["max_images"]
+            assert c["sequences"] >= b["best"] and max(map(int, c["images_per_seq_hist"])) <= c["max_images_per_seq"]
         assert math.isclose(c["padding"], 1 - c["efficiency"])
-    by = {(c["seq_len"], c["max_images"], c["packer"]): c for c in cells}
+    by = {(c["seq_len"], c["max_images_per_seq"], c["packer"]): c for c in cells}
     # Same draws for every packer of a cell; the windowed packer's tokens match the offline one's.
     assert by[256, 16, "bfd"]["tokens"] == by[256, 16, "next-fit"]["tokens"] == by[256, 16, "pad-to-budget"]["tokens"]
     assert by[256, 3, "first-fit"]["images_over_emax"] > 0
@@ -131,7 +131,7 @@ def test_advise(image_dir, tmp_path):
     else:
         assert not rec["meets_target"]
     for r in rows:
-        assert 1 <= r["max_images"] <= r["seq_len"] and r["padding"] >= r["padding_bound"] - 1e-12
+        assert 1 <= r["max_images_per_seq"] <= r["seq_len"] and r["padding"] >= r["padding_bound"] - 1e-12
     assert rows[0]["shrunk"] > 0  # 256-pixel draws need 256 tokens, more than L=64
 
 

@@ -39,7 +39,7 @@ PACK = packer.PackConfig(seq_len=96, patch_size=8, max_images_per_seq=6, token_d
 
 def _model(position: str = "absolute", seed: int = 0) -> "navit_tf.NaViT":
     keras.utils.set_random_seed(seed)
-    return navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images=6, num_classes=4, position=position))
+    return navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images_per_seq=6, num_classes=4, position=position))
 
 
 def _batch(records: list[dict]) -> dict[str, np.ndarray]:
@@ -146,7 +146,7 @@ def test_config_is_validated():
         navit_tf.NaViTConfig(position="sinusoidal")
     with pytest.raises(ValueError, match="heads"):
         navit_tf.NaViTConfig(width=60, heads=8)
-    model = navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images=6, max_grid=4))
+    model = navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images_per_seq=6, max_grid=4))
     wide = packer.build_record([packer.PatchedImage("k", np.zeros((6, 192), np.uint8), np.zeros(6, np.int32),
                                                     np.arange(6, dtype=np.int32), 1, 6, 8, 48, 0.0)], PACK)
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_grid"):
@@ -175,7 +175,7 @@ def test_training_from_disk_learns(tmp_path):
     ds = ds.cache().repeat().shuffle(64, seed=0).batch(16, drop_remainder=True)
 
     keras.utils.set_random_seed(0)
-    model = navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images=8, num_classes=len(shapes.COLOURS),
+    model = navit_tf.NaViT(navit_tf.NaViTConfig(patch_size=8, max_images_per_seq=8, num_classes=len(shapes.COLOURS),
                                                 position="fractional"))
     step = navit_tf.make_train_step(model, keras.optimizers.Adam(1e-3))
     before = _accuracy(model, held_out)

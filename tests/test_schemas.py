@@ -86,7 +86,7 @@ def test_writer_rejects_records_off_schema(packed, tmp_path, mutate, message):
     bad = dict(records[0])
     mutate(bad)
     with pytest.raises(schemas.RecordError, match=message):
-        schemas.write_shard(str(tmp_path), 0, 1, "arrow", [records[1], bad], seq_len=64, token_dim=48, max_images=6,
+        schemas.write_shard(str(tmp_path), 0, 1, "arrow", [records[1], bad], seq_len=64, token_dim=48, max_images_per_seq=6,
                             meta_fields=META)
     assert os.listdir(tmp_path) == []  # atomic: nothing left behind, not even the temporary file
 
@@ -326,7 +326,7 @@ def test_array_record_random_access_like_grain(packed, outputs):
 def test_decode_example_refuses_other_bytes(packed, outputs):
     d = outputs["array_record"]
     schema = schemas.Schema.from_manifest(schemas.read_manifest(d))
-    other = schemas.Schema(schema.seq_len * 2, schema.token_dim, schema.max_images, schema.meta_fields)
+    other = schemas.Schema(schema.seq_len * 2, schema.token_dim, schema.max_images_per_seq, schema.meta_fields)
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(schemas.shard_paths(d, schemas.read_manifest(d))[0])

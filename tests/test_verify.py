@@ -210,7 +210,7 @@ def test_inconsistent_record_is_reported(packed, tmp_path):
     bad = {k: np.array(v, copy=True) for k, v in records[0].items()}
     bad["num_tokens"][0] += 1
     d = str(tmp_path)
-    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images=4, meta_fields=("id",))
+    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images_per_seq=4, meta_fields=("id",))
               for i, recs in enumerate([records[1:], [bad]])]
     schemas.write_manifest(d, fmt="arrow", config=config, num_images_in=0, num_images_packed=0, num_rejected=0,
                            num_sequences=len(records), tokens_real=0, tokens_padding=0, shards=shards)
