@@ -64,3 +64,34 @@ def test_the_sources_package_has_no_import_loop():
     for kind in kinds:
         assert imports[kind] <= {"base", "files"} and "" not in imports[kind], (kind, imports[kind])
     assert imports["files"] == {"base"}
+
+
+def test_packages_use_each_other_only_through_the_public_api():
+    """pipelines, schemas and examples reach packer and schemas only through names in their `__all__`:
+    no private module (`packer._engine`) and no name left out of the curated API."""
+    import ast
+
+    import packer
+    import schemas
+
+    public = {"packer": set(packer.__all__), "schemas": set(schemas.__all__)}
+    misuse = []
+    for folder in ("pipelines", "schemas", "examples"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            where = str(path.relative_to(REPO))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    top, _, rest = node.module.partition(".")
+                    if top in public and top != folder:
+                        if rest:
+                            misuse.append(f"{where}: from {node.module} import ...")
+                        misuse += [f"{where}: {top}.{a.name}" for a in node.names if a.name not in public[top]]
+                elif isinstance(node, ast.Import):
+                    misuse += [f"{where}: import {a.name}" for a in node.names
+                               if a.name.partition(".")[0] in public and "." in a.name]
+                elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id in public and node.value.id != folder
+                      and node.attr not in public[node.value.id]):
+                    misuse.append(f"{where}: {node.value.id}.{node.attr}")
+    assert not misuse, misuse
