@@ -95,3 +95,14 @@ def test_packages_use_each_other_only_through_the_public_api():
                       and node.attr not in public[node.value.id]):
                     misuse.append(f"{where}: {node.value.id}.{node.attr}")
     assert not misuse, misuse
+
+
+def test_every_product_package_is_installed():
+    """pyproject lists packages explicitly, so a new sub-package left off the list would be missing from a
+    wheel while every test (run from the repository) still passes."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for top in ("packer", "schemas", "pipelines")
+             for p in (REPO / top).rglob("__init__.py")}
+    assert listed == found
