@@ -85,8 +85,12 @@ def _views(buffer, base: int, layout) -> dict[str, np.ndarray]:
 def _shared(size: int, name: str) -> tuple[int, mmap.mmap]:
     """An anonymous shared-memory file of `size` bytes (fd, writable map)."""
     fd = os.memfd_create(name) if hasattr(os, "memfd_create") else _unlinked_tempfile()
-    os.ftruncate(fd, max(size, 1))
-    return fd, mmap.mmap(fd, max(size, 1))
+    try:
+        os.ftruncate(fd, max(size, 1))
+        return fd, mmap.mmap(fd, max(size, 1))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _unlinked_tempfile() -> int:
@@ -164,13 +168,22 @@ class FillPool:
             self._ring_size = self._ring_head = 0
             return
         self._ring_size = ring_bytes
-        self._ring_fd, self._ring = _shared(ring_bytes, "navit-pack-input")
+        sizes = {"input": ring_bytes, "output": self._slot_bytes * self.num_slots, "heartbeat": 16 * num_workers}
+        maps = []
+        try:
+            for name, size in sizes.items():
+                maps.append(_shared(size, f"navit-pack-{name}"))
+        except OSError as e:
+            for fd, m in maps:
+                m.close()
+                os.close(fd)
+            raise WorkerError(f"cannot set up the fill workers' shared memory ({sum(sizes.values()) / 2**20:.0f} MiB; "
+                              f"a file size or memory limit?): {e}") from e
+        (self._ring_fd, self._ring), (self._out_fd, self._out), (self._hb_fd, self._hb_map) = maps
         self._ring_head = 0  # next write position (monotonic; modulo ring size)
         self._ring_tail = 0  # oldest position still in use
         self._ring_jobs: collections.deque[int] = collections.deque()  # jobs holding ring bytes, in ring order
-        self._out_fd, self._out = _shared(self._slot_bytes * self.num_slots, "navit-pack-output")
         self._out_buf = self._out
-        self._hb_fd, self._hb_map = _shared(16 * num_workers, "navit-pack-heartbeat")
         self._hb = np.ndarray((num_workers, 2), np.int64, buffer=self._hb_map)
         self._hb[:] = -1
         self._procs: list[Optional[subprocess.Popen]] = [None] * num_workers
@@ -183,8 +196,10 @@ class FillPool:
         try:
             for w in range(num_workers):
                 self._spawn(w)
-        except BaseException:
+        except BaseException as e:
             self.close()
+            if isinstance(e, OSError):
+                raise WorkerError(f"cannot start {num_workers} fill worker processes: {e}") from e
             raise
 
     # ---------------------------------------------------------------- workers

@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         options.fail(e)
     beam_args = _beam_args(args.beam_args)
     _quiet_beam()
+    import packer
     import schemas
     from pipelines import sources
     from pipelines.beam_pipeline import RejectBudgetExceeded, is_local, run_pack
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     except (schemas.OutputDirError, schemas.OutputLocked) as e:
         options.fail(options.OptionError("--output", str(e)))
     except Exception as e:  # Beam wraps worker errors; report ours in one line
-        ours = (RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost)
+        ours = (RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost, packer.WorkerError)
         name = next((c.__name__ for c in ours if isinstance(e, c) or f"{c.__name__}: " in str(e)), None)
         if name is None:
             raise

@@ -191,6 +191,28 @@ def test_a_write_error_mid_run_fails_in_one_line_leaves_nothing_readable_and_rer
         assert (out / shard["file"]).read_bytes() == (reference / shard["file"]).read_bytes()
 
 
+LIMIT_BEFORE_START = """
+import resource, signal, sys
+from pipelines import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_fill_workers_that_cannot_start_fail_in_one_line_and_release_the_output(tmp_path):
+    """A file size limit too small for the pool's shared memory: a typed WorkerError, one line, exit 1."""
+    out = tmp_path / "out"
+    argv = ["pack", "--no-progress", *SMALL, "--output", str(out), "--workers", "2"]
+    failed = subprocess.run([sys.executable, "-c", LIMIT_BEFORE_START.format(limit=100_000, argv=argv)],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stderr
+    line = one_line(failed.stderr)
+    assert "fill workers' shared memory" in line and os.strerror(27) in line, line
+    assert not out.exists() or os.listdir(out) == []  # no lock, no shard
+    assert pack(*SMALL, "--output", str(out)).returncode == 0  # without the limit the folder is usable
+
+
 def _image_folder(root: Path) -> list[str]:
     rng = np.random.default_rng(0)
     names = ["keep.png", "gone.png", "folder.png", "broken_link.png", "fifo.png", "target.png"]
