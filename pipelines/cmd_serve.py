@@ -6,7 +6,8 @@ Three ways to run it:
   --input SRC --dispatcher HOST:PORT N workers that join that dispatcher (another process or host)
 
 Every worker process builds the same packing dataset and registers it under --dataset-id (the first
-registration wins), so all processes that serve one dataset must get the same input and packing options.
+registration wins), so all processes that serve one dataset must get the same input and packing options:
+a process started with other options is refused in one line (exit 2) before its workers join.
 Trainers read it with
     pipelines.service.read_service("grpc://HOST:PORT", config, dataset_id=ID, processing_mode="dynamic")
 With processing_mode "dynamic" each image is packed exactly once per epoch while no worker fails (at
@@ -136,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim(service, target: str, dataset_id: str, fingerprint: int) -> None:
+    try:
+        service.claim_options(target, dataset_id, fingerprint)
+    except service.OptionsMismatch as e:
+        options.fail(e)
+
+
 def serve(args: argparse.Namespace, ready) -> None:
     """The child process: start the servers, register the dataset, set `ready`, and on SIGTERM or SIGINT
     report and exit. It also exits when its parent has gone (killed with SIGKILL)."""
@@ -159,8 +167,16 @@ def serve(args: argparse.Namespace, ready) -> None:
             source = open_source(options.input_spec(args), labels=args.labels, meta_fields=values["meta_fields"])
         except Exception as e:  # noqa: BLE001 - any source error becomes one clear line
             options.fail(f"--input: {e}")
+    fingerprint = None
+    if source is not None:
+        fingerprint = service.options_fingerprint(source, values["config"], epochs=values["epochs"],
+                                                  group_units=values["group_units"], meta_fields=values["meta_fields"])
+    if fingerprint is not None and args.dispatcher:  # before this process's workers join it
+        _claim(service, f"grpc://{args.dispatcher}", args.dataset_id, fingerprint)
     local = service.LocalService(num_workers=values["workers"], port=values["port"], host=args.host,
                                  dispatcher=args.dispatcher)
+    if fingerprint is not None and not args.dispatcher:
+        _claim(service, local.target, args.dataset_id, fingerprint)
     if source is None:
         print(f"navit-pack serve: dispatcher {local.target} alone; start workers with "
               f"--dispatcher {args.host}:{local.dispatcher_address.rsplit(':', 1)[1]}", flush=True)

@@ -26,11 +26,16 @@ workers (register_dataset with a fixed dataset_id), and trainers in other proces
 Worker processes started apart from the dispatcher (`navit-pack serve --dispatcher HOST:PORT`) each build
 the same graph and register it under the same id: the first registration wins, and the generator it
 names is found in every such process under the same name (py_func tokens are numbered in creation order).
+Each worker then runs its own process's generator, so every process must pack with the same options. The
+dispatcher compares only element specs, so `claim_options` registers a marker dataset whose cardinality is
+a fingerprint of the options; a process with other options is refused before its workers join.
 """
 from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import json
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
@@ -199,6 +204,37 @@ def read_service(service: str, config: PackConfig, *, dataset_id: str = DEFAULT_
     return tf.data.experimental.service.from_dataset_id(
         processing_mode=_policy(processing_mode), service=service, dataset_id=dataset_id,
         element_spec=element_spec(config, meta_fields), job_name=job_name)
+
+
+class OptionsMismatch(ValueError):
+    """The dispatcher already serves this dataset id with other input or packing options."""
+
+
+def options_fingerprint(source: Any, config: PackConfig, *, epochs: int, group_units: int,
+                        meta_fields: Sequence[str] = ()) -> int:
+    """A positive 62-bit number for what every process serving one dataset id must agree on: the packing
+    config, epochs, group size, meta fields, and the input's number of units and class names (not its
+    paths: hosts may mount the same data at different paths)."""
+    src = resolve_source(source, tuple(meta_fields))
+    text = json.dumps({"config": config.to_json(), "epochs": epochs, "group_units": group_units,
+                       "meta_fields": list(meta_fields), "units": len(src.units()),
+                       "class_names": list(src.class_names or ())}, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
+
+
+def claim_options(service: str, dataset_id: str, fingerprint: int) -> None:
+    """Register the options' fingerprint with the dispatcher at `service` under `{dataset_id}.options`, as
+    the cardinality of a marker dataset that is never read: the first process sets it, and one with
+    other options gets OptionsMismatch (the dispatcher refuses an id whose cardinality differs)."""
+    import tensorflow as tf
+
+    try:
+        tf.data.experimental.service.register_dataset(service, tf.data.Dataset.range(fingerprint),
+                                                      dataset_id=f"{dataset_id}.options")
+    except tf.errors.InvalidArgumentError:
+        raise OptionsMismatch(f"the dispatcher {service} already serves dataset id {dataset_id!r} with other input "
+                              "or packing options: start every worker process with the same options, or use "
+                              "another --dataset-id") from None
 
 
 def _policy(mode: str):

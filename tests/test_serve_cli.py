@@ -56,6 +56,13 @@ def test_dispatcher_alone_and_two_worker_processes_then_sigterm_stops_each():
                                  "--group-units", "1", *PACK_OPTIONS)
             procs.append(worker)
             assert "joined dispatcher" in worker.stdout.readline()
+        other = start_serve("--input", "synthetic:12", "--dispatcher", addr, "--workers", "1", "--epochs", "2",
+                            "--group-units", "1", *PACK_OPTIONS, "--seed", "1")  # other options: refused
+        procs.append(other)
+        assert other.wait(60) == 2 and other.stdout.read() == ""
+        errors = [line for line in other.stderr.read().splitlines() if line.startswith("navit-pack")]
+        assert len(errors) == 1 and "other input or packing options" in errors[0], errors
+        procs.remove(other)
         partial = service.read_service(f"grpc://{addr}", CONFIG).take(1)  # a trainer that stops early
         assert len(list(partial.as_numpy_iterator())) == 1
         out = list(service.read_service(f"grpc://{addr}", CONFIG).as_numpy_iterator())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -93,3 +94,29 @@ def test_group_generator_counts_fill_failures_and_crashes(records, monkeypatch):
     assert +counted == {"undecodable": 2, "worker_crashed": 1}  # img004 (bad header) and the truncated one
     keys = collections.Counter(str(k) for r in out for k in r["image_keys"][: int(r["num_images"])])
     assert set(keys) == {r.key for r in recs} - {"img004.jpg", recs[2].key, recs[9].key} and set(keys.values()) == {1}
+
+
+def test_options_fingerprint_follows_the_options_not_the_mount_path(tmp_path):
+    from PIL import Image
+
+    for root in ("a", "b"):
+        for name in ("cat/1.png", "dog/2.png"):
+            (tmp_path / root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (9, 7)).save(tmp_path / root / name)
+
+    def fingerprint(spec, config=CONFIG, epochs=2):
+        return service.options_fingerprint(spec, config, epochs=epochs, group_units=4)
+
+    same = fingerprint(str(tmp_path / "a"))
+    assert 0 < same < 2 ** 62 and fingerprint(str(tmp_path / "b")) == same  # the same data mounted elsewhere
+    assert fingerprint(str(tmp_path / "a"), epochs=3) != same
+    assert fingerprint(str(tmp_path / "a"), config=dataclasses.replace(CONFIG, seed=CONFIG.seed + 1)) != same
+    (tmp_path / "b" / "cat" / "1.png").rename(tmp_path / "b" / "dog" / "1.png")  # other classes
+    assert fingerprint(str(tmp_path / "b")) != same
+
+
+def test_a_second_claim_with_other_options_is_refused(local_service):
+    service.claim_options(local_service.target, "claims", 12345)
+    service.claim_options(local_service.target, "claims", 12345)  # the same options: accepted again
+    with pytest.raises(service.OptionsMismatch, match="other input or packing options"):
+        service.claim_options(local_service.target, "claims", 12346)
