@@ -9,11 +9,11 @@ from ._config import (DROP_HELP, FILL_PACKERS, PACKERS, RESOLUTION_HELP, BetaDro
                       NaFlex, Native, NoDrop, PackConfig, ResDepDrop, SigmoidSchedule, TruncNormal, Uniform, parse_drop,
                       parse_resolution)
 from ._drop import kept_count, sample_drop_rate
-from ._engine import (Decision, ImagePlan, PackingCore, Refit, RejectBudgetExceeded, assemble, check_budget_spec,
-                      fill_image, plan_header, prepare_image, text_fields)
+from ._engine import (Decision, ImagePlan, PackingCore, Refit, RejectBudgetExceeded, SequencePacker, assemble,
+                      check_budget_spec, fill_image, plan_header, prepare_image, text_fields)
 from ._fill import FILL_EXTRA_DROP, FillPlan, plan_fill
 from ._image import ImageRejected, OpenedImage, image_size, library_versions
-from ._packer import META_PREFIX, PER_IMAGE_FIELDS, SequencePacker, build_record, unpack
+from ._packer import META_PREFIX, PER_IMAGE_FIELDS, build_record, unpack
 from ._patch import patchify, unpatchify
 from ._plan import plan_grid, plan_image
 from ._process import PatchedImage

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ._algorithms import make_algorithm
 from ._config import ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
 from ._drop import choose_kept, kept_count, sample_drop_rate
-from ._fill import plan_fill
+from ._fill import plan_fill, refit_image
 from ._image import ImageRejected, JpegHeader, OpenedImage, read_header
-from ._packer import META_PREFIX, PER_IMAGE_FIELDS, meta_text
+from ._packer import META_PREFIX, PER_IMAGE_FIELDS, build_record, meta_text
 from ._patch import grid_positions, patch_view, patchify
 from ._plan import plan_grid
 from ._process import FillSource, PatchedImage, check_label
@@ -313,10 +313,13 @@ def assemble(decision: Decision, filled: Sequence[Filled], config: PackConfig,
 
 
 class _PlanFill:
-    """ExactFillWindow's feasibility callback on plans: item ids name the core's pending plans."""
+    """ExactFillWindow's feasibility callback on plans: item ids name the core's pending plans.
+    `can_rerender(provenance)` says whether an image may be re-rendered at another grid (else only
+    tokens are dropped at its drawn grid)."""
 
-    def __init__(self, config: PackConfig, pending: Mapping[int, tuple[ImagePlan, Any]]):
-        self.config, self.pending = config, pending
+    def __init__(self, config: PackConfig, pending: Mapping[int, tuple[ImagePlan, Any]],
+                 can_rerender: Callable[[Any], bool]):
+        self.config, self.pending, self.can_rerender = config, pending, can_rerender
         self._cache: dict[tuple[int, int], Any] = {}
 
     def __call__(self, item: int, length: int, target: int) -> Optional[float]:
@@ -326,9 +329,9 @@ class _PlanFill:
     def plan(self, item: int, target: int):
         key = (item, target)
         if key not in self._cache:
-            p = self.pending[item][0]
+            p, provenance = self.pending[item]
             self._cache[key] = plan_fill(p.orig_h, p.orig_w, p.grid_h, p.grid_w, p.num_tokens, p.drop_rate, target,
-                                         self.config, rerender=True)
+                                         self.config, rerender=self.can_rerender(provenance))
         return self._cache[key]
 
     def clear(self) -> None:
@@ -357,7 +360,7 @@ class PackingCore:
     provenance the caller gave (small JSON), never by content; restore() takes their plans back."""
 
     def __init__(self, config: PackConfig, meta_fields: Sequence[str] = (), *, max_rejects: BudgetSpec = None,
-                 unique_keys: bool = False):
+                 unique_keys: bool = False, can_rerender: Callable[[Any], bool] = lambda provenance: True):
         check_budget_spec(max_rejects)
         self.config = config
         self.meta_fields = tuple(meta_fields)
@@ -366,7 +369,7 @@ class PackingCore:
         self._pending: dict[int, tuple[ImagePlan, Any]] = {}
         self._fill: Optional[_PlanFill] = None
         if config.fill == "exact":  # PackConfig checked that the packer can fill
-            self._fill = _PlanFill(config, self._pending)
+            self._fill = _PlanFill(config, self._pending, can_rerender)
         self._algo = make_algorithm(config.packer, config.seq_len, config.max_images_per_seq, config.window, self._fill)
         self._next_id = 0
         self._next_seq = 0
@@ -518,6 +521,89 @@ class PackingCore:
         self.reject_counts = collections.Counter(state["rejects"])
         self.reject_examples = collections.deque(state["reject_examples"], maxlen=MAX_REJECT_EXAMPLES)
         self._keys = set(state.get("keys", ()))
+
+
+class SequencePacker:
+    """Packs PatchedImages already made (by prepare_image) into records, in memory: PackingCore decides on
+    their token counts, exactly as in every pipeline, and this keeps the images until their sequence
+    closes. Memory is bounded for the windowed and next-fit packers. Its state is the core's plain JSON:
+    pending images are named by the `provenance` the caller gave, from which the caller re-creates them
+    on resume (every image is a pure function of its key, epoch and config). With fill="exact" an image
+    that carries its source bytes may be re-rendered at another grid; one without only drops tokens."""
+
+    def __init__(self, config: PackConfig, meta_fields: Iterable[str] = ()):
+        self.config = config
+        self.meta_fields = tuple(meta_fields)
+        self._images: dict[int, PatchedImage] = {}  # pending images by their number; provenance is [number, caller's]
+        self._next_image = 0
+        self._core = PackingCore(config, self.meta_fields,
+                                 can_rerender=lambda provenance: self._images[provenance[0]].source is not None)
+
+    @property
+    def stats(self) -> dict:
+        """images, sequences, tokens_real, tokens_padding (and with fill="exact" images_refit,
+        tokens_refit_dropped, sequences_unfilled)."""
+        return {k: v for k, v in self._core.stats.items() if k != "fill_failed"}
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._images)
+
+    def add(self, image: PatchedImage, provenance: Any = None) -> list[dict[str, np.ndarray]]:
+        """Add one image; returns the sequences this closes (often none)."""
+        number = self._next_image
+        self._images[number] = image
+        try:
+            decisions = self._core.add(_plan_of(image), [number, provenance])
+        except ValueError:
+            del self._images[number]
+            raise
+        self._next_image += 1
+        return self._records(decisions)
+
+    def flush(self) -> list[dict[str, np.ndarray]]:
+        """Close every open sequence (end of stream)."""
+        return self._records(self._core.flush())
+
+    def pack_all(self, images: Iterable[PatchedImage]) -> Iterator[dict[str, np.ndarray]]:
+        for im in images:
+            yield from self.add(im)
+        yield from self.flush()
+
+    def _records(self, decisions: list[Decision]) -> list[dict[str, np.ndarray]]:
+        out = []
+        for d in decisions:
+            images = []
+            for plan, (number, _) in d.items:
+                image = self._images.pop(number)
+                images.append(refit_image(image, plan.refit, self.config) if plan.refit else image)
+            out.append(build_record(images, self.config, self.meta_fields))
+        return out
+
+    def state(self) -> dict:
+        """JSON-serializable state; pending images are named by their provenance."""
+        return {"core": self._core.state(), "next_image": self._next_image}
+
+    @staticmethod
+    def pending_provenance(state: dict) -> list[Any]:
+        """The provenances of the images that `restore(state, ...)` needs, in order."""
+        return [provenance for _, provenance in PackingCore.pending_provenance(state["core"])]
+
+    def restore(self, state: dict, images: Sequence[PatchedImage]) -> None:
+        """Resume from `state`; `images` are the pending images re-created from pending_provenance(state)."""
+        pending = PackingCore.pending_provenance(state["core"])
+        if len(images) != len(pending):
+            raise ValueError(f"state has {len(pending)} pending images, got {len(images)}")
+        self._images = {int(number): image for (number, _), image in zip(pending, images)}
+        self._next_image = int(state["next_image"])
+        self._core.restore(state["core"], [_plan_of(image) for image in images])
+
+
+def _plan_of(image: PatchedImage) -> ImagePlan:
+    """The plan a PatchedImage was made to (what the core decides on)."""
+    epoch = image.source.epoch if image.source is not None else 0
+    return ImagePlan(image.key, epoch, 0, image.label, image.meta, image.orig_h, image.orig_w, image.grid_h,
+                     image.grid_w, image.num_tokens, image.drop_rate)
 
 
 def prepare_image(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,

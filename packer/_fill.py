@@ -27,7 +27,7 @@ import bisect
 import dataclasses
 import functools
 import math
-from typing import Mapping, Optional
+from typing import Optional
 
 from ._config import BetaDrop, Budget, ConstDrop, Fixed, NaFlex, NoDrop, PackConfig, ResDepDrop, TruncNormal, Uniform
 from ._drop import _MAX_RATE, _RESDEP_SIGMA, choose_kept
@@ -147,15 +147,9 @@ def plan_fill(h: int, w: int, grid_h: int, grid_w: int, num_tokens: int, drop_ra
     return best
 
 
-def plan_image_fill(image: PatchedImage, target: int, config: PackConfig) -> Optional[FillPlan]:
-    """plan_fill for a PatchedImage (re-rendering only when it carries its source bytes)."""
-    return plan_fill(image.orig_h, image.orig_w, image.grid_h, image.grid_w, image.num_tokens, image.drop_rate,
-                     target, config, rerender=image.source is not None)
-
-
 def refit_image(image: PatchedImage, plan: FillPlan, config: PackConfig) -> PatchedImage:
-    """The image re-planned by `plan`: re-rendered at the new grid (or not), then exactly plan.tokens
-    tokens kept at random, per (seed, key, epoch)."""
+    """The image re-planned by `plan` (a FillPlan, or the core's Refit: the same fields): re-rendered at
+    the new grid (or not), then exactly plan.tokens tokens kept at random, per (seed, key, epoch)."""
     epoch = image.source.epoch if image.source is not None else 0
     rng = image_rng(config.seed, image.key, epoch, "fill")
     if plan.rerender:
@@ -168,26 +162,3 @@ def refit_image(image: PatchedImage, plan: FillPlan, config: PackConfig) -> Patc
     idx = choose_kept(rng, patches.shape[0], plan.tokens)
     return dataclasses.replace(image, patches=patches[idx], pos_y=pos_y[idx], pos_x=pos_x[idx], grid_h=plan.grid_h,
                                grid_w=plan.grid_w, drop_rate=plan.drop_rate)
-
-
-class ImageFill:
-    """The feasibility callback of ExactFillWindow for images: item ids name images in `images`.
-    Remembers the plan behind each cost so that the chosen one is not computed twice."""
-
-    def __init__(self, config: PackConfig, images: Mapping[int, PatchedImage]):
-        self.config, self.images = config, images
-        self._plans: dict[tuple[int, int], Optional[FillPlan]] = {}
-
-    def __call__(self, item: int, length: int, target: int) -> Optional[float]:
-        plan = self.plan(item, target)
-        return None if plan is None else plan.cost
-
-    def plan(self, item: int, target: int) -> Optional[FillPlan]:
-        key = (item, target)
-        if key not in self._plans:
-            self._plans[key] = plan_image_fill(self.images[item], target, self.config)
-        return self._plans[key]
-
-    def clear(self) -> None:
-        self._plans.clear()
-

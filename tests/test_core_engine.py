@@ -80,8 +80,9 @@ def test_plan_token_count_equals_filled_token_count(name):
 
 @pytest.mark.parametrize("name", ["uniform-beta", "schedule", "exact", "exact-bfd"])
 def test_core_packs_what_sequence_packer_packs(name):
-    """The core's decisions, filled and assembled, are SequencePacker's records (plan + fill ==
-    prepare_image; the same algorithm and exact-fill re-plans)."""
+    """The pipelines' path (plan_header, the core's decisions, fill_image from the bytes, assemble) gives
+    the records of the in-memory path (prepare_image, SequencePacker: refit_image, build_record),
+    exact-fill re-renders included."""
     config = CONFIGS[name]
     images = make_images(50, seed=3)
     _, decisions, data = run_core(config, images, epoch=2)

@@ -215,6 +215,27 @@ def test_resume_with_exact_fill_matches_an_uninterrupted_run():
     assert records_hash(out) == records_hash(full)
 
 
+def test_exact_fill_without_source_bytes_only_drops_tokens():
+    """An image made without its bytes (source None) cannot be re-rendered: exact fill may only drop its
+    tokens at the grid it was drawn at, and what it keeps are some of its own patches."""
+    import dataclasses
+
+    config = packer.PackConfig(seq_len=128, resolution="uniform:48:160", fill="exact", window=12)
+    prepared = [packer.prepare_image(d, k, config, label=lab) for k, d, lab in png_images(40, seed=5)]
+    bare = {im.key: dataclasses.replace(im, source=None) for im in prepared}
+    p = packer.SequencePacker(config)
+    records = list(p.pack_all(bare.values()))
+    assert p.stats["images"] == len(bare) and p.stats["images_refit"] > 0
+    for im in (im for r in records for im in packer.unpack(r)):
+        original = bare[im.key]
+        assert (im.grid_h, im.grid_w) == (original.grid_h, original.grid_w)
+        kept = {(y, x) for y, x in zip(original.pos_y, original.pos_x)}
+        assert {(y, x) for y, x in zip(im.pos_y, im.pos_x)} <= kept and im.num_tokens <= original.num_tokens
+    rerendered = list(packer.SequencePacker(config).pack_all(prepared))
+    assert any((im.grid_h, im.grid_w) != (bare[im.key].grid_h, bare[im.key].grid_w)
+               for r in rerendered for im in packer.unpack(r))  # with the bytes some grids do change
+
+
 @pytest.mark.skipif(not IMAGENET_DEV.is_dir(), reason="imagenet-dev not present")
 def test_imagenet_dev_exact_fill():
     files = sorted(IMAGENET_DEV.iterdir())[:120]
