@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import threading
 from typing import Any, Iterator, Optional, Sequence
@@ -219,7 +218,7 @@ def options_fingerprint(source: Any, config: PackConfig, *, epochs: int, group_u
     text = json.dumps({"config": config.to_json(), "epochs": epochs, "group_units": group_units,
                        "meta_fields": list(meta_fields), "units": len(src.units()),
                        "class_names": list(src.class_names or ())}, sort_keys=True)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
+    return packer.stable_hash(text, "serve-options") >> 2
 
 
 def claim_options(service: str, dataset_id: str, fingerprint: int) -> None:
