@@ -114,11 +114,12 @@ def summary_table(manifest: dict, output: str, seconds: float, timings: Optional
 
 
 class _Progress:
-    """A tqdm bar per phase ("reading", "packing"), or a plain stderr line, fed from the packing loop."""
+    """A tqdm bar per phase ("reading", "packing"), or a plain stderr line without tqdm, fed from the packing
+    loop. The bar is tested with `is None`: a tqdm bar with no total raises on bool()."""
 
     def __init__(self):
-        self.bar = None
-        self.phase = None
+        self.bar = None  # the current phase's tqdm bar; None without tqdm or between phases
+        self.phase: Optional[str] = None
 
     def __call__(self, phase: str, done: int, total: Optional[int]) -> None:
         if phase != self.phase:
@@ -126,10 +127,11 @@ class _Progress:
             self.phase = phase
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="img", desc=phase, file=sys.stderr)
             except ImportError:
-                self.bar = False
-        if self.bar:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, unit="img", desc=phase, file=sys.stderr)
+        if self.bar is not None:
             if total is not None and self.bar.total != total:
                 self.bar.total = total
             self.bar.update(done - self.bar.n)
@@ -137,11 +139,15 @@ class _Progress:
             print(f"\r{phase}: {done}" + (f"/{total}" if total else "") + " images", end="", file=sys.stderr)
 
     def close(self) -> None:
-        if self.bar:
+        """End the current phase's line (idempotent)."""
+        if self.phase is None:
+            return
+        if self.bar is not None:
             self.bar.close()
-        elif self.bar is False:
+        else:
             print(file=sys.stderr)
         self.bar = None
+        self.phase = None
 
 
 def _quiet_beam() -> None:

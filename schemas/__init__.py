@@ -12,13 +12,14 @@ from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._schema import FORMATS, SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
+from ._tfrecord import decode_example
 from ._verify import VerificationError, VerifyReport, verify
 
 __all__ = [
     # the record schema and the formats it is written in
     "Schema", "SCHEMA_VERSION", "FORMATS", "SchemaError", "RecordError",
     # reading packed output: records, tf.data, the manifest, verification
-    "read", "tf_dataset", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
+    "read", "tf_dataset", "decode_example", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",

@@ -54,6 +54,73 @@ def test_readme_python_blocks_run(tmp_path):
         assert run.returncode == 0, f"README python block {i} failed:\n{block}\n{run.stderr[-3000:]}"
 
 
+# Every ```python block of docs/*.md runs (test_docs_python_snippets_run) in a fresh interpreter, in a folder
+# holding what the docs assume a reader has: `out`, a dataset packed from synthetic images (by default
+# `navit-pack pack --input synthetic:96 --output out`; an HTML comment `<!-- test: pack ARGS -->` just above a
+# block adds pack options, `<!-- test: skip REASON -->` skips it with the reason), `~/imagenet/train` (HOME is
+# the folder; a few JPEGs), and these stand-ins for the reader's own values, defined before each block:
+SNIPPET_PRELUDE = """
+import glob, json, os, sys
+import numpy as np
+import packer, schemas
+sys.path.insert(0, {examples!r})                      # the docs' `import navit_tf` runs from examples/
+E = schemas.read_manifest("out")["max_images"]         # the records' max_images_per_seq
+i = 0                                                  # a record index
+num_steps = 2
+jpeg_bytes = open(os.path.expanduser("~/imagenet/train/n01440764/0.jpg"), "rb").read()
+_config = packer.PackConfig(seq_len=256, patch_size=16, resolution="uniform:64:256", token_drop="beta:0.3:0.9")
+images = [packer.prepare_image(jpeg_bytes, key=f"img{{k}}", config=_config) for k in range(3)]
+def train_step(*args, **kwargs): pass
+def save_json(state, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(state, f)
+"""
+_SNIPPET = re.compile(r"(?:<!-- test: (?P<test>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
+_NEEDS = {"pyarrow": "pyarrow", "datasets.": "datasets", "polars.": "polars", "tf_dataset": "tensorflow",
+          "as_tf_dataset": "tensorflow", "keras": "keras", "array_record": "array_record"}
+
+
+def doc_snippets() -> list:
+    out = []
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        for n, m in enumerate(_SNIPPET.finditer(doc.read_text())):
+            out.append(pytest.param(m.group("code"), m.group("test") or "", id=f"{doc.stem}-{n}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def snippet_home(tmp_path_factory) -> Path:
+    """~/imagenet/train: a few JPEGs in two class folders."""
+    from conftest import encode, make_pixels
+
+    home = tmp_path_factory.mktemp("home")
+    for k in range(8):
+        path = home / "imagenet" / "train" / ("n01440764", "n01443537")[k % 2] / f"{k // 2}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(make_pixels(90 + 10 * k, 120, seed=k), "JPEG", quality=85))
+    return home
+
+
+@pytest.mark.parametrize("code,directive", doc_snippets())
+def test_docs_python_snippets_run(code, directive, snippet_home, tmp_path):
+    if directive.startswith("skip"):
+        pytest.skip(directive[len("skip"):].strip())
+    for needle, module in _NEEDS.items():
+        if needle in code:
+            pytest.importorskip(module, reason=f"the snippet uses {module}, which is not installed")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(snippet_home), TF_CPP_MIN_LOG_LEVEL="3")
+    extra = shlex.split(directive[len("pack"):]) if directive.startswith("pack") else []
+    pack = subprocess.run([sys.executable, "-m", "pipelines.cli", "pack", "--input", "synthetic:96", "--output", "out",
+                           "--no-progress", *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert pack.returncode == 0, pack.stderr
+    script = tmp_path / "snippet.py"
+    script.write_text(SNIPPET_PRELUDE.format(examples=str(REPO / "examples")) + code)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, f"snippet failed:\n{code}\n{run.stderr[-3000:]}"
+
+
 def test_readme_shell_commands_are_valid():
     """Each `navit-pack` command parses with the real parser (subcommand and every flag exist, values are
     accepted by argparse); each `make` target exists in the Makefile; `pip install` names an extra we define."""

@@ -69,8 +69,11 @@ def read_file(path: str, *, use_beam: bool) -> bytes:
 def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple[str, list[str], bool]:
     """A glob, folder or file -> (root for keys, sorted matching paths, whether Beam's FileSystems is used).
 
-    A folder stands for every file below it whose name ends with one of `suffixes` (any if empty)."""
+    A folder stands for every file below it whose name ends with one of `suffixes` (any if empty). A local
+    pattern may start with `~` (the user's home), as in a shell."""
     use_beam = has_scheme(pattern)
+    if not use_beam:
+        pattern = os.path.expanduser(pattern)
     if is_glob(pattern):
         root, paths = glob_root(pattern), match_files(spec, pattern, use_beam=use_beam)
     elif not use_beam and os.path.isfile(pattern):

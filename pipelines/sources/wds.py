@@ -76,6 +76,8 @@ def shard_paths(spec: str, pattern: str) -> tuple[str, list[str]]:
     Globs and folders contribute their tar files (sorted); a file named outright is taken whatever its
     name. Local files named outright must exist; remote ones are checked when read (one listing call per
     shard would cost more than the read)."""
+    if not has_scheme(pattern):
+        pattern = os.path.expanduser(pattern)
     root = glob_root(pattern.replace("{", "*"))  # the fixed prefix ends before the first brace too
     paths: list[str] = []
     missing: list[str] = []
