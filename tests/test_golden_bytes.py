@@ -1,0 +1,172 @@
+"""Output bytes pinned: the batch job (every format, 1 and 2 workers, several groups and epochs, exact fill,
+meta fields, folder / wds / synthetic inputs), the stream (records and batches, in-process and worker
+processes) and the service generator write exactly the bytes recorded in golden_bytes.json.
+
+Output bytes are a pure function of (config, inputs, library versions): the pixels come from Pillow,
+simplejpeg, OpenCV and numpy's generators, so the comparison runs when those versions are the recorded
+ones (it is skipped, with the versions, when they differ; the equalities across worker counts and
+stream settings are checked whatever the versions). After a deliberate change of output, regenerate:
+    NAVIT_PACK_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden_bytes.py
+and say why in the commit."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import packer
+import schemas
+from conftest import encode, make_pixels
+from pipelines import beam_pipeline
+from pipelines.stream import PackedStream
+
+GOLDEN = Path(__file__).with_name("golden_bytes.json")
+REGENERATE = bool(os.environ.get("NAVIT_PACK_REGENERATE_GOLDEN"))
+CONFIG = dict(seq_len=96, resolution="uniform:24:128", token_drop="beta:0.2:0.5")
+_found: dict[str, str] = {}
+
+
+def _versions() -> dict[str, str]:
+    return packer.library_versions()
+
+
+def _golden() -> dict:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+
+
+def check(name: str, digest: str) -> None:
+    """Compare `digest` with the recorded one (or record it when regenerating)."""
+    if REGENERATE:
+        golden = _golden()
+        golden.setdefault("digests", {})[name] = digest
+        golden["libraries"] = _versions()
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    golden = _golden()
+    if golden.get("libraries") != _versions():
+        pytest.skip(f"pixel libraries {_versions()} differ from the recorded {golden.get('libraries')}")
+    assert golden["digests"][name] == digest, f"{name}: output bytes changed"
+
+
+def dir_digest(directory: Path) -> str:
+    """Every output file's bytes; the manifest without `input` (the folder's path differs per run)."""
+    h = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        data = path.read_bytes()
+        if path.name == schemas.MANIFEST:
+            manifest = json.loads(data)
+            manifest.pop("input")
+            data = json.dumps(manifest, sort_keys=True).encode()
+        h.update(path.name.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
+def records_digest(records) -> str:
+    h = hashlib.sha256()
+    n = 0
+    for r in records:
+        n += 1
+        for name in sorted(r):
+            v = np.asarray(r[name])
+            data = "\x1f".join(map(str, v.reshape(-1))).encode() if v.dtype == object else v.tobytes()
+            h.update(f"{name}:{v.dtype.str}:{v.shape}:".encode() + data)
+    return f"{n}:{h.hexdigest()}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, str]:
+    """A folder (3 classes of JPEGs and PNGs of varied sizes, an undecodable file and a cut JPEG) and a
+    WebDataset tar of the same images with .cls labels and .json metadata."""
+    root = tmp_path_factory.mktemp("golden")
+    rng = np.random.default_rng(11)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(60):
+            h, w = (int(v) for v in rng.integers(16, 220, 2))
+            fmt, ext = ("PNG", "png") if i % 5 == 0 else ("JPEG", "jpg")
+            data = encode(make_pixels(h, w, seed=i), fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+            path = root / "photos" / f"class{i % 3}" / f"img{i:02d}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            for name, payload in ((f"s{i:03d}.{ext}", data), (f"s{i:03d}.cls", str(i % 3).encode()),
+                                  (f"s{i:03d}.json", json.dumps({"caption": f"image {i}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (root / "photos" / "class0" / "broken.jpg").write_bytes(b"not an image")
+    (root / "photos" / "class1" / "cut.jpg").write_bytes(encode(make_pixels(120, 90, seed=99), "JPEG")[:1200])
+    (root / "shards.tar").write_bytes(buf.getvalue())
+    return {"folder": str(root / "photos"), "wds": f"wds:{root / 'shards.tar'}", "synthetic": "synthetic:40"}
+
+
+BATCH = {  # name -> (input, PackConfig overrides, PackJob fields)
+    "tfrecord": ("folder", {}, dict(fmt="tfrecord")),
+    "arrow": ("folder", {}, dict(fmt="arrow")),
+    "parquet": ("folder", {}, dict(fmt="parquet")),
+    "array_record": ("folder", {}, dict(fmt="array_record")),
+    "exact_fill": ("folder", dict(fill="exact", token_drop="resdep:0.1:0.4:1:96"), dict(fmt="tfrecord")),
+    "meta": ("folder", dict(packer="first-fit"), dict(fmt="parquet", meta_fields=("class_name",))),
+    "wds": ("wds", dict(token_drop="const:0.3@sigmoid:0.1:0.6:60:20"), dict(fmt="arrow", meta_fields=("caption",))),
+    "synthetic": ("synthetic", {}, dict(fmt="tfrecord", group_size=4096, num_shards=None, epochs=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH))
+def test_batch_job_bytes(inputs, tmp_path, name):
+    source, overrides, fields = BATCH[name]
+    config = packer.PackConfig(**{**(CONFIG if source != "synthetic" else {}), **overrides})
+    job = dict(dict(num_shards=4, group_size=20, epochs=2), **fields)
+    digests = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        beam_pipeline.run_pack(beam_pipeline.PackJob(input=inputs[source], output=str(out), config=config, **job),
+                               workers=workers)
+        digests.append(dir_digest(out))
+    assert digests[0] == digests[1], "the worker count changed the output"
+    check(f"batch/{name}", digests[0])
+
+
+STREAMS = {  # name -> (input, PackConfig overrides, PackedStream arguments)
+    "records": ("folder", dict(token_drop="const:0.3@sigmoid:0.1:0.6:60:20"), dict(epochs=2)),
+    "exact_fill": ("folder", dict(fill="exact"), dict(epochs=1)),
+    "wds_meta": ("wds", {}, dict(epochs=1, meta_fields=("caption",), shuffle_block=16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_stream_bytes(inputs, name):
+    source, overrides, kwargs = STREAMS[name]
+    config = packer.PackConfig(**{**CONFIG, **overrides})
+    digests = {}
+    for num_parallel in (0, 2):
+        with PackedStream(inputs[source], config, num_parallel=num_parallel, **kwargs) as stream:
+            digests[f"records/{num_parallel}"] = records_digest(stream)
+        with PackedStream(inputs[source], config, num_parallel=num_parallel, **kwargs) as stream:
+            rows = []
+            for batch in stream.batches(4, copy=False):
+                rows += [{k: v[i].copy() for k, v in batch.items()}  # views: valid until the next batch
+                         for i in range(len(batch["segment_ids"]))]
+            digests[f"batches/{num_parallel}"] = records_digest(rows)
+    assert len(set(digests.values())) == 1, digests
+    check(f"stream/{name}", digests["records/0"])
+
+
+def test_service_generator_bytes(inputs):
+    tf = pytest.importorskip("tensorflow")
+    from pipelines import service
+
+    config = packer.PackConfig(**CONFIG)
+    digests = []
+    for num_parallel in (0, 2):
+        ds = service.service_dataset(inputs["folder"], config, epochs=2, group_units=1, num_parallel=num_parallel)
+        records = [{k: (v.numpy().astype(str).astype(object) if v.dtype == tf.string else v.numpy())
+                    for k, v in element.items()} for element in ds]
+        digests.append(records_digest(records))
+    assert digests[0] == digests[1]
+    check("service/folder", digests[0])
