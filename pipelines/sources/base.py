@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import types
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 LABEL_MODES = ("auto", "none", "folder")
@@ -44,6 +45,11 @@ class Source(abc.ABC):
     meta_fields: tuple[str, ...] = ()
     # True where keys cannot repeat by construction (folders, synthetic): iteration then keeps no key set.
     unique_keys: bool = False
+    # What listing the input passed over because it is not an input at all, by reason ("hidden",
+    # "other_extension", "folder_named_like_image", "symlink_loop", "folder_seen": files.SKIP_REASONS), and
+    # the first few of each; known when the source is opened. Filled by folder and glob sources, empty elsewhere.
+    skipped: Mapping[str, int] = types.MappingProxyType({})
+    skipped_examples: Mapping[str, Sequence[str]] = types.MappingProxyType({})
 
     @abc.abstractmethod
     def units(self) -> list[str]:
