@@ -27,7 +27,8 @@ import os
 import re
 from typing import Any, Callable, Iterator, Sequence
 
-from .base import FILENAME_LABELS, LABEL_MODES, Source, SourceError, SourceRecord, check_labels, flag_duplicates, has_scheme
+from .base import (FILENAME_LABELS, LABEL_MODES, Source, SourceError, SourceRecord, check_labels, flag_duplicates,
+                   has_scheme, unused_totals)
 from .files import FileSource
 from .synthetic import SyntheticSource
 from .tables import ArrowSource, TFRecordSource
@@ -35,7 +36,7 @@ from .tfds import TfdsSource
 from .wds import WdsSource
 
 __all__ = ["FILENAME_LABELS", "LABEL_MODES", "Source", "SourceError", "SourceRecord", "flag_duplicates",
-           "open_source", "read_sizes", "record_sizes", "KINDS"]
+           "open_source", "read_sizes", "record_sizes", "unused_totals", "KINDS"]
 
 # The one place a source kind is registered: "KIND:BODY" specs go to KINDS[KIND](spec, BODY, labels=, meta_fields=).
 # Anything without a registered prefix is a folder, a glob or a gs:// path of image files (FileSource).

@@ -5,6 +5,7 @@ package's `__init__` registers them and parses spec strings (`open_source`)."""
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import re
 import types
@@ -27,7 +28,12 @@ class SourceRecord:
     """One input image, still encoded.
 
     `reject` is set (a reason code such as "duplicate_key" or "unreadable", `detail` says more) when the
-    source already knows the record cannot be used; the pipeline records it as a rejection."""
+    source already knows the record cannot be used; the pipeline records it as a rejection.
+
+    `unused` names what the source passed over unread for this record, one entry per member: for wds, the
+    extensions of the sample's members that the record did not need (("npy", "txt") when `txt` is not a
+    requested meta field), "<hidden>" and "<no_extension>" for members that belong to no sample (`._x.jpg`,
+    `README`), counted with the sample they sit in. Empty for other sources. Totals: `unused_totals`."""
 
     key: str
     data: bytes
@@ -35,6 +41,7 @@ class SourceRecord:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reject: Optional[str] = None
     detail: str = ""
+    unused: tuple[str, ...] = ()
 
 
 class Source(abc.ABC):
@@ -92,6 +99,15 @@ def flag_duplicates(records: Iterable[SourceRecord]) -> Iterator[SourceRecord]:
         elif r.reject is None:
             seen.add(r.key)
         yield r
+
+
+def unused_totals(records: Iterable[SourceRecord], totals: Optional[collections.Counter] = None) -> collections.Counter:
+    """Sum `SourceRecord.unused` over records: {"txt": 1200, "npy": 1200, "<hidden>": 3}. Pass `totals` to add
+    to a running count (e.g. one per worker, merged with `+=`)."""
+    totals = collections.Counter() if totals is None else totals
+    for r in records:
+        totals.update(r.unused)
+    return totals
 
 
 # ----------------------------------------------------------------------------- spec parsing helpers
