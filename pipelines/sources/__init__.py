@@ -57,9 +57,11 @@ def open_source(spec: str, *, labels: str = "auto", meta_fields: Sequence[str] =
     labels: "auto" (use the labels the input has: sub-folder names, a label column or feature), "none"
     (no labels), or "folder" (folders only: every image must sit in a class sub-folder).
     meta_fields: names of extra per-image values to carry into `SourceRecord.meta` (columns or features
-    for tables and TFDS; fields of the json member for wds; "path" and "class_name" for folders; "class_name"
-    and "format" for synthetic).
-    Raises SourceError for a malformed spec, a missing input or one with no images."""
+    for tables and TFDS; for wds a member extension such as "txt" (its text) or a field of the json member,
+    checked against the first 100 samples; "path" and "class_name" for folders; "class_name" and "format"
+    for synthetic).
+    Raises SourceError for a malformed spec, a missing input, one with no images, or a meta field it does
+    not offer. What listing passed over is counted in `source.skipped` (folders and globs)."""
     if not isinstance(spec, str) or not spec.strip():
         raise SourceError(str(spec), "empty input spec")
     check_labels(spec, labels)
