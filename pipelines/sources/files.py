@@ -194,8 +194,10 @@ def walk_local(spec: str, pattern: str) -> Optional[Walk]:
                             if matched:
                                 entries.append(Entry(rel, "broken", True, _link_detail(entry.path, e)))
                             continue
-                    else:
-                        mode = entry.stat(follow_symlinks=False).st_mode
+                    else:  # from the folder listing's entry type: no system call per file
+                        mode = (stat.S_IFDIR if entry.is_dir(follow_symlinks=False) else
+                                stat.S_IFREG if entry.is_file(follow_symlinks=False) else
+                                entry.stat(follow_symlinks=False).st_mode)
                 except OSError as e:  # gone since the folder was listed
                     if matched:
                         entries.append(Entry(rel, "broken", False, f"{type(e).__name__}: {e.strerror or e}"))
