@@ -180,3 +180,17 @@ def test_pack_over_a_looped_folder_packs_each_image_once(looped, tmp_path):
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [("cat/again.png", "duplicate_file")]
     assert manifest["num_images_in"] == 3 == manifest["num_images_packed"] + manifest["num_rejected"]
+
+
+def test_remote_listings_count_what_they_skip_too(tmp_path, monkeypatch):
+    """gs:// and other schemes are listed by Beam's FileSystems (no folders, no symlinks there): hidden files
+    and other extensions are counted the same way. Here on a local folder, as if it were remote."""
+    pytest.importorskip("apache_beam")
+    from pipelines.sources import files
+    write_image(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "cat" / "._a.png").write_bytes(b"apple double")
+    monkeypatch.setattr(files, "has_scheme", lambda path: True)
+    src = open_source(str(tmp_path))
+    assert src.use_beam and [r.key for r in src] == ["cat/a.png"]
+    assert src.skipped == {"hidden": 1, "other_extension": 1}
