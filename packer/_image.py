@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import re
@@ -65,17 +66,45 @@ class ImageRejected(Exception):
 _CAPTURE_LOCK = threading.RLock()
 
 
+class _LogSink(logging.Handler):
+    """Collects log records (Pillow logs some header problems, e.g. TiffImagePlugin's "More samples per
+    pixel than can be decoded", at ERROR: with no handler configured, logging's last resort prints them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(f"{record.name}: {record.getMessage()}")
+        except Exception:  # a malformed log call must not fail the decode
+            self.lines.append(f"{record.name}: {record.msg!r}")
+
+
+# Loggers of the decoding libraries whose records are collected instead of printed.
+_DECODER_LOGGERS = ("PIL",)
+
+
 @contextlib.contextmanager
 def _decoder_warnings(sink: list[str]) -> Iterator[None]:
-    """Collect the Python warnings the decoders raise into `sink` instead of printing them."""
+    """Collect the Python warnings the decoders raise, and what they log (Pillow's "PIL" loggers), into
+    `sink` instead of printing them. The loggers stop propagating for that time, so neither the root
+    logger's handlers nor logging's last resort (stderr) see their records."""
+    log = _LogSink()
     with _CAPTURE_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, not Pillow's limit
+        loggers = [logging.getLogger(name) for name in _DECODER_LOGGERS]
+        saved = [(lg.propagate, lg.handlers) for lg in loggers]
+        for lg in loggers:
+            lg.propagate, lg.handlers = False, [log]
         try:
             yield
         finally:
-            for w in caught:
-                text = _OBJECT_ADDRESS.sub("", f"{w.category.__name__}: {w.message}")
+            for lg, (propagate, handlers) in zip(loggers, saved):
+                lg.propagate, lg.handlers = propagate, handlers
+            texts = [_OBJECT_ADDRESS.sub("", f"{w.category.__name__}: {w.message}") for w in caught]
+            for text in texts + [_OBJECT_ADDRESS.sub("", line) for line in log.lines]:
                 if text not in sink:
                     sink.append(text)
 

@@ -131,3 +131,69 @@ def test_too_many_pixels_quotes_max_pixels_not_pillows_limit():
     assert OpenedImage(_png_header_only(side, side), max_pixels=side * side).height == side  # within max_pixels
     with pytest.raises(ImageRejected, match="max_pixels 50000000"):
         OpenedImage(_png_header_only(100_000, 100_000), max_pixels=50_000_000)
+
+
+# ----------------------------------------------------------------------------- decoder chatter stays off stderr
+def _tiff_entries(data: bytes) -> dict[int, int]:
+    """Tag -> offset of its 12-byte entry in the first IFD of a little-endian TIFF (as Pillow writes them)."""
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    count = struct.unpack_from("<H", data, ifd)[0]
+    return {struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0]: ifd + 2 + 12 * i for i in range(count)}
+
+
+def _odd_tiffs() -> dict[str, bytes]:
+    """TIFFs that make the decoders talk: Pillow logs a bad SamplesPerPixel at ERROR while reading the header
+    (logging's last resort prints it), and libtiff writes a zlib checksum error to fd 2 while decoding."""
+    rgb = Image.fromarray(make_pixels(24, 32))
+    plain = bytearray(encode(rgb, "TIFF"))
+    entry = _tiff_entries(bytes(plain))[277]  # SamplesPerPixel, one SHORT stored in the entry
+    struct.pack_into("<HHIHH", plain, entry, 277, 3, 1, 1000, 0)
+    deflate = bytearray(encode(rgb, "TIFF", compression="tiff_adobe_deflate"))
+    with Image.open(io.BytesIO(bytes(deflate))) as im:
+        offset, size = im.tag_v2[273][0], im.tag_v2[279][0]
+    for i in range(offset + size - 4, offset + size):  # the stream's adler32: "incorrect data check"
+        deflate[i] ^= 0xFF
+    return {"samples_per_pixel": bytes(plain), "bad_checksum": bytes(deflate)}
+
+
+def test_decoder_chatter_stays_off_stderr(tmp_path):
+    """Header reads and decodes of odd TIFFs print nothing, at the Python level (Pillow's logger) or the C level
+    (libtiff on fd 2): in a fresh interpreter, which has no logging configured."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    names = []
+    for name, data in _odd_tiffs().items():
+        (tmp_path / f"{name}.tif").write_bytes(data)
+        names.append(name)
+    code = """if True:
+        import json, sys
+        import packer
+        out = {}
+        for name in sys.argv[1:]:
+            data = open(name + ".tif", "rb").read()
+            seen = []
+            for step in (lambda: packer.image_size(data), lambda: packer.prepare_image(data, name, packer.PackConfig()),
+                         lambda: packer.OpenedImage(data, 10**8).decode_resized(8, 8)):
+                try:
+                    step()
+                    seen.append("ok")
+                except packer.ImageRejected as e:
+                    seen.append(e.reason + ": " + e.detail)
+            out[name] = seen
+        print(json.dumps(out))
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHONPATH=repo))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    outcomes = json.loads(result.stdout)
+    # The header problem is not lost: the rejection carries what Pillow logged.
+    assert all(o.startswith("undecodable") and "More samples per pixel" in o for o in outcomes["samples_per_pixel"])
+    # libtiff's message goes into the rejection's detail instead of onto the terminal.
+    assert outcomes["bad_checksum"][0] == "ok"  # the header is fine
+    assert "incorrect data check" in outcomes["bad_checksum"][2], outcomes

@@ -27,7 +27,8 @@ import os
 import re
 from typing import Any, Callable, Iterator, Sequence
 
-from .base import FILENAME_LABELS, LABEL_MODES, Source, SourceError, SourceRecord, check_labels, flag_duplicates, has_scheme
+from .base import (FILENAME_LABELS, LABEL_MODES, Source, SourceError, SourceRecord, check_labels, flag_duplicates,
+                   has_scheme, unused_totals)
 from .files import FileSource
 from .synthetic import SyntheticSource
 from .tables import ArrowSource, TFRecordSource
@@ -35,7 +36,7 @@ from .tfds import TfdsSource
 from .wds import WdsSource
 
 __all__ = ["FILENAME_LABELS", "LABEL_MODES", "Source", "SourceError", "SourceRecord", "flag_duplicates",
-           "open_source", "read_sizes", "record_sizes", "KINDS"]
+           "open_source", "read_sizes", "record_sizes", "unused_totals", "KINDS"]
 
 # The one place a source kind is registered: "KIND:BODY" specs go to KINDS[KIND](spec, BODY, labels=, meta_fields=).
 # Anything without a registered prefix is a folder, a glob or a gs:// path of image files (FileSource).
@@ -56,9 +57,11 @@ def open_source(spec: str, *, labels: str = "auto", meta_fields: Sequence[str] =
     labels: "auto" (use the labels the input has: sub-folder names, a label column or feature), "none"
     (no labels), or "folder" (folders only: every image must sit in a class sub-folder).
     meta_fields: names of extra per-image values to carry into `SourceRecord.meta` (columns or features
-    for tables and TFDS; fields of the json member for wds; "path" and "class_name" for folders; "class_name"
-    and "format" for synthetic).
-    Raises SourceError for a malformed spec, a missing input or one with no images."""
+    for tables and TFDS; for wds a member extension such as "txt" (its text) or a field of the json member,
+    checked against the first 100 samples; "path" and "class_name" for folders; "class_name" and "format"
+    for synthetic).
+    Raises SourceError for a malformed spec, a missing input, one with no images, or a meta field it does
+    not offer. What listing passed over is counted in `source.skipped` (folders and globs)."""
     if not isinstance(spec, str) or not spec.strip():
         raise SourceError(str(spec), "empty input spec")
     check_labels(spec, labels)

@@ -5,8 +5,10 @@ package's `__init__` registers them and parses spec strings (`open_source`)."""
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import re
+import types
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 LABEL_MODES = ("auto", "none", "folder")
@@ -26,7 +28,12 @@ class SourceRecord:
     """One input image, still encoded.
 
     `reject` is set (a reason code such as "duplicate_key" or "unreadable", `detail` says more) when the
-    source already knows the record cannot be used; the pipeline records it as a rejection."""
+    source already knows the record cannot be used; the pipeline records it as a rejection.
+
+    `unused` names what the source passed over unread for this record, one entry per member: for wds, the
+    extensions of the sample's members that the record did not need (("npy", "txt") when `txt` is not a
+    requested meta field), "<hidden>" and "<no_extension>" for members that belong to no sample (`._x.jpg`,
+    `README`), counted with the sample they sit in. Empty for other sources. Totals: `unused_totals`."""
 
     key: str
     data: bytes
@@ -34,6 +41,7 @@ class SourceRecord:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reject: Optional[str] = None
     detail: str = ""
+    unused: tuple[str, ...] = ()
 
 
 class Source(abc.ABC):
@@ -44,6 +52,11 @@ class Source(abc.ABC):
     meta_fields: tuple[str, ...] = ()
     # True where keys cannot repeat by construction (folders, synthetic): iteration then keeps no key set.
     unique_keys: bool = False
+    # What listing the input passed over because it is not an input at all, by reason ("hidden",
+    # "other_extension", "folder_named_like_image", "symlink_loop", "folder_seen": files.SKIP_REASONS), and
+    # the first few of each; known when the source is opened. Filled by folder and glob sources, empty elsewhere.
+    skipped: Mapping[str, int] = types.MappingProxyType({})
+    skipped_examples: Mapping[str, Sequence[str]] = types.MappingProxyType({})
 
     @abc.abstractmethod
     def units(self) -> list[str]:
@@ -86,6 +99,15 @@ def flag_duplicates(records: Iterable[SourceRecord]) -> Iterator[SourceRecord]:
         elif r.reject is None:
             seen.add(r.key)
         yield r
+
+
+def unused_totals(records: Iterable[SourceRecord], totals: Optional[collections.Counter] = None) -> collections.Counter:
+    """Sum `SourceRecord.unused` over records: {"txt": 1200, "npy": 1200, "<hidden>": 3}. Pass `totals` to add
+    to a running count (e.g. one per worker, merged with `+=`)."""
+    totals = collections.Counter() if totals is None else totals
+    for r in records:
+        totals.update(r.unused)
+    return totals
 
 
 # ----------------------------------------------------------------------------- spec parsing helpers

@@ -1,8 +1,18 @@
 """Image files in a folder or matched by a glob, local (standard library) or on any filesystem Beam knows
-(gs://, s3://, hdfs://, through apache_beam.io.filesystems, imported only for such paths)."""
+(gs://, s3://, hdfs://, through apache_beam.io.filesystems, imported only for such paths).
+
+Local folders and globs are listed by one walk (`walk_local`) that never lists a folder twice: each folder
+is identified by its real path, the physical tree is listed first, and a folder symlink is followed only
+to a folder not listed yet (a symlink back to a folder above it is a `symlink_loop`, one to a folder
+already listed under another path is `folder_seen`; both are counted, not followed). What a listing
+passes over is counted by reason (`SKIP_REASONS`), with a few examples."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import errno
+import fnmatch
+import functools
 import glob as globlib
 import json
 import os
@@ -15,6 +25,18 @@ from .base import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_met
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FILES_PER_UNIT = 256
+
+# What a folder or glob listing passes over: not inputs, so counted (FileSource.skipped), never rejected.
+SKIP_REASONS = {
+    "hidden": "a file or folder whose name starts with '.' (.DS_Store, ._x.jpg, .cache/); a hidden folder "
+              "counts once and is not listed",
+    "other_extension": "a file (or a FIFO, a device, a broken symlink) whose extension is not an image type",
+    "folder_named_like_image": "a folder whose name ends in an image extension (x.jpg/): not an image; what it "
+                               "holds is listed as usual",
+    "symlink_loop": "a folder symlink to the folder it sits in or one above it: not followed",
+    "folder_seen": "a folder symlink to a folder already listed under another path: not followed",
+}
+MAX_SKIP_EXAMPLES = 3
 
 
 def is_image_name(path: str) -> bool:
@@ -40,7 +62,181 @@ def match_files(spec: str, pattern: str, *, use_beam: bool) -> list[str]:
         except Exception as e:  # Beam raises BeamIOError or ValueError (filesystem not installed)
             raise SourceError(spec, f"cannot list {pattern!r}: {e}") from None
         return sorted(m.path for m in results[0].metadata_list)
-    return sorted(p.replace(os.sep, "/") for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    walk = walk_local(spec, pattern)
+    if walk is None:  # a glob with '.' or '..' after its first wildcard: the standard library's (follows loops)
+        return sorted(p.replace(os.sep, "/") for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    return sorted(walk.path(e.rel) for e in walk.entries if e.kind == "file")
+
+
+# ----------------------------------------------------------------------------- local listing
+@dataclasses.dataclass
+class Entry:
+    """One listed non-folder entry: `rel` is its path relative to the walk's root (through the names the walk
+    followed). kind: "file" (a regular file, also through a symlink), "special" (a FIFO, socket or device),
+    "broken" (a symlink to nothing, or into a loop) or "unreadable" (a folder that cannot be listed)."""
+
+    rel: str
+    kind: str
+    link: bool = False  # the entry itself is a symlink
+    detail: str = ""
+
+
+class Skips:
+    """Counts by reason of what a listing passed over, with the first MAX_SKIP_EXAMPLES examples of each."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, example: str) -> None:
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < MAX_SKIP_EXAMPLES:
+            shown.append(example)
+
+
+@dataclasses.dataclass
+class Walk:
+    """The result of walk_local: entries matched (files and other non-folders), what was skipped, and the
+    real path of every folder listed -> its relative path ("" for the root)."""
+
+    root: str
+    entries: list[Entry]
+    skips: Skips
+    folders: dict[str, str]
+
+    def path(self, rel: str) -> str:
+        return rel if self.root in ("", ".") else f"{self.root.rstrip('/')}/{rel}"
+
+
+def _pattern_parts(pattern: str) -> tuple[str, Optional[tuple[str, ...]]]:
+    """A glob -> (its fixed prefix, the components after it); None for the components where one of them is
+    '.' or '..' (the walk cannot match those)."""
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        if is_glob(part):
+            rest = tuple(p for p in parts[i:] if p)
+            return glob_root(pattern), (None if any(p in (".", "..") for p in rest) else rest)
+    raise ValueError(f"not a glob: {pattern!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Does the relative path `parts` match the glob components (`**` matches zero or more folders)?"""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
+@functools.lru_cache(maxsize=4096)
+def _may_hold_matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Could something below the folder `parts` match the glob components?"""
+    if not pattern:
+        return False
+    if pattern[0] == "**" or not parts:
+        return True
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _may_hold_matches(parts[1:], pattern[1:])
+
+
+def walk_local(spec: str, pattern: str) -> Optional[Walk]:
+    """List a local folder (every entry below it) or glob (the entries it matches) without following a
+    symlink into a loop or into a folder listed already; None for a glob this walk cannot match (see
+    _pattern_parts). Entries come in no particular order. Raises SourceError if the root cannot be listed."""
+    if is_glob(pattern):
+        root, glob_parts = _pattern_parts(pattern)
+        if glob_parts is None:
+            return None
+    else:
+        root, glob_parts = pattern.rstrip("/") or "/", None
+    entries: list[Entry] = []
+    skips = Skips()
+    root_real = os.path.realpath(root)
+    folders = {root_real: ""}
+    links: collections.deque = collections.deque()  # folder symlinks, followed after the physical tree
+
+    def wanted(parts: tuple[str, ...]) -> tuple[bool, bool]:
+        """(the entry itself matches, something below it may match)."""
+        if glob_parts is None:
+            return True, True
+        return _matches(parts, glob_parts), _may_hold_matches(parts, glob_parts)
+
+    def scan(path: str, prefix: tuple[str, ...], real: str) -> None:
+        stack = [(path, prefix, real)]
+        while stack:
+            path, prefix, real = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    listed = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                if not prefix:
+                    raise SourceError(spec, f"cannot list {path!r}: {type(e).__name__}: {e.strerror or e}") from None
+                entries.append(Entry("/".join(prefix), "unreadable", detail=f"cannot list the folder: "
+                                                                            f"{type(e).__name__}: {e.strerror or e}"))
+                continue
+            for entry in listed:
+                parts = prefix + (entry.name,)
+                matched, below = wanted(parts)
+                if not matched and not below:
+                    continue  # not selected by the glob
+                rel = "/".join(parts)
+                if entry.name.startswith("."):  # counted where the spec names it (a glob: matches it)
+                    if matched:
+                        skips.add("hidden", rel)
+                    continue
+                try:
+                    is_link = entry.is_symlink()
+                    if is_link:
+                        try:
+                            mode = os.stat(entry.path).st_mode
+                        except OSError as e:  # to nothing, or a chain of links into a loop
+                            if matched:
+                                entries.append(Entry(rel, "broken", True, _link_detail(entry.path, e)))
+                            continue
+                    else:  # from the folder listing's entry type: no system call per file
+                        mode = (stat.S_IFDIR if entry.is_dir(follow_symlinks=False) else
+                                stat.S_IFREG if entry.is_file(follow_symlinks=False) else
+                                entry.stat(follow_symlinks=False).st_mode)
+                except OSError as e:  # gone since the folder was listed
+                    if matched:
+                        entries.append(Entry(rel, "broken", False, f"{type(e).__name__}: {e.strerror or e}"))
+                    continue
+                if stat.S_ISDIR(mode):
+                    if matched and is_image_name(entry.name):
+                        skips.add("folder_named_like_image", rel + "/")
+                    if not below:
+                        continue
+                    if is_link:
+                        links.append((entry.path, parts, real))
+                    else:
+                        sub_real = os.path.join(real, entry.name)
+                        folders[sub_real] = rel
+                        stack.append((entry.path, parts, sub_real))
+                elif matched:
+                    entries.append(Entry(rel, "file" if stat.S_ISREG(mode) else "special", is_link))
+
+    scan(root, (), root_real)
+    while links:  # breadth-first over the folder symlinks found, in the order found (deterministic)
+        path, parts, parent_real = links.popleft()
+        rel = "/".join(parts)
+        real = os.path.realpath(path)
+        if real == parent_real or parent_real.startswith(real.rstrip("/") + "/"):
+            skips.add("symlink_loop", f"{rel} -> {os.readlink(path)}")
+        elif real in folders:
+            skips.add("folder_seen", f"{rel} -> {folders[real] or '.'}")
+        else:
+            folders[real] = rel
+            scan(path, parts, real)
+    return Walk(root, entries, skips, folders)
+
+
+def _link_detail(path: str, error: OSError) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"a symlink to {target!r}, which cannot be opened: {type(error).__name__}: {error.strerror or error}"
 
 
 def open_file(path: str, *, use_beam: bool) -> IO[bytes]:
@@ -66,11 +262,13 @@ def read_file(path: str, *, use_beam: bool) -> bytes:
         return f.read()
 
 
-def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple[str, list[str], bool]:
+def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = (),
+                 keep_hidden: bool = False) -> tuple[str, list[str], bool]:
     """A glob, folder or file -> (root for keys, sorted matching paths, whether Beam's FileSystems is used).
 
-    A folder stands for every file below it whose name ends with one of `suffixes` (any if empty). A local
-    pattern may start with `~` (the user's home), as in a shell."""
+    A folder stands for every file below it whose name ends with one of `suffixes` (any if empty). Hidden
+    paths are left out unless `keep_hidden` (then the caller counts them). A local pattern may start with
+    `~` (the user's home), as in a shell."""
     use_beam = has_scheme(pattern)
     if not use_beam:
         pattern = os.path.expanduser(pattern)
@@ -87,10 +285,98 @@ def expand_input(spec: str, pattern: str, suffixes: Sequence[str] = ()) -> tuple
             return pattern.rsplit("/", 1)[0], [pattern], True  # a single remote file
         if suffixes:
             paths = [p for p in paths if p.lower().endswith(tuple(suffixes))]
-    paths = [p for p in paths if _visible(relative_key(p, root))]
+    if not keep_hidden:
+        paths = [p for p in paths if _visible(relative_key(p, root))]
     if not paths:
         raise SourceError(spec, f"no input files match {pattern!r}")
     return root, paths, use_beam
+
+
+@dataclasses.dataclass
+class ImageListing:
+    """The image files of a folder or glob: `keys` (sorted, relative to `root`) include those already known to
+    be unusable, with their (reason, detail) in `rejects`; `skips` counts what is not an image at all."""
+
+    root: str
+    keys: list[str]
+    rejects: dict[str, tuple[str, str]]
+    skips: Skips
+    use_beam: bool
+
+
+def list_images(spec: str, pattern: str) -> ImageListing:
+    """List the image files a folder, glob or file names (see FileSource). Locally, through walk_local:
+
+    - a file reached through a symlink is identified by its real path: a second path to one file (a symlink
+      to a file listed already, or two symlinks to one file) is rejected `duplicate_file`, naming the key
+      kept. The key kept is the file's own path when it is listed, else the first symlink in key order.
+      Hard links are separate files (each is packed).
+    - a broken symlink with an image name is rejected `missing`, a folder that cannot be listed `unreadable`
+      (its path is the key);
+    - hidden entries, other extensions, folders named like images, folder symlink loops and folders seen
+      twice are counted in `skips` (SKIP_REASONS).
+    Raises SourceError if the input does not exist or holds no image file."""
+    use_beam = has_scheme(pattern)
+    skips = Skips()
+    rejects: dict[str, tuple[str, str]] = {}
+    if not use_beam and not is_glob(pattern) and os.path.isfile(pattern):  # one file named outright
+        return ImageListing(os.path.dirname(pattern) or ".", [os.path.basename(pattern)], rejects, skips, False)
+    if not use_beam and not is_glob(pattern) and not os.path.isdir(pattern):
+        raise SourceError(spec, f"{pattern!r} does not exist")
+    walk = None if use_beam else walk_local(spec, pattern)
+    if walk is None:  # Beam's FileSystems, or a glob the walk cannot match
+        root, paths, _ = expand_input(spec, pattern, keep_hidden=True)
+        if len(paths) == 1 and not is_glob(pattern) and paths[0] == pattern:  # a single remote file
+            return ImageListing(root, [relative_key(pattern, root)], rejects, skips, use_beam)
+        entries = [Entry(relative_key(p, root), "file") for p in paths]
+    else:
+        root, entries, skips = walk.root, walk.entries, walk.skips
+    keys, links = [], []
+    for e in entries:
+        if e.kind == "unreadable":
+            rejects[e.rel] = ("unreadable", e.detail)
+        elif not _visible(e.rel):  # only on paths not walked (the walk skips hidden entries itself)
+            skips.add("hidden", e.rel)
+            continue
+        elif not is_image_name(e.rel):
+            skips.add("other_extension", e.rel)
+            continue
+        elif e.kind == "broken":
+            rejects[e.rel] = ("missing", e.detail)
+        elif e.link and e.kind == "file":
+            links.append(e.rel)
+        keys.append(e.rel)
+    if links:
+        _reject_second_paths(walk, sorted(links), set(keys) - set(links) - set(rejects), rejects)
+    if not keys:
+        found = f"; skipped: {describe_skips(skips.counts)}" if skips.counts else ""
+        if not entries:
+            raise SourceError(spec, f"no input files match {pattern!r}{found}")
+        raise SourceError(spec, f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) found{found}")
+    return ImageListing(root, sorted(keys), rejects, skips, use_beam)
+
+
+def _reject_second_paths(walk: Walk, links: list[str], plain: set[str], rejects: dict[str, tuple[str, str]]) -> None:
+    """Reject every symlink whose file is listed already: by its own path (a plain key), or by an earlier link."""
+    first_link: dict[str, str] = {}
+    for rel in links:
+        real = os.path.realpath(walk.path(rel))
+        folder, name = os.path.split(real)
+        kept = None
+        if folder in walk.folders:
+            own = f"{walk.folders[folder]}/{name}" if walk.folders[folder] else name
+            kept = own if own in plain else None
+        kept = kept or first_link.get(real)
+        if kept is None:
+            first_link[real] = rel
+        else:
+            rejects[rel] = ("duplicate_file", f"a symlink to {real!r}, the same file as {kept!r}, which is kept "
+                                              "(a file is read once, by its real path)")
+
+
+def describe_skips(counts) -> str:
+    """{"hidden": 2, "other_extension": 1} -> "2 hidden, 1 other_extension"."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _filename_class(pattern: "re.Pattern", key: str) -> Optional[str]:
@@ -112,10 +398,14 @@ class FileSource(Source):
     META = ("path", "class_name")
 
     def __init__(self, spec: str, root: str, keys: list[str], *, use_beam: bool, class_names: Optional[tuple[str, ...]],
-                 meta_fields: tuple[str, ...] = (), files_per_unit: int = FILES_PER_UNIT, labels: str = "auto"):
+                 meta_fields: tuple[str, ...] = (), files_per_unit: int = FILES_PER_UNIT, labels: str = "auto",
+                 rejects: Optional[dict[str, tuple[str, str]]] = None, skips: Optional[Skips] = None):
         self.spec, self.root, self.use_beam = spec, root, use_beam
         self.class_names, self.meta_fields = class_names, meta_fields
         self.labels = labels
+        self._rejects = dict(rejects or {})  # key -> (reason, detail), known from the listing
+        skips = skips or Skips()
+        self.skipped, self.skipped_examples = dict(skips.counts), {r: list(e) for r, e in skips.examples.items()}
         self._pattern = filename_label_pattern(spec, labels) if labels.startswith(FILENAME_LABELS) else None
         self._units = [json.dumps(keys[i:i + files_per_unit]) for i in range(0, len(keys), files_per_unit)]
         self._class_index = {name: i for i, name in enumerate(class_names or ())}
@@ -128,14 +418,13 @@ class FileSource(Source):
         pattern = spec
         if use_beam and not has_scheme(spec):
             pattern = os.path.abspath(spec)
-        root, paths, beam_paths = expand_input(spec, pattern)
-        use_beam = beam_paths if use_beam is None else use_beam
-        if len(paths) == 1 and not is_glob(pattern) and paths[0] == pattern:
-            keys = [relative_key(pattern, root)]  # one file named explicitly: passed on whatever its name
-        else:
-            keys = [k for k in (relative_key(p, root) for p in paths) if is_image_name(k)]
+        listing = list_images(spec, pattern)
+        root, all_keys = listing.root, listing.keys
+        use_beam = listing.use_beam if use_beam is None else use_beam
+        keys = [k for k in all_keys if k not in listing.rejects]  # labels come from the usable ones
         if not keys:
-            raise SourceError(spec, f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) found")
+            reasons = describe_skips(collections.Counter(reason for reason, _ in listing.rejects.values()))
+            raise SourceError(spec, f"no usable image file: {reasons}; e.g. {next(iter(listing.rejects.items()))}")
         nested = ["/" in k for k in keys]
         if labels == "folder" and not all(nested):
             loose = keys[nested.index(False)]
@@ -149,8 +438,8 @@ class FileSource(Source):
             class_names = tuple(sorted({c for c in (_filename_class(pattern, k) for k in keys) if c is not None}))
         else:
             class_names = tuple(sorted({k.split("/", 1)[0] for k in keys})) if labels != "none" and all(nested) else None
-        return cls(spec, root, keys, use_beam=use_beam, class_names=class_names, meta_fields=meta_fields,
-                   files_per_unit=files_per_unit, labels=labels)
+        return cls(spec, root, all_keys, use_beam=use_beam, class_names=class_names, meta_fields=meta_fields,
+                   files_per_unit=files_per_unit, labels=labels, rejects=listing.rejects, skips=listing.skips)
 
     def label_description(self) -> str:
         if self.class_names is None:
@@ -174,9 +463,14 @@ class FileSource(Source):
 
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         for key in json.loads(unit):
+            path = self._path(key)
+            known = self._rejects.get(key)
+            if known is not None:  # unusable from the listing: a second path to a file, a broken link ...
+                meta = {name: (path if name == "path" else "") for name in self.meta_fields}
+                yield SourceRecord(key, b"", None, meta, reject=known[0], detail=known[1])
+                continue
             class_name = self._class_name(key)
             label = self._class_index[class_name] if class_name is not None else None
-            path = self._path(key)
             meta = {name: (path if name == "path" else class_name or "") for name in self.meta_fields}
             try:
                 data = read_file(path, use_beam=self.use_beam)
