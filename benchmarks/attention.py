@@ -39,7 +39,7 @@ def packed_segment_ids(batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
         pos, seg = 0, 0
         while True:
             h, w = rng.integers(64, 512, 2)
-            gh, gw = packer.plan_grid(int(h), int(w), config, rng)
+            gh, gw = packer._plan.plan_grid(int(h), int(w), config, rng)
             n = min(gh * gw, seq_len)
             if pos + n > seq_len:
                 break

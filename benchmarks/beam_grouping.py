@@ -28,7 +28,7 @@ def synthetic_lengths(n: int, config: packer.PackConfig, seed: int = 0) -> list[
     for i in range(n):
         h, w = max(1, int(math.sqrt(area[i] / aspect[i]))), max(1, int(math.sqrt(area[i] * aspect[i])))
         key = f"img{i:07d}"
-        gh, gw = packer.plan_image(h, w, key, config)
+        gh, gw = packer._plan.plan_image(h, w, key, config)
         out.append((key, gh * gw))
     return out
 

@@ -51,7 +51,7 @@ def synthetic_images(n: int, config: packer.PackConfig, seed: int = 0) -> list[p
     for i in range(n):
         h, w = (int(s) for s in rng.integers(64, 257, 2))
         key = f"bench/{i}"
-        gh, gw = packer.plan_image(h, w, key, config, 0)
+        gh, gw = packer._plan.plan_image(h, w, key, config, 0)
         pos_y, pos_x = np.divmod(np.arange(gh * gw, dtype=np.int32), np.int32(gw))
         patches = rng.integers(0, 256, (gh * gw, config.token_dim), dtype=np.uint8)
         out.append(packer.PatchedImage(key, patches, pos_y, pos_x, gh, gw, h, w, 0.0, label=i % 10))
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     width, depth, heads, mlp_dim = PRESETS[args.preset]
     config = packer.PackConfig(seq_len=args.seq_len, patch_size=16, resolution="uniform:64:256")
     images = synthetic_images(args.images, config, args.seed)
-    packed = list(packer.SequencePacker(config).pack_all(images))
+    packed = list(packer.pack_patched(images, config))
     if len(packed) < args.batch:
         raise SystemExit(f"{args.images} images gave {len(packed)} sequences < batch {args.batch}: raise --images")
     packed = packed[:args.batch]

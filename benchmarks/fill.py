@@ -8,8 +8,8 @@ runs see the same grids; exact fill re-plans some of them. Reported per L:
   refit: fraction of images re-planned; extra_dropped: tokens dropped by re-plans beyond the images'
     own drop, as a fraction of all real tokens; max_drop: the largest drop rate a re-plan used;
   efficiency (real / total tokens) and non-full sequences, both runs;
-  speed: packing decisions in images/s on lengths (exact fill asks packer.plan_fill for feasibility),
-    and end to end (prepare_image + SequencePacker on the input's bytes) with their ratio.
+  speed: packing decisions in images/s on lengths (exact fill asks packer._fill.plan_fill for feasibility),
+    and end to end (packer.pack_images on the input's bytes) with their ratio.
 
     python -m benchmarks.fill [--input DIR] [--seq-len 64 256 1024] [--draws 20000] [--json PATH]
 """
@@ -55,19 +55,19 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 def lengths_run(sizes, seq_len: int, resolution: str, draws: int, window: int, repeats: int = 3) -> dict:
     config = packer.PackConfig(seq_len=seq_len, resolution=resolution, window=window, fill="exact")
     hw = [(sizes[i % len(sizes)][1], sizes[i % len(sizes)][2]) for i in range(draws)]
-    grids = [packer.plan_image(h, w, f"{i}/{sizes[i % len(sizes)][0]}", config) for i, (h, w) in enumerate(hw)]
+    grids = [packer._plan.plan_image(h, w, f"{i}/{sizes[i % len(sizes)][0]}", config) for i, (h, w) in enumerate(hw)]
     lengths = [gh * gw for gh, gw in grids]
-    plans: dict[tuple[int, int], packer.FillPlan] = {}
+    plans: dict[tuple[int, int], packer._fill.FillPlan] = {}
 
     def feasible(item, length, target):
-        plan = packer.plan_fill(*hw[item], *grids[item], lengths[item], 0.0, target, config)
+        plan = packer._fill.plan_fill(*hw[item], *grids[item], lengths[item], 0.0, target, config)
         if plan is not None:
             plans[item, target] = plan
         return None if plan is None else plan.cost
 
     E = config.max_images_per_seq
     t_none = min(_timed(lambda: packer.pack_lengths(lengths, "window-bfd", seq_len, E, window))[0] for _ in range(repeats))
-    t_exact, (bins, final, unfilled) = _timed(lambda: packer.fill_lengths(lengths, "window-bfd", seq_len, E, window, feasible))
+    t_exact, (bins, final, unfilled) = _timed(lambda: packer._algorithms.fill_lengths(lengths, "window-bfd", seq_len, E, window, feasible))
     plain = packer.pack_lengths(lengths, "window-bfd", seq_len, E, window)
     new_grids, extra, max_drop = list(grids), 0, 0.0
     for i, n in enumerate(final):
@@ -93,7 +93,8 @@ def lengths_run(sizes, seq_len: int, resolution: str, draws: int, window: int, r
 
 
 def end_to_end(sizes, seq_len: int, resolution: str, window: int) -> dict:
-    """prepare_image + SequencePacker over the input's bytes, fill none vs exact (same run)."""
+    """packer.pack_images (the pipelines' path, in this process) over the input's bytes, fill none vs exact
+    (same run)."""
     blobs = []
     for name, _, _, path in sizes:
         with open(path, "rb") as f:
@@ -101,9 +102,9 @@ def end_to_end(sizes, seq_len: int, resolution: str, window: int) -> dict:
     out = {}
     for fill in ("none", "exact"):
         config = packer.PackConfig(seq_len=seq_len, resolution=resolution, window=window, fill=fill)
-        p = packer.SequencePacker(config)
-        t, records = _timed(lambda: list(p.pack_all(packer.prepare_image(d, k, config) for k, d in blobs)))
-        out[fill] = {"images_per_s": len(blobs) / t, "sequences": len(records), "stats": dict(p.stats)}
+        t, records = _timed(lambda: list(packer.pack_images(blobs, config)))
+        out[fill] = {"images_per_s": len(blobs) / t, "sequences": len(records),
+                     "efficiency": sum(int((r["segment_ids"] > 0).sum()) for r in records) / (len(records) * seq_len)}
     out["ratio_exact_to_none"] = out["exact"]["images_per_s"] / out["none"]["images_per_s"]
     return out
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [lengths_run(sizes, L, args.resolution, args.draws, args.window) for L in args.seq_len]
     e2e = end_to_end(sizes, 256, args.resolution, min(args.window, 64))
     print(f"Exact fill vs none: {args.draws} draws from {len(sizes)} image sizes, {args.resolution}, P=16, "
-          f"window {args.window}, drop none (re-plans may drop up to {packer.FILL_EXTRA_DROP:g})")
+          f"window {args.window}, drop none (re-plans may drop up to {packer._fill.FILL_EXTRA_DROP:g})")
     head = ("L", "KS", "mean shift", "refit", "extra drop", "max drop", "eff none", "eff exact", "non-full none/exact",
             "img/s none", "img/s exact")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -141,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['lengths_images_per_s_none']:,.0f} | {r['lengths_images_per_s_exact']:,.0f} |")
     print(f"End to end (decode + pack, {len(sizes)} images, L=256): none {e2e['none']['images_per_s']:.0f} img/s, "
           f"exact {e2e['exact']['images_per_s']:.0f} img/s (x{e2e['ratio_exact_to_none']:.2f}); "
-          f"re-planned {e2e['exact']['stats']['images_refit']} images")
+          f"efficiency {100 * e2e['none']['efficiency']:.2f}% -> {100 * e2e['exact']['efficiency']:.2f}%")
     result = {"meta": {"python": platform.python_version(), "numpy": np.__version__, "cpu": platform.processor() or platform.machine(),
                        "command": "python -m benchmarks.fill " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "input": args.input, "resolution": args.resolution, "draws": args.draws, "window": args.window,
-                       "fill_extra_drop": packer.FILL_EXTRA_DROP},
+                       "fill_extra_drop": packer._fill.FILL_EXTRA_DROP},
               "lengths": rows, "end_to_end": e2e}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -11,6 +11,7 @@ is reported beside it. Ratios are to TFRecord measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -31,19 +32,17 @@ def make_records(sequences: int, seq_len: int, patch_size: int, seed: int = 0) -
     """`sequences` packed records from synthetic PatchedImages (random pixels and token counts)."""
     config = packer.PackConfig(seq_len=seq_len, patch_size=patch_size)
     rng = np.random.default_rng(seed)
-    pk = packer.SequencePacker(config, meta_fields=("caption",))
-    records: list = []
-    i = 0
-    while len(records) < sequences:
-        gh, gw = (int(v) for v in rng.integers(2, max(3, int(seq_len ** 0.5)), 2))
-        n = gh * gw
-        pos = np.arange(n, dtype=np.int32)
-        im = packer.PatchedImage(key=f"synthetic/{i:07d}.jpg", patches=rng.integers(0, 256, (n, config.token_dim), np.uint8),
-                                 pos_y=pos // gw, pos_x=pos % gw, grid_h=gh, grid_w=gw, orig_h=gh * 37, orig_w=gw * 41,
-                                 drop_rate=0.0, label=i % 1000, meta={"caption": f"a synthetic image number {i}"})
-        records.extend(pk.add(im))
-        i += 1
-    return config, records[:sequences]
+
+    def images():
+        for i in itertools.count():
+            gh, gw = (int(v) for v in rng.integers(2, max(3, int(seq_len ** 0.5)), 2))
+            n = gh * gw
+            pos = np.arange(n, dtype=np.int32)
+            yield packer.PatchedImage(key=f"synthetic/{i:07d}.jpg", patches=rng.integers(0, 256, (n, config.token_dim), np.uint8),
+                                      pos_y=pos // gw, pos_x=pos % gw, grid_h=gh, grid_w=gw, orig_h=gh * 37, orig_w=gw * 41,
+                                      drop_rate=0.0, label=i % 1000, meta={"caption": f"a synthetic image number {i}"})
+
+    return config, list(itertools.islice(packer.pack_patched(images(), config, ("caption",)), sequences))
 
 
 def _timed(fn) -> tuple[float, Any]:

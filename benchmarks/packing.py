@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from pipelines import packing_efficiency
-from pipelines.options import fail
+from pipelines.cli.options import fail
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ absolute difference (/255, mean over images) and PSNR (5th percentile and median
 prepare_image step by step (header, plan, decode + resize, patchify, drop, record), timed in the loop.
 
 Overhead after the transform, per image at L=256: prepare_image with the pixels already decoded
-(plan, patchify, drop; the header read is measured apart), SequencePacker (packing decisions and
+(plan, patchify, drop; the header read is measured apart), packer.pack_patched (packing decisions and
 build_record), and schemas.write_shard (TFRecord serialization and write; outside packer/).
 
   taskset -c 0 python -m benchmarks.transform [--data DIR] [--rounds 5] [--large 48] [--json out.json]
@@ -59,8 +59,8 @@ def targets_for(blobs: list[bytes], keys: list[str], config: packer.PackConfig) 
     p = config.patch_size
     out = []
     for key, data in zip(keys, blobs):
-        opened = packer.OpenedImage(data, config.max_pixels)
-        gh, gw = packer.plan_grid(opened.height, opened.width, config,
+        opened = packer._image.OpenedImage(data, config.max_pixels)
+        gh, gw = packer._plan.plan_grid(opened.height, opened.width, config,
                                   packer.image_rng(config.seed, key, 0, "resolution"))
         out.append((gh * p, gw * p))
     return out
@@ -129,7 +129,7 @@ def timed(variants: dict[str, Callable[[bytes, int, int], object]], work: list[t
 def accuracy(blobs: list[bytes], targets: list[tuple[int, int]], resize: str) -> dict[str, float]:
     mads, psnrs = [], []
     for data, (h, w) in zip(blobs, targets):
-        out = packer.OpenedImage(data, 10**9).decode_resized(h, w, resize=resize).astype(np.float64)
+        out = packer._image.OpenedImage(data, 10**9).decode_resized(h, w, resize=resize).astype(np.float64)
         diff = out - reference(data, h, w)
         mads.append(float(np.abs(diff).mean()))
         psnrs.append(10 * math.log10(255.0 ** 2 / max(float((diff * diff).mean()), 1e-12)))
@@ -141,7 +141,7 @@ def overhead(blobs: list[bytes], keys: list[str], config: packer.PackConfig, rou
     """ms per image of the steps around the decode, with the pixels decoded beforehand."""
     import schemas
 
-    class Predecoded(packer.OpenedImage):
+    class Predecoded(packer._image.OpenedImage):
         pixels: dict[tuple[int, int, int], np.ndarray] = {}
 
         def decode_resized(self, height, width, background=(255, 255, 255), resize="default"):
@@ -150,19 +150,17 @@ def overhead(blobs: list[bytes], keys: list[str], config: packer.PackConfig, rou
                 self.pixels[slot] = super().decode_resized(height, width, background, resize)
             return self.pixels[slot]
 
-    from packer import _engine as _process  # prepare_image opens images there
+    from packer import _transform as _process  # prepare_image opens images there
 
     real = _process.OpenedImage
     _process.OpenedImage = Predecoded
     try:
         prepare = lambda: [packer.prepare_image(b, k, config) for k, b in zip(keys, blobs)]  # noqa: E731
         images = prepare()
-        header = lambda: [packer.OpenedImage(b, config.max_pixels) for b in blobs]  # noqa: E731
+        header = lambda: [packer._image.OpenedImage(b, config.max_pixels) for b in blobs]  # noqa: E731
 
         def pack() -> list:
-            sp = packer.SequencePacker(config)
-            records = [r for im in images for r in sp.add(im)]
-            return records + sp.flush()
+            return list(packer.pack_patched(images, config))
 
         records = pack()
         with tempfile.TemporaryDirectory() as tmp:
@@ -195,9 +193,9 @@ def step_profile(work: list[tuple[bytes, int, int]], keys: list[str], config: pa
     for _ in range(rounds):
         for (data, _, _), key in zip(work, keys * (len(work) // len(keys) + 1)):
             t0 = clock()
-            opened = packer.OpenedImage(data, config.max_pixels)
+            opened = packer._image.OpenedImage(data, config.max_pixels)
             t1 = clock()
-            gh, gw = packer.plan_grid(opened.height, opened.width, config,
+            gh, gw = packer._plan.plan_grid(opened.height, opened.width, config,
                                       packer.image_rng(config.seed, key, 0, "resolution"))
             t2 = clock()
             pixels = opened.decode_resized(gh * config.patch_size, gw * config.patch_size, config.background,
@@ -205,7 +203,7 @@ def step_profile(work: list[tuple[bytes, int, int]], keys: list[str], config: pa
             t3 = clock()
             patches, pos_y, pos_x = patchify(pixels, config.patch_size)
             t4 = clock()
-            kept = packer.kept_count(gh * gw, packer.sample_drop_rate(config.token_drop, None, gh * gw,
+            kept = packer._drop.kept_count(gh * gw, packer._drop.sample_drop_rate(config.token_drop, None, gh * gw,
                                                                       config.max_tokens_per_image))
             t5 = clock()
             packer.PatchedImage(key=key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=gh, grid_w=gw,

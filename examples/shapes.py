@@ -41,6 +41,5 @@ def shape_images(n: int, seed: int = 0, **kw) -> list[tuple[str, bytes, int]]:
 
 
 def packed_shapes(n: int, config: packer.PackConfig, seed: int = 0, **kw) -> list[dict[str, np.ndarray]]:
-    """`n` shape images prepared and packed with `config` into records."""
-    images = [packer.prepare_image(data, key, config, label=label) for key, data, label in shape_images(n, seed, **kw)]
-    return list(packer.SequencePacker(config).pack_all(images))
+    """`n` shape images packed with `config` into records (packer.pack_images: the pipelines' path)."""
+    return list(packer.pack_images(shape_images(n, seed, **kw), config))

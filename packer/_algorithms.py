@@ -1,14 +1,15 @@
 """Packing decisions on lengths only. Each algorithm takes items (id, length) in arrival order and
 returns closed bins as lists of item ids; none ever puts more than `capacity` tokens or `max_images_per_seq`
-items in a bin. Their state is plain JSON so that a stream can resume."""
+items in a bin. Their state is plain JSON so that a stream can resume. ALGORITHMS registers them by the
+name PackConfig.packer (--packer) takes; the first is the default."""
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import gc
 import math
 from itertools import repeat
 from typing import Callable, Iterable, Iterator, Optional
-from ._config import FILL_PACKERS
 
 # feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
 Feasible = Callable[[int, int, int], Optional[float]]
@@ -418,22 +419,40 @@ class ExactFillWindow(WindowBestFit):
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A registered packer: `make(capacity, max_images_per_seq, window)` builds it; `make_filling(capacity,
+    max_images_per_seq, window, feasible)` its exact-fill variant, where it has one."""
+
+    name: str
+    doc: str
+    make: Callable[[int, int, int], object]
+    make_filling: Optional[Callable[[int, int, int, Feasible], object]] = None
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("window-bfd", "streaming best-fit-decreasing over a window of images, with carry-over",
+              lambda c, e, w: WindowBestFit(c, e, w), lambda c, e, w, f: ExactFillWindow(c, e, w, f)),
+    Algorithm("next-fit", "one open sequence; an image that does not fit closes it (vit-pytorch NaViT)",
+              lambda c, e, w: NextFit(c, e)),
+    Algorithm("first-fit", "each image into the first open sequence with room (the paper's greedy, A.3)",
+              lambda c, e, w: FirstFit(c, e)),
+    Algorithm("bfd", "offline best-fit-decreasing: decides everything at the end",
+              lambda c, e, w: WindowBestFit(c, e, window=2**62), lambda c, e, w, f: ExactFillWindow(c, e, 2**62, f)),
+)}
+
+
 def make_algorithm(name: str, capacity: int, max_images_per_seq: int, window: int = 1024, feasible: Feasible | None = None):
-    """The streaming packer called `name` ('bfd' is offline: it decides everything at flush).
-    With `feasible`, the exact-fill variant (window-bfd and bfd only; see ExactFillWindow)."""
-    if feasible is not None:
-        if name not in FILL_PACKERS:
-            raise ValueError(f"exact fill needs packer window-bfd or bfd, got {name!r}")
-        return ExactFillWindow(capacity, max_images_per_seq, window if name == "window-bfd" else 2**62, feasible)
-    if name == "next-fit":
-        return NextFit(capacity, max_images_per_seq)
-    if name == "first-fit":
-        return FirstFit(capacity, max_images_per_seq)
-    if name == "window-bfd":
-        return WindowBestFit(capacity, max_images_per_seq, window)
-    if name == "bfd":
-        return WindowBestFit(capacity, max_images_per_seq, window=2**62)
-    raise ValueError(f"unknown packer {name!r}")
+    """The packer registered as `name`; with `feasible`, its exact-fill variant (see ExactFillWindow)."""
+    algo = ALGORITHMS.get(name)
+    if algo is None:
+        raise ValueError(f"unknown packer {name!r}; one of {', '.join(ALGORITHMS)}")
+    if feasible is None:
+        return algo.make(capacity, max_images_per_seq, window)
+    if algo.make_filling is None:
+        raise ValueError(f"exact fill needs packer {' or '.join(n for n, a in ALGORITHMS.items() if a.make_filling)}, "
+                         f"got {name!r}")
+    return algo.make_filling(capacity, max_images_per_seq, window, feasible)
 
 
 def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_images_per_seq: int, window: int = 1024,

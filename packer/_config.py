@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Literal, Optional, Union
 
+from ._algorithms import ALGORITHMS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what it accepts."""
@@ -210,9 +212,9 @@ class ResDepDrop:
 DropPolicy = Union[NoDrop, ConstDrop, BetaDrop, ResDepDrop]
 DROP_HELP = "none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], optionally + @sigmoid:RHO_MIN:RHO_MAX:MU:TAU"
 
-PACKERS = ("window-bfd", "next-fit", "first-fit", "bfd")
-FILL_PACKERS = ("window-bfd", "bfd")  # the packers that can close a sequence exactly full (fill="exact")
-DEFAULT_PACKER = "window-bfd"
+PACKERS = tuple(ALGORITHMS)  # the registered packers; the first is the default
+FILL_PACKERS = tuple(n for n, a in ALGORITHMS.items() if a.make_filling)  # those that can fill exactly (fill="exact")
+DEFAULT_PACKER = PACKERS[0]
 
 
 def _numbers(field: str, spec: str, parts: list[str], help_text: str, ints: tuple[int, ...] = ()) -> list:

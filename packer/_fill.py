@@ -16,10 +16,9 @@ lower the resolution, never raise it above what the policy gives). Drop rate: at
 maximum (beta: MAX; resdep: the larger rate + 2 sigma, + the schedule's shift); none and const have no
 range, so they allow FILL_EXTRA_DROP above their rate (the benchmark reports how much is used).
 
-Re-rendering needs the encoded image: with fill="exact", prepare_image keeps a reference to its bytes
-in PatchedImage.source (memory: the encoded size of each image waiting in the window, about
-window x 110 kB for ImageNet JPEGs). Without a source, only a drop-only re-plan (same grid, fewer
-tokens) is possible.
+Re-rendering needs the encoded image, which the fill step has (packer._transform.fill_image re-renders
+at the re-planned grid); a caller that cannot re-render an image (PackingCore's can_rerender) gets only a
+drop-only re-plan for it (same grid, fewer tokens).
 """
 from __future__ import annotations
 
@@ -30,12 +29,8 @@ import math
 from typing import Optional
 
 from ._config import BetaDrop, Budget, ConstDrop, Fixed, NaFlex, NoDrop, PackConfig, ResDepDrop, TruncNormal, Uniform
-from ._drop import _MAX_RATE, _RESDEP_SIGMA, choose_kept
-from ._image import OpenedImage
-from ._patch import patchify
+from ._drop import _MAX_RATE, _RESDEP_SIGMA
 from ._plan import plan_grid
-from ._process import PatchedImage
-from ._rng import image_rng
 
 FILL_EXTRA_DROP = 0.2  # drop none / const: extra drop rate a re-plan may add (the gap between grid sizes)
 FILL_MIN_SCALE = 0.5  # fixed / native / budget / naflex: lowest scale, as a fraction of the policy's own
@@ -145,20 +140,3 @@ def plan_fill(h: int, w: int, grid_h: int, grid_w: int, num_tokens: int, drop_ra
             same = (gh, gw) == (grid_h, grid_w) and target <= num_tokens
             best = FillPlan(gh, gw, target, rate, cost, not same)
     return best
-
-
-def refit_image(image: PatchedImage, plan: FillPlan, config: PackConfig) -> PatchedImage:
-    """The image re-planned by `plan` (a FillPlan, or the core's Refit: the same fields): re-rendered at
-    the new grid (or not), then exactly plan.tokens tokens kept at random, per (seed, key, epoch)."""
-    epoch = image.source.epoch if image.source is not None else 0
-    rng = image_rng(config.seed, image.key, epoch, "fill")
-    if plan.rerender:
-        p = config.patch_size
-        opened = OpenedImage(image.source.data, config.max_pixels)
-        pixels = opened.decode_resized(plan.grid_h * p, plan.grid_w * p, config.background, config.resize)
-        patches, pos_y, pos_x = patchify(pixels, p)
-    else:
-        patches, pos_y, pos_x = image.patches, image.pos_y, image.pos_x
-    idx = choose_kept(rng, patches.shape[0], plan.tokens)
-    return dataclasses.replace(image, patches=patches[idx], pos_y=pos_y[idx], pos_x=pos_x[idx], grid_h=plan.grid_h,
-                               grid_w=plan.grid_w, drop_rate=plan.drop_rate)

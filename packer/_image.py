@@ -330,6 +330,14 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def read_image_size(f, size: int, max_pixels: int = 100_000_000) -> tuple[tuple[int, int], "bytes | None"]:
+    """((height, width) in display orientation, None or the whole bytes) of the image in seekable binary file
+    `f` of `size` bytes, reading as little of it as its format allows (read_header_file); ImageRejected as
+    read_header would raise on the whole bytes."""
+    head, whole = read_header_file(f, size, max_pixels)
+    return (head.height, head.width), whole
+
+
 def image_size(data: bytes, max_pixels: int = 100_000_000) -> tuple[int, int]:
     """(height, width) in display orientation, from the header alone (no pixel decoding)."""
     opened = OpenedImage(data, max_pixels)
@@ -380,15 +388,23 @@ def _exif_orientation(exif: bytes) -> "int | None":
 def jpeg_header(data: bytes) -> "JpegHeader | None":
     """(height, width) in display orientation and the EXIF orientation of a plain JPEG (one frame of
     1, 3 or 4 components, baseline/extended/progressive, at most one EXIF block, no XMP), or None."""
-    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+    return _walk_jpeg(lambda offset, count: data[offset:offset + count], len(data))
+
+
+def _walk_jpeg(read_at, n: int) -> "JpegHeader | None":
+    """jpeg_header over `read_at(offset, count) -> bytes` of an n-byte image: it asks only for the marker
+    heads, the frame header and an EXIF block, never for the other segments' contents."""
+    head = read_at(0, 4)
+    if len(head) < 4 or head[0] != 0xFF or head[1] != 0xD8:
         return None
-    n, i = len(data), 2
+    i = 2
     size = None
     exif = None
     while i + 4 <= n:
-        if data[i] != 0xFF:
+        mark = read_at(i, 4)
+        if len(mark) < 4 or mark[0] != 0xFF:
             return None
-        marker = data[i + 1]
+        marker = mark[1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
@@ -397,25 +413,27 @@ def jpeg_header(data: bytes) -> "JpegHeader | None":
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: the header is over
             break
-        length = (data[i + 2] << 8) | data[i + 3]
+        length = (mark[2] << 8) | mark[3]
         if length < 2 or i + 2 + length > n:
             return None
         start = i + 4
         if marker in _SOF_PLAIN:
             if size is not None or length < 8:
                 return None
-            h, w, components = (data[start + 1] << 8) | data[start + 2], (data[start + 3] << 8) | data[start + 4], data[start + 5]
+            frame = read_at(start, 6)
+            h, w, components = (frame[1] << 8) | frame[2], (frame[3] << 8) | frame[4], frame[5]
             if h < 1 or w < 1 or components not in (1, 3, 4):
                 return None
             size = (h, w)
         elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             return None  # lossless, arithmetic or hierarchical frames: Pillow decides
         elif marker == 0xE1:
-            if data.startswith(_EXIF_PREFIX, start):
+            prefix = read_at(start, len(_XMP_PREFIX))
+            if prefix.startswith(_EXIF_PREFIX):
                 if exif is not None:
                     return None  # Pillow concatenates several blocks
-                exif = bytes(data[start:i + 2 + length])
-            elif data.startswith(_XMP_PREFIX, start):
+                exif = bytes(read_at(start, length - 2))
+            elif prefix.startswith(_XMP_PREFIX):
                 return None  # Pillow may read the orientation from XMP
         i += 2 + length
     if size is None:
@@ -425,6 +443,32 @@ def jpeg_header(data: bytes) -> "JpegHeader | None":
         return None
     h, w = size
     return JpegHeader(w, h, orientation) if orientation in _TRANSPOSING_ORIENTATIONS else JpegHeader(h, w, orientation)
+
+
+_FILE_CHUNK = 4096
+
+
+def read_header_file(f, size: int, max_pixels: int) -> "tuple[JpegHeader | OpenedImage, bytes | None]":
+    """read_header for the image in binary file `f` (seekable, `size` bytes), reading as little as it can:
+    a plain JPEG's marker heads, frame header and EXIF block (other segments are skipped, never read).
+    Any other image is read whole, and its bytes are returned too: (header, None or the whole bytes).
+    The answer is read_header's on the whole bytes."""
+    window = [0, f.read(_FILE_CHUNK)]  # [offset, bytes] of the last read
+
+    def read_at(offset: int, count: int) -> bytes:
+        start, buf = window
+        if start <= offset and offset + count <= start + len(buf):
+            return buf[offset - start:offset - start + count]
+        f.seek(offset)
+        window[:] = [offset, f.read(max(count, _FILE_CHUNK))]
+        return window[1][:count]
+
+    head = _walk_jpeg(read_at, size) if size else None
+    if head is not None and head.height * head.width <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
+        return head, None
+    f.seek(0)
+    data = f.read()
+    return read_header(data, max_pixels), data
 
 
 def read_header(data: bytes, max_pixels: int) -> "JpegHeader | OpenedImage":

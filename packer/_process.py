@@ -1,22 +1,13 @@
 """A prepared image (PatchedImage) and label checks; the transform itself (prepare_image = plan_header +
-fill_image) lives in packer._engine."""
+fill_image) lives in packer._transform."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 
 from ._image import ImageRejected
-
-
-@dataclasses.dataclass(frozen=True)
-class FillSource:
-    """What re-rendering an image needs (fill="exact"): its encoded bytes (a reference, not a copy)
-    and the epoch of its random draws."""
-
-    data: bytes
-    epoch: int
 
 
 @dataclasses.dataclass
@@ -34,7 +25,6 @@ class PatchedImage:
     drop_rate: float  # realized: 1 - n / (grid_h * grid_w)
     label: int = -1
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    source: Optional[FillSource] = dataclasses.field(default=None, repr=False, compare=False)  # fill="exact" only
 
     @property
     def num_tokens(self) -> int:

@@ -2,7 +2,7 @@
 real size distribution (`navit-pack bench packing`, `navit-pack advise`, `python -m benchmarks.packing`).
 
 The sizes of a dataset (read from image headers, or a CSV of sizes) are resampled `draws` times with the
-real planning functions (packer.plan_image, sample_drop_rate, kept_count; draw i of file f has key
+planner's own rule (packer.plan_size; draw i of file f has key
 f"{i}/{f}"), giving each draw's token count. Every packer then packs the same token counts, beside the
 peers' behaviour: each image padded to the token budget (timm / Hugging Face NaFlex; the budget is the
 smallest that holds every draw, min(L, largest image), their best case), next-fit in input
@@ -108,20 +108,10 @@ def load_sizes(spec: str) -> list[ImageSize]:
 
 def draw_tokens(sizes: Sequence[ImageSize], config: packer.PackConfig, draws: int, epoch: int = 0) -> np.ndarray:
     """Token counts (after dropping) of `draws` images: draw i resamples sizes[i % len(sizes)] with the key
-    f"{i}/{key}", through the same planning and drop functions that prepare_image uses."""
-    out = np.empty(draws, np.int64)
-    cap, policy, n_sizes = config.max_tokens_per_image, config.token_drop, len(sizes)
-    no_drop = isinstance(policy, packer.NoDrop)
-    for i in range(draws):
-        s = sizes[i % n_sizes]
-        key = f"{i}/{s.key}"
-        gh, gw = packer.plan_image(s.height, s.width, key, config, epoch)
-        n = gh * gw
-        if not no_drop:
-            rate = packer.sample_drop_rate(policy, packer.image_rng(config.seed, key, epoch, "drop"), n, cap, i)
-            n = packer.kept_count(n, rate)
-        out[i] = n
-    return out
+    f"{i}/{key}" and images_seen i, through the planner's own rule (packer.plan_size), as every pipeline plans."""
+    n_sizes = len(sizes)
+    return np.fromiter((packer.plan_size(s.height, s.width, f"{i}/{s.key}", config, epoch=epoch, images_seen=i).num_tokens
+                        for i, s in ((i, sizes[i % n_sizes]) for i in range(draws))), np.int64, draws)
 
 
 # ---------------------------------------------------------------------------------------------- bounds
@@ -237,7 +227,7 @@ def streaming_peak_bytes(lengths: np.ndarray, num_items: int, name: str = "windo
                          max_images_per_seq: int = 16, window: int = 1024) -> int:
     """tracemalloc peak of a streaming packer fed `num_items` lengths from a generator (closed bins are
     consumed and dropped, as a pipeline does): the memory the packer itself holds."""
-    algo = packer.make_algorithm(name, capacity, max_images_per_seq, window)
+    algo = packer.ALGORITHMS[name].make(capacity, max_images_per_seq, window)
     src = lengths.tolist()
     n_src = len(src)
     tracemalloc.start()

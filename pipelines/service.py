@@ -43,7 +43,7 @@ import numpy as np
 import packer
 from packer import ImageRejected, PackConfig
 
-from .stream import _epoch_units, _tf_ready, default_parallelism, element_spec, resolve_source
+from .stream import _epoch_units, _tf_ready, element_spec, resolve_source
 
 SHARDING_MODES = ("dynamic", "off")
 DEFAULT_DATASET_ID = "navit-pack"
@@ -55,21 +55,21 @@ _REJECTS_LOCK = threading.Lock()
 
 
 class _Pools:
-    """FillPools for the group generators of this process: tf.data may run several at once (one per
+    """Fill pools for the group generators of this process: tf.data may run several at once (one per
     service worker), each takes a pool of its own and gives it back when its group is done."""
 
     def __init__(self, config: PackConfig, workers: int):
         self.config, self.workers = config, workers
-        self._idle: list[packer.FillPool] = []
+        self._idle: list = []
         self._lock = threading.Lock()
 
-    def take(self) -> "packer.FillPool":
+    def take(self):
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return packer.FillPool(self.config, self.workers if self.workers > 1 else 0)
+        return packer.fill_pool(self.config, self.workers)
 
-    def give_back(self, pool: "packer.FillPool") -> None:
+    def give_back(self, pool) -> None:
         if pool.pending:  # abandoned mid-group: what it holds is stale
             pool.close()
             return
@@ -77,80 +77,61 @@ class _Pools:
             self._idle.append(pool)
 
 
+def _count_rejects(rejects) -> None:
+    with _REJECTS_LOCK:
+        REJECTS.update(r.reason for r in rejects)
+
+
 def _count_reject(reason: str) -> None:
     with _REJECTS_LOCK:
         REJECTS[reason] += 1
 
 
-def _take(pool: "packer.FillPool", config: PackConfig, meta_fields: Sequence[str]) -> dict:
-    """The oldest filled record of the pool (its failed fills counted in REJECTS)."""
-    result = pool.get()
-    try:
-        d, rejects = result.decisions[0], result.rejects[0]
-        record = {k: v[0].copy() for k, v in result.arrays.items()}
-        record["num_images"] = np.int32(record["num_images"])
-        record.update(packer.text_fields(d, (r.slot for r in rejects), config, meta_fields))
-    finally:
-        pool.release()
-    for r in rejects:
-        _count_reject(r.reason)
-    return record
-
-
-def _submit(pool: "packer.FillPool", decided: collections.deque, data: dict[int, bytes], config: PackConfig,
-            meta_fields: Sequence[str]) -> Iterator[dict]:
-    """Hand every decided sequence to the pool, taking finished records out whenever it has no room
-    for the next one's bytes (slots or input ring)."""
-    while decided:
-        datas = [data[j] for j in decided[0].provenances]
-        if pool.can_submit(datas):
-            d = decided.popleft()
-            for j in d.provenances:
-                del data[j]
-            pool.submit(d, datas)
-        else:
-            yield _take(pool, config, meta_fields)
-
-
 def _pack_group(source, units: list[str], config: PackConfig, indices: np.ndarray, *, shuffle: bool,
-                meta_fields: Sequence[str], pool: "packer.FillPool", images_per_unit: float) -> Iterator[dict]:
+                meta_fields: Sequence[str], pool, images_per_unit: float,
+                max_rejects: "int | float | None" = None) -> Iterator[dict]:
     """Packed records of the units named by `indices` (i -> unit i mod U of epoch i // U), flushed at
     the end: planned and decided here, filled and assembled by `pool`, yielded in decision order."""
     order = functools.lru_cache(maxsize=4)(lambda e: _epoch_units(units, config.seed, e, shuffle))
-    core = packer.PackingCore(config, meta_fields)
-    data: dict[int, bytes] = {}
-    decided: collections.deque = collections.deque()
+    core = packer.PackingCore(config, max_rejects=max_rejects)
+
+    def failed(rejects) -> None:
+        _count_rejects(rejects)
+        core.fill_failed(rejects)
+
+    driver = packer.Driver(pool, meta_fields, on_failed=failed)
     n = 0
     for i in (int(x) for x in indices):
         epoch, pos = divmod(i, len(units))
         for k, rec in enumerate(source.read(order(epoch)[pos])):
             if getattr(rec, "reject", None):
                 _count_reject(rec.reject)
+                core.reject(rec.key, rec.reject, getattr(rec, "detail", ""))
                 continue
             try:
                 plan = packer.plan_header(rec.data, rec.key, config, epoch=epoch, images_seen=int(i * images_per_unit) + k,
                                           label=rec.label, meta=rec.meta)
             except ImageRejected as e:
                 _count_reject(e.reason)
+                core.reject(rec.key, e.reason, e.detail)
                 continue
-            data[n] = rec.data
-            decided.extend(core.add(plan, n))
+            driver.put(core.add(plan, n, rec.data))
             n += 1
-            yield from _submit(pool, decided, data, config, meta_fields)
-    decided.extend(core.flush())
-    yield from _submit(pool, decided, data, config, meta_fields)
-    pool.seal()
-    while pool.pending:
-        yield _take(pool, config, meta_fields)
+            yield from driver.records(driver.make_room())
+    driver.put(core.flush())
+    yield from driver.records(driver.drain())
+    core.check_budget(final=True)
 
 
 def service_dataset(source: Any, config: PackConfig, *, epochs: int = 1, group_units: int = 64,
-                    shuffle: bool = True, meta_fields: Sequence[str] = (), num_parallel: Optional[int] = None,
-                    images_per_unit: float = 1.0):
+                    shuffle: bool = True, meta_fields: Sequence[str] = (), num_parallel: "int | str | None" = None,
+                    images_per_unit: float = 1.0, max_rejects: "int | float | None" = None):
     """The dataset graph tf.data service workers run (see the module docstring for its sharding).
 
-    images_per_unit: the drop schedule's images_seen is estimated as index * images_per_unit (exact for
-    one-image units such as files in a folder)."""
+    num_parallel: fill processes per group generator (packer.resolve_workers: "auto"/None every core,
+    0 in the tf.data worker's thread). images_per_unit: the drop schedule's images_seen is estimated as
+    index * images_per_unit (exact for one-image units such as files in a folder). max_rejects: the reject
+    budget of each group (packer.RejectBudget), which fails the reading trainer when exceeded."""
     import tensorflow as tf
 
     if not isinstance(epochs, int) or epochs < 1:
@@ -162,14 +143,15 @@ def service_dataset(source: Any, config: PackConfig, *, epochs: int = 1, group_u
     units = list(src.units())
     if not units:
         raise ValueError("the source has no units")
-    pools = _Pools(config, default_parallelism() if num_parallel is None else num_parallel)
+    packer.RejectBudget(max_rejects)  # checks the spec before any worker runs
+    pools = _Pools(config, packer.resolve_workers(num_parallel))
     spec = element_spec(config, meta_fields)
 
     def generate(indices):
         pool = pools.take()
         try:
             for record in _pack_group(src, units, config, indices, shuffle=shuffle, meta_fields=meta_fields,
-                                      pool=pool, images_per_unit=images_per_unit):
+                                      pool=pool, images_per_unit=images_per_unit, max_rejects=max_rejects):
                 yield _tf_ready(record)
         finally:
             pools.give_back(pool)

@@ -8,9 +8,9 @@
 What runs where. The calling process reads records, plans each image from its header
 (packer.plan_header: size and EXIF orientation, no pixels) and decides the sequences on token counts
 (packer.PackingCore). Filling (decode, resize, patchify, drop) and assembling whole sequences run in
-`num_parallel` worker processes (packer.FillPool) that write straight into shared memory; the calling
-process only copies finished records (or batches) out. num_parallel 0 or 1 fills in the calling process.
-The output is the same for every num_parallel.
+`num_parallel` worker processes (packer.fill_pool, driven by packer.Driver) that write straight into
+shared memory; the calling process only copies finished records (or batches) out. num_parallel 0 fills in
+the calling process. The output is the same for every num_parallel.
 
 Order. Epoch e reads the source's units ordered by stable_hash(unit, f"{seed}/{e}/unit") and shuffles the
 records inside consecutive blocks of `shuffle_block` records by stable_hash(key, f"{seed}/{e}"): a pure
@@ -41,8 +41,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 import packer
-from packer import Decision, FillPool, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudgetExceeded, Refit
-from packer import check_budget_spec
+from packer import Decision, Driver, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudget, RejectBudgetExceeded
 
 STATE_VERSION = 2
 __all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source"]
@@ -74,15 +73,6 @@ def _epoch_units(units: Sequence[str], seed: int, epoch: int, shuffle: bool) -> 
     return [units[i] for i in _epoch_order(len(units), units, seed, epoch, shuffle)]
 
 
-def default_parallelism() -> int:
-    """Worker processes by default: the cores this process may run on, at most 16."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return min(16, cores)
-
-
 def _units_fingerprint(units: Sequence[str]) -> list[int]:
     h = 0
     for u in units:
@@ -109,8 +99,8 @@ class PackedStream:
       meta_fields: source metadata fields carried into `meta_<name>` record fields.
       max_rejects: None (no limit), an int (most rejected images allowed) or a float in (0, 1) (most
         rejected fraction of the images seen, checked from the 100th image and at each epoch end).
-      num_parallel: worker processes that fill and assemble (0 or 1: in the calling process; default:
-        the cores this process may use, at most 16).
+      num_parallel: worker processes that fill and assemble (0: in the calling process; default "auto":
+        every core this process may use; packer.resolve_workers).
       shuffle_block: records shuffled together (memory is bounded by one block of encoded images).
       state: a `state()` to resume from.
     """
@@ -120,16 +110,16 @@ class PackedStream:
                  num_parallel: Optional[int] = None, shuffle_block: int = 1024, state: Optional[dict] = None):
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or an integer >= 1, got {epochs!r}")
-        check_budget_spec(max_rejects)
+        RejectBudget(max_rejects)  # checks the spec
         if not isinstance(shuffle_block, int) or shuffle_block < 1:
             raise ValueError(f"shuffle_block must be an integer >= 1, got {shuffle_block!r}")
         self.config = config
         self.meta_fields = tuple(meta_fields)
         self.source = resolve_source(source, self.meta_fields)
         self.epochs, self.shuffle, self.max_rejects, self.shuffle_block = epochs, shuffle, max_rejects, shuffle_block
-        self.num_parallel = default_parallelism() if num_parallel is None else max(0, int(num_parallel))
+        self.num_parallel = packer.resolve_workers(num_parallel)
         self._units = list(self.source.units())
-        self._pool: Optional[FillPool] = None
+        self._driver: Optional[Driver] = None
         self._closed = False
         self._reset()
         if state is not None:
@@ -144,28 +134,30 @@ class PackedStream:
     @property
     def reject_examples(self) -> list[dict]:
         """The most recent rejects: {key, reason, detail, provenance: [unit index, offset, epoch, images_seen]}."""
-        return list(self._core.reject_examples)
+        return list(self._core.budget.examples)
 
     @property
     def stats(self) -> dict:
         """Counters. Returned: sequences (and the images and tokens in them) the stream has yielded.
         Pending: read ahead and decided (sequences_pending) or still in the packer's window, not yet
         returned. images_seen counts every record read (rejects included)."""
-        pending_images = self._core.num_pending + sum(len(d.items) for d in self._inflight)
-        return {"epoch": self._pos[0], "images_seen": self._core.images_seen, "images_packed": self._returned["images"],
+        inflight = self._inflight()
+        pending_images = self._core.num_pending + sum(len(d.items) for d in inflight)
+        returned = self._returned()
+        return {"epoch": self._pos[0], "images_seen": self._core.images_seen, "images_packed": returned["images"],
                 "images_rejected": self._core.num_rejected, "rejects": self.rejects,
-                "sequences": self._returned["sequences"], "sequences_pending": len(self._inflight),
-                "images_pending": pending_images, "tokens_real": self._returned["tokens_real"],
-                "tokens_padding": self._returned["tokens_padding"]}
+                "sequences": returned["sequences"], "sequences_pending": len(inflight),
+                "images_pending": pending_images, "tokens_real": returned["tokens_real"],
+                "tokens_padding": returned["tokens_padding"]}
 
     def state(self) -> dict:
         """JSON-serializable position: rebuild with PackedStream(..., state=s) or .restore(s)."""
         return {"version": STATE_VERSION, "config": self.config.to_json(), "meta_fields": list(self.meta_fields),
                 "epochs": self.epochs, "shuffle": self.shuffle, "shuffle_block": self.shuffle_block,
                 "units": _units_fingerprint(self._units), "position": list(self._pos), "core": self._core.state(),
-                "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in self._inflight],
+                "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in self._inflight()],
                 "finished": self._reader_done, "accepted_in_epoch": self._accepted_in_epoch,
-                "returned": dict(self._returned)}
+                "returned": self._returned()}
 
     def restore(self, state: dict) -> None:
         """Continue from `state` as if the stream that saved it had never stopped."""
@@ -181,30 +173,33 @@ class PackedStream:
                     raise StreamError(f"state was saved with another config: {_config_diff(theirs, mine)}")
             if theirs != mine:
                 raise StreamError(f"state was saved with {name}={theirs!r}, this stream has {mine!r}")
-        self._drain_pool()
+        rows = self._driver.pool.rows if self._driver is not None else None
+        self._close_driver()
         self._reset()
         self._pos = tuple(state["position"])
         self._reader_done = bool(state["finished"])
         self._accepted_in_epoch = int(state["accepted_in_epoch"])
-        self._returned = dict(state["returned"])
+        self._returned_before = dict(state["returned"])
         pending = PackingCore.pending_provenance(state["core"])
         queued = state["queued"]
         wanted = [list(p) for p in pending] + [entry[:4] for group in queued for entry in group]
-        plans = self._replan(wanted)
-        self._core.restore(state["core"], plans[:len(pending)])
-        rest = plans[len(pending):]
+        plans, payloads = self._replan(wanted)
+        self._core.restore(state["core"], plans[:len(pending)], payloads[:len(pending)])
+        rest = list(zip(plans[len(pending):], payloads[len(pending):]))
         first_seq = self._core.next_seq - len(queued)
+        self._restored = []
         for n, group in enumerate(queued):
             items = []
             for entry in group:
-                plan, rest = rest[0], rest[1:]
+                plan, payload = rest.pop(0)
                 if len(entry) > 4:
                     gh, gw, tokens, rerender = entry[4]
-                    plan = plan.with_refit(Refit(gh, gw, tokens, 1.0 - tokens / (gh * gw), bool(rerender)))
-                items.append((plan, entry[:4]))
-            d = Decision(first_seq + n, tuple(items))
-            self._inflight.append(d)
-            self._decided.append(d)
+                    plan = plan.with_refit(packer.Refit(gh, gw, tokens, 1.0 - tokens / (gh * gw), bool(rerender)))
+                items.append((plan, entry[:4], payload))
+            self._restored.append(Decision(first_seq + n, tuple((p, prov) for p, prov, _ in items),
+                                           tuple(payload for _, _, payload in items)))
+        if rows is not None:
+            self._start(rows)
 
     def batches(self, batch_size: int, *, drop_remainder: bool = False, copy: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Ready batches: every record field stacked with a leading dimension of `batch_size` (the last
@@ -217,32 +212,22 @@ class PackedStream:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self._start(batch_size)
         while True:
-            result = self._next_result()
-            if result is None:
+            slot = self._next_slot()
+            if slot is None:
                 return
-            n = len(result.decisions)
-            try:
-                if n < batch_size and drop_remainder:
-                    return
-                batch = {k: (v[:n].copy() if copy else v[:n]) for k, v in result.arrays.items()}
-                texts = [packer.text_fields(d, (r.slot for r in rej), self.config, self.meta_fields)
-                         for d, rej in zip(result.decisions, result.rejects)]
-                for name in texts[0]:
-                    batch[name] = np.stack([t[name] for t in texts])
-                self._returned_slot(result)
-            finally:
-                if copy or n < batch_size and drop_remainder:
-                    self._pool.release()
-            yield self._ordered(batch)
-            if not copy:
-                self._pool.release()
+            if len(slot) < batch_size and drop_remainder:
+                slot.release()
+                return
+            batch = slot.batch(copy)
+            if copy:
+                slot.release()
+            yield batch
+            slot.release()
 
     def close(self) -> None:
         """Stop the worker processes (the stream cannot be iterated afterwards)."""
         self._closed = True
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        self._close_driver()
 
     def __enter__(self) -> "PackedStream":
         return self
@@ -255,99 +240,66 @@ class PackedStream:
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._start(1)
-        result = self._next_result()
-        if result is None:
+        slot = self._next_slot()
+        if slot is None:
             raise StopIteration
-        try:
-            d, rejects = result.decisions[0], result.rejects[0]
-            record = {k: v[0].copy() for k, v in result.arrays.items()}
-            record["num_images"] = np.int32(record["num_images"])
-            record.update(packer.text_fields(d, (r.slot for r in rejects), self.config, self.meta_fields))
-            self._returned_slot(result)
-        finally:
-            self._pool.release()
-        return self._ordered(record)
+        with slot:
+            return slot.records()[0]
 
     # ------------------------------------------------------------------ internals
     def _reset(self) -> None:
-        self._core = PackingCore(self.config, self.meta_fields, max_rejects=self.max_rejects)
+        self._core = PackingCore(self.config, max_rejects=self.max_rejects)
         self._pos = (0, 0, 0, 0)  # (epoch, block start unit index, block start offset in unit, consumed in block)
         self._reader: Optional[Iterator] = None
         self._reads = 0
         self._reader_done = False
         self._accepted_in_epoch = 0
-        self._data: dict[int, bytes] = {}  # images_seen -> encoded bytes, for images not yet submitted
-        self._inflight: collections.deque[Decision] = collections.deque()  # decided, not yet returned
-        self._decided: collections.deque[Decision] = collections.deque()  # decided, not yet submitted
-        self._returned = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0}
+        self._restored: list[Decision] = []  # decided before a restore, not yet returned: put first
+        self._returned_before = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0}
 
     def _start(self, rows: int) -> None:
         if self._closed:
             raise StreamError("the stream is closed")
-        if self._pool is None:
-            workers = self.num_parallel if self.num_parallel > 1 else 0
-            self._pool = FillPool(self.config, workers, rows_per_slot=rows)
-        elif self._pool.rows != rows:
-            raise StreamError(f"this stream yields {'batches' if self._pool.rows > 1 else 'records'}; "
+        if self._driver is None:
+            pool = packer.fill_pool(self.config, self.num_parallel, rows_per_slot=rows)
+            self._driver = Driver(pool, self.meta_fields, on_failed=self._core.fill_failed)
+            self._driver.put(self._restored)
+            self._restored = []
+        elif self._driver.pool.rows != rows:
+            raise StreamError(f"this stream yields {'batches' if self._driver.pool.rows > 1 else 'records'}; "
                               "records and batches cannot be mixed")
 
-    def _drain_pool(self) -> None:
-        """Forget what the pool holds (before a restore)."""
-        if self._pool is not None:
-            rows = self._pool.rows
-            self._pool.close()
-            self._pool = None
-            self._start(rows)
+    def _close_driver(self) -> None:
+        if self._driver is not None:
+            self._restored = self._driver.inflight + self._restored
+            self._returned_before = self._returned()
+            self._driver.close()
+            self._driver = None
+
+    def _inflight(self) -> list[Decision]:
+        return (self._driver.inflight if self._driver is not None else []) + self._restored
+
+    def _returned(self) -> dict:
+        done = self._driver.returned if self._driver is not None else {}
+        return {k: v + done.get(k, 0) for k, v in self._returned_before.items()}
 
     def _queued_image(self, plan: ImagePlan, prov: list) -> list:
         r = plan.refit
         return list(prov) if r is None else list(prov) + [[r.grid_h, r.grid_w, r.tokens, int(r.rerender)]]
 
-    def _ordered(self, record: dict) -> dict:
-        order = ["patches", "segment_ids", "pos_y", "pos_x", "num_images", "image_keys", *packer.PER_IMAGE_FIELDS,
-                 *(packer.META_PREFIX + m for m in self.meta_fields)]
-        return {name: record[name] for name in order}
-
-    def _returned_slot(self, result) -> None:
-        """Account for the decisions of a slot being returned: failed fills, returned counters."""
-        for d, rejects in zip(result.decisions, result.rejects):
-            popped = self._inflight.popleft()
-            assert popped is d
-            self._core.fill_failed(rejects)
-            tokens = d.tokens - sum(r.tokens for r in rejects)
-            self._returned["sequences"] += 1
-            self._returned["images"] += len(d.items) - len(rejects)
-            self._returned["tokens_real"] += tokens
-            self._returned["tokens_padding"] += self.config.seq_len - tokens
-
-    def _next_result(self):
-        """The next filled slot in order, or None at the end of the stream. Reads ahead until the pool
-        is full (a deterministic amount), then waits for the oldest slot."""
-        pool = self._pool
+    def _next_slot(self):
+        """The next filled slot in order (a packer Slot), or None at the end of the stream. Reads ahead
+        until the pool is full (a deterministic amount), then waits for the oldest slot."""
+        driver = self._driver
         while True:
-            while self._decided:
-                d = self._decided[0]
-                datas = [self._data[prov[3]] for prov in d.provenances]
-                if not pool.can_submit(datas):
-                    break
-                self._decided.popleft()
-                for prov in d.provenances:
-                    del self._data[prov[3]]
-                pool.submit(d, datas)
-            if self._decided and not pool.ready():  # no room yet: wait for the workers to free some
-                pool.wait()
-                continue
-            if not self._decided and not self._reader_done and pool.can_submit():
+            while not self._reader_done and driver.wants_input:
                 self._read_one()
                 self._reads += 1
                 if self._reads % 8 == 0:  # keep the workers fed while reading a burst
-                    pool.poll()
-                continue
-            if self._reader_done and not self._decided:
-                pool.seal()
-            if pool.pending == 0:
-                return None
-            return pool.get()
+                    driver.pool.poll()
+            slot = driver.take(final=self._reader_done)
+            if slot is not None or self._reader_done:
+                return slot
 
     def _read_one(self) -> None:
         """Read one record (or the epoch end, or the end of the stream) and decide on it."""
@@ -356,7 +308,7 @@ class PackedStream:
         try:
             item = next(self._reader)
         except StopIteration:
-            self._decided.extend(self._decide(self._core.flush()))
+            self._driver.put(self._core.flush())
             self._reader_done = True
             return
         if item is _EPOCH_END:
@@ -380,12 +332,7 @@ class PackedStream:
             self._core.reject(rec.key, e.reason, e.detail, prov)
             return
         self._accepted_in_epoch += 1
-        self._data[seen] = rec.data
-        self._decided.extend(self._decide(self._core.add(plan, prov)))
-
-    def _decide(self, decisions: list[Decision]) -> list[Decision]:
-        self._inflight.extend(decisions)
-        return decisions
+        self._driver.put(self._core.add(plan, prov, rec.data))
 
     def _records(self) -> Iterator:
         """(epoch, unit index, offset, record, position after it) from the current position on, in
@@ -421,13 +368,14 @@ class PackedStream:
             for off, rec in enumerate(itertools.islice(self.source.read(self._units[order[p]]), start, None), start):
                 yield p, off, rec
 
-    def _replan(self, provenances: list[list]) -> list[ImagePlan]:
-        """Re-plan images from [unit index, offset, epoch, images_seen], reading each unit once; keeps
-        their bytes for filling."""
+    def _replan(self, provenances: list[list]) -> tuple[list[ImagePlan], list[bytes]]:
+        """Re-plan images from [unit index, offset, epoch, images_seen], reading each unit once: their
+        plans and encoded bytes."""
         wanted: dict[int, dict[int, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for i, (unit, offset, _, _) in enumerate(provenances):
             wanted[int(unit)][int(offset)].append(i)
         out: list[Optional[ImagePlan]] = [None] * len(provenances)
+        datas: list[bytes] = [b""] * len(provenances)
         for unit, offsets in wanted.items():
             last = max(offsets)
             if not 0 <= unit < len(self._units):
@@ -440,28 +388,20 @@ class PackedStream:
                                                     label=rec.label, meta=rec.meta)
                     except ImageRejected as e:
                         raise StreamError(f"image {rec.key!r} (unit {unit}) was accepted before but now fails: {e}") from None
-                    self._data[int(seen)] = rec.data
+                    datas[i] = rec.data
         missing = [provenances[i] for i, p in enumerate(out) if p is None]
         if missing:
             raise StreamError(f"the source no longer has the records {missing[:3]} named in the state")
-        return out  # type: ignore[return-value]
+        return out, datas  # type: ignore[return-value]
 
 
 def element_spec(config: PackConfig, meta_fields: Sequence[str] = ()) -> dict:
-    """The tf.TensorSpec of every record field: static shapes [L, P*P*3], [L], [max_images_per_seq], []."""
+    """The tf.TensorSpec of every record field (packer.record_fields): static shapes [L, P*P*3], [L], [E], []."""
     import tensorflow as tf
 
-    L, E = config.seq_len, config.max_images_per_seq
-    spec = {"patches": tf.TensorSpec((L, config.token_dim), tf.uint8, "patches"),
-            "segment_ids": tf.TensorSpec((L,), tf.int32, "segment_ids"),
-            "pos_y": tf.TensorSpec((L,), tf.int32, "pos_y"), "pos_x": tf.TensorSpec((L,), tf.int32, "pos_x"),
-            "num_images": tf.TensorSpec((), tf.int32, "num_images"),
-            "image_keys": tf.TensorSpec((E,), tf.string, "image_keys")}
-    for name, (dtype, _) in packer.PER_IMAGE_FIELDS.items():
-        spec[name] = tf.TensorSpec((E,), tf.as_dtype(dtype), name)
-    for name in meta_fields:
-        spec[packer.META_PREFIX + name] = tf.TensorSpec((E,), tf.string, packer.META_PREFIX + name)
-    return spec
+    dtypes = {"uint8": tf.uint8, "int32": tf.int32, "float32": tf.float32, "string": tf.string}
+    return {f.name: tf.TensorSpec(f.shape(config.seq_len, config.token_dim, config.max_images_per_seq), dtypes[f.dtype],
+                                  f.name) for f in packer.record_fields(meta_fields)}
 
 
 def _tf_ready(record: dict) -> dict:

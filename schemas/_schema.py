@@ -1,5 +1,6 @@
-"""The one definition of a packed record: field names, dtypes and shapes as functions of
-(L = seq_len, D = token_dim, E = max_images_per_seq). Every format's encoder, parser and schema derives from it."""
+"""The schema of a packed dataset: the record's fields (packer.RECORD_FIELDS, their one definition, plus the
+dataset's meta fields) with shapes fixed by (L = seq_len, D = token_dim, E = max_images_per_seq). Every
+format's encoder, parser and schema derives from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+import packer
 from packer import META_PREFIX
 
 SCHEMA_VERSION = 1
@@ -23,33 +25,6 @@ class RecordError(SchemaError, ValueError):
     """A record does not match the schema (missing field, wrong dtype or shape)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One record field. `dims` names its axes: "L" (tokens), "D" (patch bytes), "E" (image slots)."""
-
-    name: str
-    dtype: str  # uint8 | int32 | float32 | string
-    dims: tuple[str, ...]
-    doc: str
-
-
-BASE_FIELDS: tuple[Field, ...] = (
-    Field("patches", "uint8", ("L", "D"), "RGB pixels of each token's patch, row-major (P, P, 3) flattened; 0 at padding"),
-    Field("segment_ids", "int32", ("L",), "image of each token: 1..num_images in packing order; 0 = padding"),
-    Field("pos_y", "int32", ("L",), "patch row of the token in its image's grid (in patches, not pixels); 0 at padding"),
-    Field("pos_x", "int32", ("L",), "patch column of the token in its image's grid; 0 at padding"),
-    Field("num_images", "int32", (), "number of images packed in this sequence (k)"),
-    Field("image_keys", "string", ("E",), "image i's key (for a folder: path relative to it); '' in empty slots"),
-    Field("labels", "int32", ("E",), "class label of image i; -1 for none and in empty slots"),
-    Field("grid_h", "int32", ("E",), "patch rows of image i after resizing (before dropping); 0 in empty slots"),
-    Field("grid_w", "int32", ("E",), "patch columns of image i after resizing; 0 in empty slots"),
-    Field("orig_h", "int32", ("E",), "original pixel height of image i; 0 in empty slots"),
-    Field("orig_w", "int32", ("E",), "original pixel width of image i; 0 in empty slots"),
-    Field("num_tokens", "int32", ("E",), "tokens kept for image i (= count of segment_ids == i+1); 0 in empty slots"),
-    Field("drop_rates", "float32", ("E",), "realized token drop rate of image i: 1 - num_tokens/(grid_h*grid_w)"),
-)
-
-_NUMPY = {"uint8": np.uint8, "int32": np.int32, "float32": np.float32, "string": object}
 _META_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -95,14 +70,12 @@ class Schema:
         return cls(manifest["seq_len"], manifest["token_dim"], manifest["max_images"], tuple(manifest.get("meta_fields", ())))
 
     @property
-    def fields(self) -> tuple[Field, ...]:
-        meta = tuple(Field(META_PREFIX + n, "string", ("E",), f"pass-through metadata '{n}' of image i (JSON text "
-                           "if not a string); '' in empty slots") for n in self.meta_fields)
-        return BASE_FIELDS + meta
+    def fields(self) -> tuple:
+        """Every record field (packer's field table entries), in record order."""
+        return packer.record_fields(self.meta_fields)
 
-    def shape(self, field: Field) -> tuple[int, ...]:
-        dims = {"L": self.seq_len, "D": self.token_dim, "E": self.max_images_per_seq}
-        return tuple(dims[d] for d in field.dims)
+    def shape(self, field) -> tuple[int, ...]:
+        return field.shape(self.seq_len, self.token_dim, self.max_images_per_seq)
 
     def to_json(self) -> dict:
         return {"seq_len": self.seq_len, "token_dim": self.token_dim, "max_images": self.max_images_per_seq,
@@ -124,12 +97,9 @@ class Schema:
             if f.dtype == "string":
                 if arr.dtype != object or not all(isinstance(v, str) for v in arr.reshape(-1)):
                     raise RecordError(f"field {f.name}: expected an object array of str, got dtype {arr.dtype}")
-            elif arr.dtype != _NUMPY[f.dtype]:
+            elif arr.dtype != f.numpy_dtype:
                 raise RecordError(f"field {f.name}: dtype {arr.dtype}, expected {f.dtype}")
 
-
-def numpy_dtype(field: Field) -> Any:
-    return _NUMPY[field.dtype]
 
 
 def check_consistency(record: Mapping[str, np.ndarray], schema: Schema) -> None:

@@ -32,3 +32,4 @@ def jpeg_bytes():
     def make(h: int = 120, w: int = 160, seed: int = 0, quality: int = 90) -> bytes:
         return encode(make_pixels(h, w, seed), "JPEG", quality=quality)
     return make
+

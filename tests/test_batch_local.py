@@ -1,4 +1,4 @@
-"""The local batch path (pipelines.batch.run_local: the packing core over FillPool processes) against the
+"""The local batch path (pipelines.batch.local: the packing core over fill worker processes) against the
 Beam pipeline: byte-identical shards, rejects and manifest; any worker count; a crashed worker costs only
 its image; the reject budget fails early with one line. Inputs are small JPEGs made here."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from PIL import Image
 
 import packer
 import schemas
-from pipelines import batch
-from pipelines import beam_pipeline as bp
+
+from pipelines import batch as bp
 
 
 def _jpeg(h: int, w: int, seed: int) -> bytes:
@@ -79,7 +79,7 @@ def test_any_worker_count_writes_identical_bytes(image_dir, tmp_path):
 
 def test_crashed_worker_costs_only_its_image(image_dir, tmp_path, monkeypatch):
     victim = "class1/img04.jpg"
-    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, victim)
+    monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, victim)
     outs = []
     for run in range(2):
         job = _job(image_dir, tmp_path / f"run{run}", num_shards=2)
@@ -104,10 +104,10 @@ def mostly_broken(tmp_path_factory):
 
 def test_reject_budget_fails_while_packing_and_leaves_no_output(mostly_broken, tmp_path):
     job = _job(mostly_broken, tmp_path / "out", max_reject_fraction=0.5)
-    with pytest.raises(bp.RejectBudgetExceeded, match=r"of the first (\d+) inputs rejected .*undecodable") as e:
+    with pytest.raises(packer.RejectBudgetExceeded, match=r"\d+ of (\d+) images rejected .*undecodable") as e:
         bp.run_pack(job, workers=1)
-    seen = int(str(e.value).split("of the first ")[1].split()[0])
-    assert batch.MIN_SEEN_FOR_BUDGET <= seen < 150  # failed before the input was used up
+    seen = int(str(e.value).split(" of ")[1].split()[0])
+    assert packer._core.FRACTION_MIN_IMAGES <= seen < 150  # failed before the input was used up
     assert not [n for n in os.listdir(job.output) if n.startswith("packed-") or n == "manifest.json"]
     with pytest.raises(schemas.ManifestMissing):
         list(schemas.read(job.output))

@@ -14,7 +14,7 @@ pytest.importorskip("apache_beam")
 
 import packer  # noqa: E402
 import schemas  # noqa: E402
-from pipelines import beam_pipeline as bp  # noqa: E402
+from pipelines import batch as bp  # noqa: E402
 
 
 def _jpeg(h: int, w: int, seed: int) -> bytes:
@@ -111,7 +111,7 @@ def test_single_group_matches_the_single_process_packer(image_dir, tmp_path):
                                                images_seen=bp.images_seen(0, r.key, 0, 32)))
         except packer.ImageRejected:
             pass
-    expected = list(packer.SequencePacker(job.config).pack_all(images))
+    expected = list(packer.pack_patched(images, job.config))
     got = list(schemas.read(job.output))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
@@ -133,7 +133,7 @@ def test_epochs_resample_every_image(image_dir, tmp_path):
 
 def test_reject_budget_fails_after_writing_rejects(image_dir, tmp_path):
     job = _job(image_dir, tmp_path / "out", max_reject_fraction=0.01)
-    with pytest.raises(bp.RejectBudgetExceeded, match="max-reject-fraction"):
+    with pytest.raises(packer.RejectBudgetExceeded, match="max-reject-fraction"):
         bp.run_pack(job)
     assert (tmp_path / "out" / "rejects.jsonl").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -145,7 +145,7 @@ def test_layout_functions():
     assert bp.layout(250, job) == (3, 3)
     assert bp.layout(250, bp.PackJob(input="x", output="y", group_size=100, num_shards=8)) == (3, 8)
     assert bp.layout(250, bp.PackJob(input="x", output="y", group_size=100, num_shards=2)) == (2, 2)
-    parts = bp.split_contiguous(list(range(10)), 3)
+    parts = bp.job.split_contiguous(list(range(10)), 3)
     assert [list(p) for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     seen = [bp.images_seen(0, f"k{i}", 1, 50) for i in range(200)]
     assert all(50 <= s < 100 for s in seen) and len(set(seen)) > 30

@@ -69,7 +69,7 @@ def test_emax_accounting():
 
 
 def test_bench_packing_cli_json_and_plots(image_dir, tmp_path):
-    from pipelines import cmd_bench
+    from pipelines.cli import bench as cmd_bench
 
     parser = argparse.ArgumentParser()
     cmd_bench.register(parser.add_subparsers(dest="command"))
@@ -113,7 +113,7 @@ def test_bench_rejects_bad_specs(image_dir):
 
 
 def test_advise(image_dir, tmp_path):
-    from pipelines import cmd_advise
+    from pipelines.cli import advise as cmd_advise
 
     parser = argparse.ArgumentParser()
     cmd_advise.register(parser.add_subparsers(dest="command"))
@@ -138,10 +138,9 @@ def test_advise(image_dir, tmp_path):
 def test_report_html(tmp_path):
     pytest.importorskip("pyarrow")
     import schemas
-    from pipelines import report
+    from pipelines.cli import report
 
     config = packer.PackConfig(seq_len=64, patch_size=16, resolution="uniform:32:128", token_drop="beta:0.3:0.8")
-    sp = packer.SequencePacker(config)
     rng = np.random.default_rng(0)
     images = []
     for i in range(40):
@@ -150,7 +149,7 @@ def test_report_html(tmp_path):
         buf = io.BytesIO()
         Image.fromarray(px).save(buf, format="PNG")
         images.append(packer.prepare_image(buf.getvalue(), f"im{i}", config, label=i % 3))
-    records = list(sp.pack_all(images))
+    records = list(packer.pack_patched(images, config))
     data = tmp_path / "ds"
     schemas.write_dataset(str(data), records, config=config, fmt="parquet", num_shards=3)
     page = report.write_report(str(data), str(tmp_path / "out" / "report.html"))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import cli, options
+from pipelines import cli
+from pipelines.cli import options
 
 pytest.importorskip("apache_beam")
 
@@ -41,7 +42,7 @@ def packed(image_dir, tmp_path_factory):
     ("--seq-len", "abc"), ("--seq-len", "0"), ("--patch-size", "-3"), ("--resolution", "uniform:9"),
     ("--token-drop", "beta:0.9:0.5"), ("--max-images-per-seq", "9999"), ("--packer", "magic"),
     ("--window", "x"), ("--seed", "-1"), ("--fill", "maybe"), ("--labels", "some"), ("--format", "csv"),
-    ("--num-shards", "0"), ("--epochs", "two"), ("--workers", "0"), ("--max-reject-fraction", "2"),
+    ("--num-shards", "0"), ("--epochs", "two"), ("--workers", "-1"), ("--max-reject-fraction", "2"),
     ("--meta-fields", "a,,b"), ("--max-tokens-per-image", "1000"), ("--resize", "lanczos"),
 ])
 def test_bad_option_gives_one_line_naming_it(flag, value, tmp_path, capsys):
@@ -64,8 +65,8 @@ def test_help_gives_an_example_for_every_option(capsys):
 
 
 def test_beam_args_after_double_dash():
-    from pipelines.cmd_pack import _beam_args
-    from pipelines.beam_pipeline import is_local
+    from pipelines.cli.pack import _beam_args
+    from pipelines.batch.beam import is_local
 
     args = cli.build_parser().parse_args(["pack", "--input", "a", "--output", "b", "--", "--runner", "DataflowRunner",
                                           "--project", "p"])
@@ -150,7 +151,7 @@ def test_labels_from_file_names_reach_the_records_and_the_summary(tmp_path, caps
 
 def test_inspect_captions_give_width_by_height():
     import packer
-    from pipelines.cmd_inspect import image_caption
+    from pipelines.cli.inspect import image_caption
 
     config = packer.PackConfig(seq_len=64, patch_size=8, resolution="native")
     buf = io.BytesIO()

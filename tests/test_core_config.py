@@ -7,13 +7,13 @@ from packer import ConfigError, PackConfig
 
 
 @pytest.mark.parametrize("spec,expected", [
-    ("native", packer.Native()),
-    ("fixed:224", packer.Fixed(224.0)),
-    ("budget:196", packer.Budget(196)),
-    ("naflex:256", packer.NaFlex(256)),
-    ("uniform:64:256", packer.Uniform(64.0, 256.0)),
-    ("tnormal:64:384:-0.5:1:side", packer.TruncNormal(64.0, 384.0, -0.5, 1.0, "side")),
-    ("tnormal:64:384:0.5:1:area", packer.TruncNormal(64.0, 384.0, 0.5, 1.0, "area")),
+    ("native", packer._config.Native()),
+    ("fixed:224", packer._config.Fixed(224.0)),
+    ("budget:196", packer._config.Budget(196)),
+    ("naflex:256", packer._config.NaFlex(256)),
+    ("uniform:64:256", packer._config.Uniform(64.0, 256.0)),
+    ("tnormal:64:384:-0.5:1:side", packer._config.TruncNormal(64.0, 384.0, -0.5, 1.0, "side")),
+    ("tnormal:64:384:0.5:1:area", packer._config.TruncNormal(64.0, 384.0, 0.5, 1.0, "area")),
 ])
 def test_resolution_specs_parse_and_round_trip(spec, expected):
     policy = packer.parse_resolution(spec)

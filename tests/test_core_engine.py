@@ -1,6 +1,6 @@
-"""The plan / decide / fill / assemble core (packer._engine): plans predict the filled token count
-exactly, the core decides what SequencePacker packs, decisions are deterministic and resumable, and a
-failed fill leaves its slot as padding and is counted."""
+"""The plan / decide / fill / assemble core (packer._transform, _core, _assemble, _driver): plans predict the
+filled token count exactly, the pipelines' path packs what the in-memory reference packs, decisions are
+deterministic and resumable, and a failed fill leaves its slot as padding and is counted."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,7 +55,7 @@ def run_core(config, images, epoch=0, core=None):
     decisions = []
     for key, d, label in images:
         plan = packer.plan_header(d, key, config, epoch=epoch, images_seen=core.images_seen, label=label)
-        decisions += core.add(plan, provenance=key)
+        decisions += core.add(plan, provenance=key, payload=d)
     decisions += core.flush()
     return core, decisions, data
 
@@ -70,7 +70,7 @@ def test_plan_token_count_equals_filled_token_count(name):
         filled = [packer.fill_image(data[p.key], p, config) for p in d.plans]
         assert [im.num_tokens for im in filled] == [p.final_tokens for p in d.plans]
         assert [(im.grid_h, im.grid_w) for im in filled] == [p.final_grid for p in d.plans]
-        record, rejects = packer.assemble(d, filled, config)
+        record, rejects = packer._assemble.assemble(d, filled, config)
         assert not rejects
         assert int((record["segment_ids"] > 0).sum()) == d.tokens <= config.seq_len
     if config.fill == "exact":
@@ -78,26 +78,35 @@ def test_plan_token_count_equals_filled_token_count(name):
         assert all(d.tokens == config.seq_len for d in decisions[:-1])
 
 
-@pytest.mark.parametrize("name", ["uniform-beta", "schedule", "exact", "exact-bfd"])
-def test_core_packs_what_sequence_packer_packs(name):
-    """The pipelines' path (plan_header, the core's decisions, fill_image from the bytes, assemble) gives
-    the records of the in-memory path (prepare_image, SequencePacker: refit_image, build_record),
-    exact-fill re-renders included."""
+@pytest.mark.parametrize("name", ["uniform-beta", "schedule"])
+def test_pipelines_path_packs_what_the_in_memory_reference_packs(name):
+    """pack_images (plan_header, the core's decisions, the driver filling from the bytes, assemble: the
+    pipelines' path) gives the records of prepare_image + the core + build_record (the reference)."""
     config = CONFIGS[name]
     images = make_images(50, seed=3)
-    _, decisions, data = run_core(config, images, epoch=2)
-    sp = packer.SequencePacker(config)
-    expected = []
-    for i, (key, d, label) in enumerate(images):
-        expected += sp.add(packer.prepare_image(d, key, config, epoch=2, images_seen=i, label=label))
-    expected += sp.flush()
-    got = [packer.assemble(d, [packer.fill_image(data[p.key], p, config) for p in d.plans], config)[0] for d in decisions]
+    got = list(packer.pack_images(images, config, epoch=2))
+    prepared = [packer.prepare_image(d, key, config, epoch=2, images_seen=i, label=label)
+                for i, (key, d, label) in enumerate(images)]
+    expected = list(packer.pack_patched(prepared, config))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
             assert np.asarray(a[k]).dtype == np.asarray(b[k]).dtype, k
+
+
+@pytest.mark.parametrize("name", ["exact", "exact-bfd"])
+def test_pack_images_in_workers_and_in_process_agree(name):
+    """Exact fill re-renders from the bytes: the same records in this process and in worker processes."""
+    config = CONFIGS[name]
+    images = make_images(50, seed=3)
+    a = list(packer.pack_images(images, config, epoch=2))
+    b = list(packer.pack_images(images, config, epoch=2, workers=2))
+    assert len(a) == len(b) and all(len(r["segment_ids"]) == config.seq_len for r in a)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def test_prepare_image_is_plan_then_fill():
@@ -130,14 +139,6 @@ def test_plan_reads_the_header_only_and_rejects_bad_input():
     with pytest.raises(packer.ImageRejected) as e:
         packer.fill_image(encode(41, 30, 1), plan, config)
     assert e.value.reason == "changed"
-
-
-def test_plan_json_round_trip():
-    core, decisions, _ = run_core(CONFIGS["exact"], make_images(40))
-    plans = [p for d in decisions for p in d.plans]
-    assert any(p.refit is not None for p in plans)
-    for p in plans:
-        assert packer.ImagePlan.from_json(json.loads(json.dumps(p.to_json()))) == p
 
 
 def test_decisions_are_deterministic_and_resume_exactly():
@@ -173,7 +174,7 @@ def test_failed_fill_slot_becomes_padding_and_is_counted():
     filled = [packer.fill_image(data[p.key], p, config) for p in d.plans]
     failed = packer.ImageRejected("worker_crashed", "the worker process died")
     filled[1] = failed
-    record, rejects = packer.assemble(d, filled, config)
+    record, rejects = packer._assemble.assemble(d, filled, config)
     assert [(r.slot, r.key, r.reason) for r in rejects] == [(1, d.plans[1].key, "worker_crashed")]
     rest = [im for i, im in enumerate(filled) if i != 1]
     expected = packer.build_record(rest, config)  # the remaining images, in order, renumbered 1..k
@@ -186,7 +187,7 @@ def test_failed_fill_slot_becomes_padding_and_is_counted():
     assert core.stats["images"] == before["images"] - 1 and core.stats["fill_failed"] == 1
     assert core.stats["tokens_padding"] == before["tokens_padding"] + d.plans[1].final_tokens
     assert core.images_seen == 40  # already counted when planned
-    every = packer.assemble(d, [failed] * len(d.items), config)[0]  # all failed: all padding
+    every = packer._assemble.assemble(d, [failed] * len(d.items), config)[0]  # all failed: all padding
     assert int(every["num_images"]) == 0 and not every["segment_ids"].any() and not every["patches"].any()
 
 
@@ -218,7 +219,7 @@ def test_assemble_refuses_a_fill_that_does_not_match_its_plan():
                                     pos_x=filled[0].pos_x[:-1]) if filled[0].num_tokens > 1 else \
         dataclasses.replace(filled[0], patches=np.concatenate([filled[0].patches] * 2))
     with pytest.raises(ValueError, match="plan has"):
-        packer.assemble(d, filled, config)
+        packer._assemble.assemble(d, filled, config)
 
 
 def jpeg_variants():

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import packer
-from packer import ImageRejected, OpenedImage
+from packer import ImageRejected
+from packer._image import OpenedImage
 from conftest import encode, make_pixels
 
 
@@ -177,7 +178,7 @@ def test_decoder_chatter_stays_off_stderr(tmp_path):
             data = open(name + ".tif", "rb").read()
             seen = []
             for step in (lambda: packer.image_size(data), lambda: packer.prepare_image(data, name, packer.PackConfig()),
-                         lambda: packer.OpenedImage(data, 10**8).decode_resized(8, 8)):
+                         lambda: packer._image.OpenedImage(data, 10**8).decode_resized(8, 8)):
                 try:
                     step()
                     seen.append("ok")

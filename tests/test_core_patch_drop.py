@@ -8,7 +8,7 @@ from packer import PackConfig
 def test_patch_layout_is_row_col_channel_in_row_major_order():
     P, gh, gw = 2, 2, 3
     img = np.arange(gh * P * gw * P * 3, dtype=np.uint32).reshape(gh * P, gw * P, 3).astype(np.uint8)
-    patches, pos_y, pos_x = packer.patchify(img, P)
+    patches, pos_y, pos_x = packer._patch.patchify(img, P)
     assert patches.shape == (6, P * P * 3) and patches.dtype == np.uint8
     assert pos_y.tolist() == [0, 0, 0, 1, 1, 1] and pos_x.tolist() == [0, 1, 2, 0, 1, 2]
     for t in range(6):
@@ -19,16 +19,16 @@ def test_patch_layout_is_row_col_channel_in_row_major_order():
 @pytest.mark.parametrize("gh,gw,P", [(1, 1, 16), (3, 5, 16), (7, 2, 14), (1, 40, 8)])
 def test_unpatchify_is_exact_inverse(gh, gw, P):
     img = np.random.default_rng(0).integers(0, 256, (gh * P, gw * P, 3), dtype=np.uint8)
-    patches, pos_y, pos_x = packer.patchify(img, P)
+    patches, pos_y, pos_x = packer._patch.patchify(img, P)
     assert np.array_equal(packer.unpatchify(patches, gh, gw, P), img)
     keep = np.arange(0, gh * gw, 2)
     partial = packer.unpatchify(patches[keep], gh, gw, P, pos_y[keep], pos_x[keep], fill=7)
-    assert np.array_equal(packer.patchify(partial, P)[0][keep], patches[keep])
+    assert np.array_equal(packer._patch.patchify(partial, P)[0][keep], patches[keep])
 
 
 def rates(spec, n=3000, tokens=100, seen=0.0, cap=256):
     policy = packer.parse_drop(spec)
-    return np.array([packer.sample_drop_rate(policy, packer.image_rng(0, str(i), 0, "drop"), tokens, cap, seen)
+    return np.array([packer._drop.sample_drop_rate(policy, packer.image_rng(0, str(i), 0, "drop"), tokens, cap, seen)
                      for i in range(n)])
 
 
@@ -55,7 +55,7 @@ def test_resdep_mean_linear_in_tokens_and_truncated_at_two_sigma():
 
 
 def test_sigmoid_schedule_drives_the_rate():
-    sched = packer.SigmoidSchedule(0.2, 0.8, mu=1000, tau=-100)  # decreasing: high early, low late
+    sched = packer._config.SigmoidSchedule(0.2, 0.8, mu=1000, tau=-100)  # decreasing: high early, low late
     assert abs(sched.rate(-10**6) - 0.8) < 1e-6 and abs(sched.rate(10**6) - 0.2) < 1e-6
     assert abs(sched.rate(1000) - 0.5) < 1e-9
     early = rates("const:0.5@sigmoid:0.2:0.8:1000:-100", 5, seen=0)
@@ -74,7 +74,7 @@ def test_kept_tokens_keep_positions_order_and_at_least_one(jpeg_bytes):
     assert np.all(np.diff(flat) > 0)  # order kept
     assert np.array_equal(dropped.patches, full.patches[flat])  # each kept patch at its own position
     assert abs(dropped.drop_rate - 0.6) < 1e-9
-    assert packer.kept_count(5, 0.999) == 1 and packer.kept_count(1, 0.9) == 1
+    assert packer._drop.kept_count(5, 0.999) == 1 and packer._drop.kept_count(1, 0.9) == 1
 
 
 def test_every_draw_is_a_pure_function_of_seed_key_epoch(jpeg_bytes):

@@ -56,7 +56,7 @@ NAFLEX_GOLDEN = [
 def test_naflex_golden_grids(size, patch, tokens, expected):
     assert packer._plan.grid_for_naflex(*size, patch, tokens) == expected
     cfg = PackConfig(patch_size=patch, resolution=f"naflex:{tokens}", seq_len=max(tokens, 16))
-    assert packer.plan_grid(*size, cfg, None) == expected
+    assert packer._plan.plan_grid(*size, cfg, None) == expected
 
 
 def test_naflex_matches_transformers_processor_rule():
@@ -73,14 +73,14 @@ def test_naflex_matches_transformers_processor_rule():
 @given(h=st.integers(1, 100_000), w=st.integers(1, 100_000), patch=st.sampled_from([14, 16]), tokens=st.integers(1, 2048))
 def test_naflex_plan_never_exceeds_tokens(h, w, patch, tokens):
     cfg = PackConfig(patch_size=patch, resolution=f"naflex:{tokens}", seq_len=2048)
-    gh, gw = packer.plan_grid(h, w, cfg, None)
+    gh, gw = packer._plan.plan_grid(h, w, cfg, None)
     assert 1 <= gh * gw <= tokens
 
 
 @pytest.mark.parametrize("size,patch,resolution,seq_len,expected", GOLDEN)
 def test_golden_grids(size, patch, resolution, seq_len, expected):
     cfg = PackConfig(patch_size=patch, resolution=resolution, seq_len=seq_len)
-    assert packer.plan_grid(*size, cfg, None) == expected
+    assert packer._plan.plan_grid(*size, cfg, None) == expected
 
 
 def _aspect_error(h, w, gh, gw):
@@ -146,8 +146,8 @@ def test_uniform_resolution_distribution_and_determinism():
     rs = [packer._plan.sample_resolution(cfg.resolution, packer.image_rng(7, f"k{i}", 0, "resolution")) for i in range(4000)]
     assert 64 <= min(rs) and max(rs) <= 256
     assert abs(np.mean(rs) - 160) < 4
-    assert packer.plan_image(480, 640, "k1", cfg) == packer.plan_image(480, 640, "k1", cfg)
-    grids = {packer.plan_image(480, 640, "k1", cfg, epoch=e) for e in range(20)}
+    assert packer._plan.plan_image(480, 640, "k1", cfg) == packer._plan.plan_image(480, 640, "k1", cfg)
+    grids = {packer._plan.plan_image(480, 640, "k1", cfg, epoch=e) for e in range(20)}
     assert len(grids) > 5  # a new resolution each epoch
 
 
@@ -162,8 +162,8 @@ def test_truncated_normal_resolution_is_biased_low_and_bounded(mode):
 
 def test_area_mode_rescales_area_not_side():
     # u = 0 (the middle) maps to side 224 in side mode and to sqrt((64^2+384^2)/2) ~ 275 in area mode.
-    side = packer.TruncNormal(64, 384, 0.0, 1e-6, "side")
-    area = packer.TruncNormal(64, 384, 0.0, 1e-6, "area")
+    side = packer._config.TruncNormal(64, 384, 0.0, 1e-6, "side")
+    area = packer._config.TruncNormal(64, 384, 0.0, 1e-6, "area")
     rng = np.random.default_rng(0)
     assert abs(packer._plan.sample_resolution(side, rng) - 224) < 0.01
     assert abs(packer._plan.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01

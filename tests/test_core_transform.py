@@ -11,7 +11,8 @@ import simplejpeg
 from PIL import Image, ImageFile, ImageFilter, ImageOps
 
 import packer
-from packer import ImageRejected, OpenedImage
+from packer import ImageRejected
+from packer._image import OpenedImage
 from conftest import encode, make_pixels
 
 MAD_BOUND = 2.5  # /255, mean over a set of images (the bound set for the default kernel)
@@ -215,7 +216,7 @@ def test_dropped_image_keeps_the_full_grid_patches_at_its_positions():
     image = packer.prepare_image(data, "key", config)
     assert 0 < image.num_tokens < image.grid_h * image.grid_w
     pixels = OpenedImage(data, 10**8).decode_resized(image.grid_h * 16, image.grid_w * 16)
-    full, _, _ = packer.patchify(pixels, 16)
+    full, _, _ = packer._patch.patchify(pixels, 16)
     assert np.array_equal(image.patches, full[image.pos_y * image.grid_w + image.pos_x])
     assert np.all(np.diff(image.pos_y * image.grid_w + image.pos_x) > 0)
 

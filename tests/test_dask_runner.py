@@ -13,7 +13,7 @@ pytest.importorskip("apache_beam.runners.dask.dask_runner", reason="apache-beam'
 distributed = pytest.importorskip("distributed", reason="dask.distributed is a test dependency (extra 'test')")
 
 import packer  # noqa: E402
-from pipelines import beam_pipeline as bp  # noqa: E402
+from pipelines import batch as bp  # noqa: E402
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 

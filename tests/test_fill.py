@@ -3,6 +3,7 @@ images keep their aspect ratio (within the planner's rounding) and the policy's 
 still exact; fill="none" output is unchanged."""
 import hashlib
 import io
+import json
 import math
 import pathlib
 
@@ -36,15 +37,15 @@ def grid_reachable(h, w, gh, gw, patch, smin, smax):
 
 
 def run_lengths(config, sizes):
-    grids = [packer.plan_image(h, w, f"img{i}", config) for i, (h, w) in enumerate(sizes)]
+    grids = [packer._plan.plan_image(h, w, f"img{i}", config) for i, (h, w) in enumerate(sizes)]
     lengths = [gh * gw for gh, gw in grids]
 
     def feasible(item, length, target):
         h, w = sizes[item]
-        plan = packer.plan_fill(h, w, *grids[item], lengths[item], 0.0, target, config)
+        plan = packer._fill.plan_fill(h, w, *grids[item], lengths[item], 0.0, target, config)
         return None if plan is None else plan.cost
 
-    bins, final, unfilled = packer.fill_lengths(lengths, config.packer, config.seq_len, config.max_images_per_seq,
+    bins, final, unfilled = packer._algorithms.fill_lengths(lengths, config.packer, config.seq_len, config.max_images_per_seq,
                                                 config.window, feasible)
     return grids, lengths, bins, final, unfilled
 
@@ -71,7 +72,7 @@ def test_every_sequence_but_the_last_is_exactly_full(seq_len):
 def test_replanned_grids_keep_aspect_and_policy_range(seq_len, resolution, drop):
     config = packer.PackConfig(seq_len=seq_len, resolution=resolution, token_drop=drop, fill="exact", window=128)
     sizes = imagenet_like_sizes(800, seed=7)
-    grids = [packer.plan_image(h, w, f"img{i}", config) for i, (h, w) in enumerate(sizes)]
+    grids = [packer._plan.plan_image(h, w, f"img{i}", config) for i, (h, w) in enumerate(sizes)]
     limit = packer._fill.max_fill_drop(config)
     checked = 0
     rng = np.random.default_rng(3)
@@ -79,7 +80,7 @@ def test_replanned_grids_keep_aspect_and_policy_range(seq_len, resolution, drop)
         gh, gw = grids[i]
         n = gh * gw
         for target in rng.integers(1, seq_len + 1, 4):
-            plan = packer.plan_fill(h, w, gh, gw, n, 0.0, int(target), config)
+            plan = packer._fill.plan_fill(h, w, gh, gw, n, 0.0, int(target), config)
             if plan is None:
                 continue
             checked += 1
@@ -117,10 +118,17 @@ def png_images(n, seed=0, low=24, high=360):
     return out
 
 
-def pack(config, images, epoch=0):
-    p = packer.SequencePacker(config)
-    prepared = [packer.prepare_image(d, k, config, epoch=epoch, label=lab) for k, d, lab in images]
-    return list(p.pack_all(prepared)), p.stats
+def pack(config, images, epoch=0, can_rerender=lambda provenance: True):
+    """(records, the core's stats) of (key, bytes, label) images, on the pipelines' path in this process."""
+    core = packer.PackingCore(config, can_rerender=can_rerender)
+    driver = packer.Driver(packer.fill_pool(config, 0), on_failed=core.fill_failed)
+    records = []
+    for k, d, lab in images:
+        driver.put(core.add(packer.plan_header(d, k, config, epoch=epoch, label=lab), payload=d))
+        records += driver.records(driver.make_room())
+    driver.put(core.flush())
+    records += driver.records(driver.drain())
+    return records, core.stats
 
 
 def records_hash(records):
@@ -150,7 +158,7 @@ def test_sequence_packer_exact_fill_end_to_end(seq_len):
         rebuilt = packer.build_record(unpacked, config)
         assert records_hash([rebuilt]) == records_hash([{k: r[k] for k in rebuilt}])  # unpack is still exact
         for im in unpacked:
-            planned = packer.plan_image(im.orig_h, im.orig_w, im.key, config)
+            planned = packer._plan.plan_image(im.orig_h, im.orig_w, im.key, config)
             if (im.grid_h, im.grid_w) == planned and im.drop_rate == 0:
                 continue
             refit += 1
@@ -160,7 +168,7 @@ def test_sequence_packer_exact_fill_end_to_end(seq_len):
             assert im.drop_rate <= packer._fill.max_fill_drop(config) + 1e-6  # records store float32
             # kept patches are the image re-rendered at the new grid, at their own positions
             full = OpenedImage(data[im.key], config.max_pixels).decode_resized(im.grid_h * 16, im.grid_w * 16)
-            patches, _, _ = packer.patchify(full, 16)
+            patches, _, _ = packer._patch.patchify(full, 16)
             assert np.array_equal(im.patches, patches[im.pos_y * im.grid_w + im.pos_x])
     assert refit == stats["images_refit"]
     again, _ = pack(config, images)
@@ -181,12 +189,11 @@ def test_fill_none_is_unchanged():
         bins = packer.pack_lengths([im.num_tokens for im in prepared], packer_name, 256, config.max_images_per_seq, 16)
         reference = [packer.build_record([prepared[i] for i in b], config) for b in bins]
         assert records_hash(records) == records_hash(reference)
-        assert set(stats) == {"images", "sequences", "tokens_real", "tokens_padding"}
+        assert set(stats) == {"images", "sequences", "tokens_real", "tokens_padding", "fill_failed"}  # no refit counters
     exact = packer.PackConfig(seq_len=256, resolution="uniform:48:200", fill="exact")
     none = packer.PackConfig(seq_len=256, resolution="uniform:48:200")
     for key, d, _ in images[:10]:
         a, b = packer.prepare_image(d, key, exact), packer.prepare_image(d, key, none)
-        assert a.source is not None and b.source is None
         assert np.array_equal(a.patches, b.patches) and (a.grid_h, a.grid_w) == (b.grid_h, b.grid_w)
 
 
@@ -197,50 +204,56 @@ def test_exact_fill_needs_a_windowed_packer():
         packer.pack_lengths([3, 4], "first-fit", 8, 4, feasible=lambda i, n, t: 0.0)
 
 
+class _Images:
+    """A source of (key, bytes, label) images, three to a unit."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def units(self):
+        return [str(i) for i in range(0, len(self.images), 3)]
+
+    def read(self, unit):
+        from pipelines.sources import SourceRecord
+
+        return iter([SourceRecord(k, d, lab) for k, d, lab in self.images[int(unit):int(unit) + 3]])
+
+
 def test_resume_with_exact_fill_matches_an_uninterrupted_run():
+    from pipelines.stream import PackedStream
+
     config = packer.PackConfig(seq_len=128, resolution="uniform:48:160", fill="exact", window=12)
-    images = png_images(50, seed=9)
-    full, _ = pack(config, images)
-    p = packer.SequencePacker(config)
-    out = []
-    for j, (k, d, lab) in enumerate(images[:23]):
-        out += p.add(packer.prepare_image(d, k, config, label=lab), provenance=j)
-    state = p.state()
-    q = packer.SequencePacker(config)
-    q.restore(state, [packer.prepare_image(images[j][1], images[j][0], config, label=images[j][2])
-                      for j in q.pending_provenance(state)])
-    for k, d, lab in images[23:]:
-        out += q.add(packer.prepare_image(d, k, config, label=lab))
-    out += q.flush()
+    source = _Images(png_images(50, seed=9))
+    full = list(PackedStream(source, config, epochs=1, num_parallel=0))
+    first = PackedStream(source, config, epochs=1, num_parallel=0)
+    out = [next(first) for _ in range(9)]
+    state = json.loads(json.dumps(first.state()))
+    out += list(PackedStream(source, config, epochs=1, num_parallel=2, state=state))
     assert records_hash(out) == records_hash(full)
 
 
-def test_exact_fill_without_source_bytes_only_drops_tokens():
-    """An image made without its bytes (source None) cannot be re-rendered: exact fill may only drop its
-    tokens at the grid it was drawn at, and what it keeps are some of its own patches."""
-    import dataclasses
-
+def test_exact_fill_without_rerendering_only_drops_tokens():
+    """An image the caller cannot re-render (can_rerender False) may only have tokens dropped at the grid it
+    was drawn at, and what it keeps are some of its own patches."""
     config = packer.PackConfig(seq_len=128, resolution="uniform:48:160", fill="exact", window=12)
-    prepared = [packer.prepare_image(d, k, config, label=lab) for k, d, lab in png_images(40, seed=5)]
-    bare = {im.key: dataclasses.replace(im, source=None) for im in prepared}
-    p = packer.SequencePacker(config)
-    records = list(p.pack_all(bare.values()))
-    assert p.stats["images"] == len(bare) and p.stats["images_refit"] > 0
+    images = png_images(40, seed=5)
+    drawn = {k: packer.prepare_image(d, k, config, label=lab) for k, d, lab in images}
+    records, stats = pack(config, images, can_rerender=lambda provenance: False)
+    assert stats["images"] == len(images) and stats["images_refit"] > 0
     for im in (im for r in records for im in packer.unpack(r)):
-        original = bare[im.key]
+        original = drawn[im.key]
         assert (im.grid_h, im.grid_w) == (original.grid_h, original.grid_w)
         kept = {(y, x) for y, x in zip(original.pos_y, original.pos_x)}
         assert {(y, x) for y, x in zip(im.pos_y, im.pos_x)} <= kept and im.num_tokens <= original.num_tokens
-    rerendered = list(packer.SequencePacker(config).pack_all(prepared))
-    assert any((im.grid_h, im.grid_w) != (bare[im.key].grid_h, bare[im.key].grid_w)
-               for r in rerendered for im in packer.unpack(r))  # with the bytes some grids do change
+    rerendered, _ = pack(config, images)
+    assert any((im.grid_h, im.grid_w) != (drawn[im.key].grid_h, drawn[im.key].grid_w)
+               for r in rerendered for im in packer.unpack(r))  # when it may re-render, some grids do change
 
 
 @pytest.mark.skipif(not IMAGENET_DEV.is_dir(), reason="imagenet-dev not present")
 def test_imagenet_dev_exact_fill():
     files = sorted(IMAGENET_DEV.iterdir())[:120]
     config = packer.PackConfig(seq_len=256, resolution="uniform:64:256", fill="exact", window=64)
-    p = packer.SequencePacker(config)
-    records = list(p.pack_all(packer.prepare_image(f.read_bytes(), f.name, config) for f in files))
+    records, stats = pack(config, [(f.name, f.read_bytes(), -1) for f in files])
     assert all((r["segment_ids"] > 0).all() for r in records[:-1])
-    assert p.stats["images"] == len(files) and p.stats["sequences_unfilled"] == 0
+    assert stats["images"] == len(files) and stats["sequences_unfilled"] == 0

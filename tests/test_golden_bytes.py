@@ -23,7 +23,7 @@ import pytest
 import packer
 import schemas
 from conftest import encode, make_pixels
-from pipelines import beam_pipeline
+from pipelines import batch
 from pipelines.stream import PackedStream
 
 GOLDEN = Path(__file__).with_name("golden_bytes.json")
@@ -125,7 +125,7 @@ def test_batch_job_bytes(inputs, tmp_path, name):
     digests = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        beam_pipeline.run_pack(beam_pipeline.PackJob(input=inputs[source], output=str(out), config=config, **job),
+        batch.run_pack(batch.PackJob(input=inputs[source], output=str(out), config=config, **job),
                                workers=workers)
         digests.append(dir_digest(out))
     assert digests[0] == digests[1], "the worker count changed the output"

@@ -40,8 +40,8 @@ def test_importing_a_package_loads_only_the_layers_below(module):
 
 def test_every_cli_subcommand_runs_without_benchmarks():
     """Building the full parser imports every subcommand module (advise, bench and stats included)."""
-    loaded = loaded_packages("import pipelines.cli as c, pipelines.cmd_stats, pipelines.cmd_advise, "
-                             "pipelines.cmd_bench, pipelines.packing_efficiency, pipelines.report; c.build_parser()")
+    loaded = loaded_packages("import pipelines.cli as c, pipelines.cli.stats, pipelines.cli.advise, "
+                             "pipelines.cli.bench, pipelines.packing_efficiency, pipelines.cli.report; c.build_parser()")
     assert "benchmarks" not in loaded
 
 
@@ -106,3 +106,91 @@ def test_every_product_package_is_installed():
     found = {".".join(p.parent.relative_to(REPO).parts) for top in ("packer", "schemas", "pipelines")
              for p in (REPO / top).rglob("__init__.py")}
     assert listed == found
+
+
+PRODUCT = ("packer", "schemas", "pipelines")
+
+
+def product_modules() -> dict[str, "ast.Module"]:
+    import ast
+
+    out = {}
+    for top in PRODUCT:
+        for path in (REPO / top).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = (ast.parse(path.read_text()), path.name == "__init__.py")
+    return out
+
+
+def imports_of(name: str, tree, is_package: bool, known: set[str]) -> set[str]:
+    """The product modules a module imports anywhere in it (lazy imports inside functions included)."""
+    import ast
+
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def test_no_import_circle_in_the_product():
+    """Every import points down: the module graph of packer, schemas and pipelines (lazy imports included,
+    a package counting as its __init__) has no cycle."""
+    modules = product_modules()
+    graph = {name: imports_of(name, tree, pkg, set(modules)) for name, (tree, pkg) in modules.items()}
+    # A package's __init__ re-exports its submodules; a submodule importing its own package means the
+    # package's other submodules, so an edge to an ancestor package is not a cycle through it.
+    graph = {n: {t for t in ts if not n.startswith(t + ".")} for n, ts in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for t in sorted(graph[n]):
+            if state.get(t) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(t):] + [t]))
+            if t not in state:
+                visit(t, path + [t])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])
+
+
+def test_one_module_drives_the_fill_pool():
+    """Only packer/_driver.py submits to, seals or takes from a fill pool; every pipeline goes through it."""
+    import ast
+
+    drivers = set()
+    for name, (tree, _) in product_modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("submit", "seal", "can_submit") \
+                    and isinstance(getattr(node, "ctx", None), ast.Load):
+                drivers.add(name)
+    assert drivers <= {"packer._driver", "packer._pool"}, drivers
+
+
+def test_one_reject_budget_and_a_small_public_core():
+    import ast
+
+    budgets = [f"{name}.{node.name}" for name, (tree, _) in product_modules().items() for node in ast.walk(tree)
+               if isinstance(node, ast.ClassDef) and "RejectBudget" in node.name]
+    assert sorted(budgets) == ["packer._core.RejectBudget", "packer._core.RejectBudgetExceeded"]
+    import packer
+
+    assert len(packer.__all__) <= 40

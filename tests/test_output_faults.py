@@ -123,7 +123,7 @@ def test_a_live_owner_in_this_process_is_refused_and_release_keeps_others_locks(
 
 
 def test_ownership_lost_before_finalize_fails_and_writes_no_manifest(tmp_path, monkeypatch):
-    from pipelines.beam_pipeline import PackJob, run_pack
+    from pipelines.batch import PackJob, run_pack
 
     out = tmp_path / "out"
     real_write_rejects = schemas.write_rejects
@@ -156,14 +156,14 @@ LIMIT_AFTER_POOL = """
 import resource, signal, sys
 import packer
 from pipelines import cli
-opened = packer.FillPool.__init__
+opened = packer._pool.FillPool.__init__
 def init(self, *a, **k):
     opened(self, *a, **k)
     # From here on no file of this process may grow past {limit} bytes; writes past it fail with a real
     # EFBIG (SIGXFSZ ignored). Set after the pool's shared memory is sized: memfd sizes count too.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
-packer.FillPool.__init__ = init
+packer._pool.FillPool.__init__ = init
 sys.exit(cli.main({argv!r}))
 """
 

@@ -17,7 +17,8 @@ import packer
 
 pytest.importorskip("tensorflow")
 
-from pipelines import cmd_serve, service  # noqa: E402
+from pipelines import service  # noqa: E402
+from pipelines.cli import serve as cmd_serve  # noqa: E402
 
 PACK_OPTIONS = ["--seq-len", "64", "--patch-size", "8", "--resolution", "budget:32"]
 CONFIG = packer.PackConfig(seq_len=64, patch_size=8, resolution="budget:32")

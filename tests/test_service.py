@@ -82,11 +82,11 @@ def test_group_generator_counts_fill_failures_and_crashes(records, monkeypatch):
     fail) and an image whose worker process dies are rejected and counted; the rest is packed once."""
     recs = list(records)
     recs[2] = type(recs[2])(recs[2].key, recs[2].data[: len(recs[2].data) // 2], recs[2].label)
-    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, recs[9].key)
+    monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, recs[9].key)
     src = ListSource(recs, per_unit=1)
     units = src.units()
     before = collections.Counter(service.REJECTS)
-    with packer.FillPool(CONFIG, 2) as pool:
+    with packer._pool.FillPool(CONFIG, 2) as pool:
         out = list(service._pack_group(src, units, CONFIG, np.arange(len(units)), shuffle=True, meta_fields=(),
                                        pool=pool, images_per_unit=1.0))
     counted = collections.Counter(service.REJECTS)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import packer
-from pipelines import options
+from pipelines.cli import options
 from pipelines.sources import wds as sources_wds
 from pipelines.sources import SourceError, open_source, read_sizes
 from pipelines.sources.wds import WdsSource, expand_braces, split_member_name

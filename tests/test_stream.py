@@ -299,7 +299,7 @@ def test_resume_with_exact_fill_and_decided_sequences_in_flight():
 def test_crashed_worker_loses_only_its_image(monkeypatch):
     recs = make_records(20)
     expected = list(PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=0))
-    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, "img006.jpg")
+    monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, "img006.jpg")
     s = PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=2)
     got = list(s)
     s.close()
@@ -320,7 +320,7 @@ def test_batches_larger_than_the_input_ring_do_not_stall(monkeypatch):
     filled, so the stream waits instead of failing ("no room") or deadlocking on its own open slot."""
     recs = make_records(60)
     ring = sum(len(r.data) for r in recs) // 6  # far less than one batch of 16 sequences needs
-    monkeypatch.setattr(stream_mod, "FillPool", functools.partial(packer.FillPool, ring_bytes=ring))
+    monkeypatch.setattr(packer, "fill_pool", functools.partial(packer._pool.fill_pool, ring_bytes=ring))
     expected = list(PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=0))
     with PackedStream(ListSource(recs), CONFIG, epochs=1, num_parallel=2) as stream:
         got = list(stream.batches(16))

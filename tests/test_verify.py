@@ -30,7 +30,7 @@ def packed():
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
         images.append(packer.prepare_image(buf.getvalue(), f"{i}.png", config, label=i, meta={"id": i}))
-    return config, list(packer.SequencePacker(config, meta_fields=("id",)).pack_all(images))
+    return config, list(packer.pack_patched(images, config, ("id",)))
 
 
 @pytest.fixture(scope="module")

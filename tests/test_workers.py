@@ -1,4 +1,4 @@
-"""FillPool: worker processes fill and assemble decisions in shared memory, in decision order; a dead
+"""Fill pools (packer._pool): worker processes fill and assemble decisions in shared memory, in decision order; a dead
 worker is replaced and only the image it held is lost (rejected `worker_crashed`); nothing leaks."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def reference(decisions, data, crashed=None):
                 filled.append(packer.fill_image(data[p.key], p, CONFIG))
             except packer.ImageRejected as e:
                 filled.append(e)
-        record, rejects = packer.assemble(d, filled, CONFIG)
+        record, rejects = packer._assemble.assemble(d, filled, CONFIG)
         out.append((record, [(r.key, r.reason) for r in rejects]))
     return out
 
@@ -48,9 +48,9 @@ def run_pool(pool, decisions, data):
     """Submit everything (as room allows), return [(record numeric fields, [(key, reason)])] in order."""
     got, queue = [], list(decisions)
     while queue or pool.pending:
-        while queue and pool.can_submit([data[p.key] for p in queue[0].plans]):
+        while queue and pool.can_submit(queue[0]):
             d = queue.pop(0)
-            pool.submit(d, [data[p.key] for p in d.plans])
+            pool.submit(d)
         if not queue:
             pool.seal()
         result = pool.get(timeout=60)
@@ -73,37 +73,37 @@ def test_pool_output_is_in_order_and_independent_of_workers(decided, workers, ro
     decisions, data = decided
     expected = reference(decisions, data)
     assert any(r for _, r in expected)  # the truncated image fails its fill
-    with packer.FillPool(CONFIG, workers, rows_per_slot=rows) as pool:
+    with packer.fill_pool(CONFIG, workers, rows_per_slot=rows) as pool:
         assert_same(run_pool(pool, decisions, data), expected)
 
 
 def test_window_is_bounded(decided):
     decisions, data = decided
-    with packer.FillPool(CONFIG, 2, prefetch=1, num_slots=3) as pool:
+    with packer._pool.FillPool(CONFIG, 2, prefetch=1, num_slots=3) as pool:
         n = 0
-        while pool.can_submit([data[p.key] for p in decisions[n].plans]):
-            pool.submit(decisions[n], [data[p.key] for p in decisions[n].plans])
+        while pool.can_submit(decisions[n]):
+            pool.submit(decisions[n])
             n += 1
         assert n == 3
         with pytest.raises(packer.WorkerError, match="no room"):
-            pool.submit(decisions[n], [data[p.key] for p in decisions[n].plans])
+            pool.submit(decisions[n])
         assert pool.get(timeout=60).decisions == [decisions[0]]
         pool.release()
-        assert pool.can_submit([data[p.key] for p in decisions[n].plans])
+        assert pool.can_submit(decisions[n])
 
 
 def test_small_ring_wraps_and_large_images_go_inline(decided):
     decisions, data = decided
     biggest = max(len(b) for b in data.values())
-    with packer.FillPool(CONFIG, 2, ring_bytes=3 * biggest) as pool:
+    with packer._pool.FillPool(CONFIG, 2, ring_bytes=3 * biggest) as pool:
         assert_same(run_pool(pool, decisions, data), reference(decisions, data))
 
 
 def test_dead_worker_is_replaced_and_only_its_image_is_lost(decided, monkeypatch):
     decisions, data = decided
     victim = decisions[len(decisions) // 2].plans[0].key
-    monkeypatch.setenv(packer._workers.CRASH_KEY_ENV, victim)
-    with packer.FillPool(CONFIG, 2) as pool:
+    monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, victim)
+    with packer._pool.FillPool(CONFIG, 2) as pool:
         before = set(pool.worker_pids)
         got = run_pool(pool, decisions, data)
         assert pool.crashes == 1
@@ -135,27 +135,27 @@ def gone(pid, timeout=10.0):
 
 def test_close_detaches_workers_for_reuse_and_frees_everything(decided):
     decisions, data = decided
-    packer._workers.stop_idle_workers()
+    packer._worker.stop_idle_workers()
     fds = open_fds()
-    pool = packer.FillPool(CONFIG, 2)
+    pool = packer._pool.FillPool(CONFIG, 2)
     pids = pool.worker_pids
-    pool.submit(decisions[0], [data[p.key] for p in decisions[0].plans])  # closed with a task in flight
+    pool.submit(decisions[0])  # closed with a task in flight
     pool.close()
     pool.close()  # idempotent
     with pytest.raises(packer.WorkerError, match="closed"):
-        pool.submit(decisions[1], [data[p.key] for p in decisions[1].plans])
+        pool.submit(decisions[1])
     other = CONFIGS["exact"]  # another config, another slot layout: the idle workers serve it
     images = make_images(30, seed=5)
     _, other_decisions, other_data = run_core(other, images)
-    with packer.FillPool(other, 2, rows_per_slot=3) as again:
+    with packer._pool.FillPool(other, 2, rows_per_slot=3) as again:
         assert sorted(again.worker_pids) == sorted(pids)
         got = run_pool(again, other_decisions, other_data)
-    expected = [packer.assemble(d, [packer.fill_image(other_data[p.key], p, other) for p in d.plans], other)[0]
+    expected = [packer._assemble.assemble(d, [packer.fill_image(other_data[p.key], p, other) for p in d.plans], other)[0]
                 for d in other_decisions]
     for (a, _), b in zip(got, expected):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    packer._workers.stop_idle_workers()
+    packer._worker.stop_idle_workers()
     assert all(gone(p) for p in pids)
     assert open_fds() <= fds
 
@@ -167,11 +167,11 @@ PARENT = textwrap.dedent("""
     from test_core_engine import CONFIGS, make_images, run_core
     config = CONFIGS["uniform-beta"]
     _, decisions, data = run_core(config, make_images(30))
-    with packer.FillPool(config, 2) as pool:
+    with packer._pool.FillPool(config, 2) as pool:
         print(*pool.worker_pids, flush=True)
         while True:  # keep the workers busy until interrupted
             for d in decisions[:2]:
-                pool.submit(d, [data[p.key] for p in d.plans])
+                pool.submit(d)
                 pool.get(timeout=60)
                 pool.release()
 """)
@@ -202,16 +202,16 @@ def test_pool_collected_in_a_reference_cycle_leaves_the_next_pools_working(decid
 
     decisions, data = decided
     for _ in range(2):
-        with packer.FillPool(CONFIG, 2):  # idle workers to reuse
+        with packer._pool.FillPool(CONFIG, 2):  # idle workers to reuse
             pass
-        pool = packer.FillPool(CONFIG, 2)
-        pool.submit(decisions[0], [data[p.key] for p in decisions[0].plans])
+        pool = packer._pool.FillPool(CONFIG, 2)
+        pool.submit(decisions[0])
         pool.cycle = pool
         pids = pool.worker_pids
         del pool
         gc.collect()
         assert all(gone(p) for p in pids)  # its workers saw their sockets close and exited
-        for _, _, conn in packer._workers._IDLE:  # the idle workers' sockets are still open
+        for _, _, conn in packer._worker._IDLE:  # the idle workers' sockets are still open
             os.fstat(conn.fileno())
-        with packer.FillPool(CONFIG, 2) as fresh:
+        with packer._pool.FillPool(CONFIG, 2) as fresh:
             assert_same(run_pool(fresh, decisions[:6], data), reference(decisions[:6], data))

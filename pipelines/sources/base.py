@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import re
 import types
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 LABEL_MODES = ("auto", "none", "folder")
 FILENAME_LABELS = "filename:"  # labels="filename:REGEX": the first group of REGEX searched in each file name
@@ -44,6 +44,24 @@ class SourceRecord:
     unused: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ScanRecord:
+    """One input record as the batch job's listing sees it (Source.scan): either the image itself (`data`,
+    when the source cannot read one record alone: the job keeps the bytes), or `ref`, which Source.open_ref
+    and fetch read again, with the display size (height, width) when the source knows it without reading
+    the image (`size`; else the job reads the header through open_ref)."""
+
+    key: str
+    label: Optional[int] = None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reject: Optional[str] = None
+    detail: str = ""
+    unused: tuple[str, ...] = ()
+    data: bytes = b""
+    size: Optional[tuple[int, int]] = None
+    ref: Any = None
+
+
 class Source(abc.ABC):
     """A readable input, split into units. Subclasses set `spec`, `class_names` and `meta_fields`."""
 
@@ -70,6 +88,29 @@ class Source(abc.ABC):
         """The records of one unit, in a fixed order; repeated keys within it flagged "duplicate_key"."""
         records = self._read(unit)
         return records if self.unique_keys else flag_duplicates(records)
+
+    def scan(self, unit: str) -> Iterator[ScanRecord]:
+        """The unit's records for a listing that reads each image once (the batch job): by default every
+        record with its bytes (a source that can read one record alone overrides this with references and
+        open_ref). Same records, order and rejects as read(unit)."""
+        for r in self.read(unit):
+            yield ScanRecord(r.key, r.label, r.meta, r.reject, r.detail, r.unused, bytes(r.data or b""))
+
+    def open_ref(self, ref: Any) -> tuple[IO[bytes], int]:
+        """(a seekable binary file of the encoded image a ScanRecord's `ref` names, its size in bytes);
+        OSError when it cannot be read any more."""
+        raise NotImplementedError(f"{type(self).__name__} gives no references to open")
+
+    def fetch(self, ref: Any) -> bytes:
+        """The encoded image a ScanRecord's `ref` names (OSError when it cannot be read any more)."""
+        f, _ = self.open_ref(ref)
+        with f:
+            return f.read()
+
+    def reader(self) -> "Source":
+        """What worker processes get to scan units and fetch references: this source, or a lighter copy
+        without its listing (units travel with each call)."""
+        return self
 
     def __iter__(self) -> Iterator[SourceRecord]:
         """Every record in source order; a key repeated anywhere in the source is flagged after its first use."""

@@ -18,10 +18,11 @@ import json
 import os
 import re
 import stat
+import copy
 from typing import IO, Iterator, Optional, Sequence
 
-from .base import (FILENAME_LABELS, SourceError, Source, SourceRecord, check_meta_fields, filename_label_pattern,
-                      glob_root, has_scheme, is_glob, relative_key)
+from .base import (FILENAME_LABELS, ScanRecord, SourceError, Source, SourceRecord, check_meta_fields,
+                   filename_label_pattern, glob_root, has_scheme, is_glob, relative_key)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FILES_PER_UNIT = 256
@@ -247,18 +248,29 @@ def open_file(path: str, *, use_beam: bool) -> IO[bytes]:
     return open(path, "rb")
 
 
-def read_file(path: str, *, use_beam: bool) -> bytes:
-    """A file's bytes. Locally only a regular file is read (opened non-blocking, so a FIFO put in its place
-    cannot hang the run): FileNotFoundError if it is gone or a broken symlink, OSError if it is a folder,
-    a FIFO or a device, or unreadable."""
+def open_image_file(path: str, *, use_beam: bool) -> tuple[IO[bytes], int]:
+    """(a binary file object, its size). Locally only a regular file is opened (non-blocking, so a FIFO put
+    in its place cannot hang the run): FileNotFoundError if it is gone or a broken symlink, OSError if it is
+    a folder, a FIFO or a device, or unreadable."""
     if use_beam:
-        with open_file(path, use_beam=True) as f:
-            return f.read()
+        f = open_file(path, use_beam=True)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        return f, size
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb", closefd=True) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path) \
-                if stat.S_ISDIR(os.fstat(fd).st_mode) else OSError(errno.EINVAL, "not a regular file", path)
+    f = open(fd, "rb", closefd=True)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path) \
+            if stat.S_ISDIR(st.st_mode) else OSError(errno.EINVAL, "not a regular file", path)
+    return f, st.st_size
+
+
+def read_file(path: str, *, use_beam: bool) -> bytes:
+    """A file's bytes (open_image_file's checks and errors)."""
+    f, _ = open_image_file(path, use_beam=use_beam)
+    with f:
         return f.read()
 
 
@@ -315,8 +327,11 @@ def list_images(spec: str, pattern: str) -> ImageListing:
       (its path is the key);
     - hidden entries, other extensions, folders named like images, folder symlink loops and folders seen
       twice are counted in `skips` (SKIP_REASONS).
-    Raises SourceError if the input does not exist or holds no image file."""
+    Raises SourceError if the input does not exist or holds no image file. A local pattern may start with
+    `~` (the user's home), as in a shell."""
     use_beam = has_scheme(pattern)
+    if not use_beam:
+        pattern = os.path.expanduser(pattern)
     skips = Skips()
     rejects: dict[str, tuple[str, str]] = {}
     if not use_beam and not is_glob(pattern) and os.path.isfile(pattern):  # one file named outright
@@ -383,6 +398,10 @@ def _filename_class(pattern: "re.Pattern", key: str) -> Optional[str]:
     """The first group of `pattern` searched in the file name of `key`, or None when it does not match."""
     match = pattern.search(key.rsplit("/", 1)[-1])
     return match.group(1) if match and match.group(1) else None
+
+
+def _unreadable_reason(error: Exception) -> str:
+    return "missing" if isinstance(error, FileNotFoundError) else "unreadable"
 
 
 class FileSource(Source):
@@ -461,21 +480,42 @@ class FileSource(Source):
     def _path(self, key: str) -> str:
         return key if self.root in ("", ".") else f"{self.root.rstrip('/')}/{key}"
 
+    def _describe(self, key: str) -> tuple[str, Optional[int], dict, Optional[tuple[str, str]]]:
+        """(path, label, meta, the listing's (reason, detail) reject or None) of a file of the listing."""
+        path = self._path(key)
+        known = self._rejects.get(key)
+        if known is not None:  # unusable from the listing: a second path to a file, a broken link ...
+            return path, None, {name: (path if name == "path" else "") for name in self.meta_fields}, known
+        class_name = self._class_name(key)
+        label = self._class_index[class_name] if class_name is not None else None
+        return path, label, {name: (path if name == "path" else class_name or "") for name in self.meta_fields}, None
+
     def _read(self, unit: str) -> Iterator[SourceRecord]:
         for key in json.loads(unit):
-            path = self._path(key)
-            known = self._rejects.get(key)
-            if known is not None:  # unusable from the listing: a second path to a file, a broken link ...
-                meta = {name: (path if name == "path" else "") for name in self.meta_fields}
-                yield SourceRecord(key, b"", None, meta, reject=known[0], detail=known[1])
+            path, label, meta, known = self._describe(key)
+            if known is not None:
+                yield SourceRecord(key, b"", label, meta, reject=known[0], detail=known[1])
                 continue
-            class_name = self._class_name(key)
-            label = self._class_index[class_name] if class_name is not None else None
-            meta = {name: (path if name == "path" else class_name or "") for name in self.meta_fields}
             try:
                 data = read_file(path, use_beam=self.use_beam)
             except Exception as e:  # vanished or unreadable since listing: recorded, not fatal
-                reason = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
-                yield SourceRecord(key, b"", label, meta, reject=reason, detail=f"{type(e).__name__}: {e}")
+                yield SourceRecord(key, b"", label, meta, reject=_unreadable_reason(e), detail=f"{type(e).__name__}: {e}")
                 continue
             yield SourceRecord(key, data, label, meta)
+
+    def scan(self, unit: str) -> Iterator[ScanRecord]:
+        """Each file by reference (its key), unread: the listing opens it (open_ref) for its header."""
+        for key in json.loads(unit):
+            _, label, meta, known = self._describe(key)
+            if known is not None:
+                yield ScanRecord(key, label, meta, reject=known[0], detail=known[1])
+            else:
+                yield ScanRecord(key, label, meta, ref=key)
+
+    def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
+        return open_image_file(self._path(ref), use_beam=self.use_beam)
+
+    def reader(self) -> "FileSource":
+        light = copy.copy(self)
+        light._units = []  # the listing stays here; each scan call carries its unit
+        return light

@@ -1,21 +1,21 @@
-"""The `navit-pack` command line. Each subcommand lives in its own module exposing
-`register(subparsers)`, which adds its parser and sets `func(args) -> int` as the handler."""
+"""The `navit-pack` command line. Each subcommand lives in its own module of this package (pack, stats,
+inspect, verify, bench, advise, serve) exposing `register(subparsers)`, which adds its parser and sets
+`func(args) -> int` as the handler; `options` holds what they share (the packing options, the one error format)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
-import sys
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = [
-    "pipelines.cmd_pack",
-    "pipelines.cmd_stats",
-    "pipelines.cmd_inspect",
-    "pipelines.cmd_verify",
-    "pipelines.cmd_bench",
-    "pipelines.cmd_advise",
-    "pipelines.cmd_serve",
+    "pipelines.cli.pack",
+    "pipelines.cli.stats",
+    "pipelines.cli.inspect",
+    "pipelines.cli.verify",
+    "pipelines.cli.bench",
+    "pipelines.cli.advise",
+    "pipelines.cli.serve",
 ]
 
 
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     exit 2), like every other configuration error, instead of the usage block."""
 
     def error(self, message: str):
-        from pipelines.options import fail
+        from pipelines.cli.options import fail
 
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         fail(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
@@ -46,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 import packer
-from pipelines import options
+from pipelines.cli import options
 
 _DROPPED_GREY = 128
 

@@ -1,7 +1,8 @@
 """`navit-pack pack`: pack an input into sharded sequences.
 
-Local runs (no `--`) use the packing core directly: planning in this process, decoding in --workers
-processes (default: every core). Anything after `--` is passed to Apache Beam as pipeline options and runs
+Local runs (no `--`) use the packing core directly (pipelines.batch.local): listing and decoding in
+--workers processes (default: every core; 0: in this process), deciding in this one.
+Anything after `--` is passed to Apache Beam as pipeline options and runs
 the Beam pipeline, which writes the same bytes, e.g. `-- --runner DataflowRunner --project P --region R
 --temp_location gs://B/tmp`, or `-- --runner apache_beam.runners.dask.dask_runner.DaskRunner
 --dask_client_address HOST:8786`.
@@ -13,7 +14,7 @@ import sys
 import time
 from typing import Optional
 
-from pipelines import options
+from pipelines.cli import options
 
 EXAMPLES = """examples:
   navit-pack pack --input synthetic:2000 --output out --overwrite
@@ -24,7 +25,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="pack images into fixed-length sequences (Apache Beam)",
+    p = subparsers.add_parser("pack", help="pack images into fixed-length sequences, here or on Apache Beam",
                               description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, metavar="SRC",
                    help="a folder or glob of images (local or gs://), tfds:NAME[/CONFIG]:SPLIT, tfrecord:GLOB, "
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
                    help="images per packing group (default 4096): larger packs slightly better, holds more in one "
                         "worker's memory, e.g. --group-size 8192")
     p.add_argument("--workers", default="auto", metavar="N",
-                   help="local decoding processes (default auto: one per core this process may use; with "
+                   help="local worker processes (default auto: one per core this process may use; 0: none, all in "
+                        "this process; with "
                         "`-- --runner DirectRunner`, the DirectRunner's processes), e.g. --workers 4")
     p.add_argument("--max-reject-fraction", default="1", metavar="F",
                    help="fail the job when more than this fraction of inputs is rejected (default 1: never); "
@@ -60,7 +62,7 @@ def register(subparsers) -> None:
 
 def job_from_args(args: argparse.Namespace):
     """A PackJob from parsed arguments; raises options.OptionError on a bad value."""
-    from pipelines.beam_pipeline import PackJob
+    from pipelines.batch import PackJob
     from schemas import FORMATS
 
     config = options.config_or_error(args)
@@ -162,20 +164,20 @@ def _quiet_beam() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import batch
+    import packer
 
     try:
         job = job_from_args(args)
-        workers = (batch.resolve_workers("auto") if args.workers == "auto"
-                   else options.parse_int(args.workers, "--workers", 1))
+        workers = packer.resolve_workers("auto" if args.workers == "auto" else
+                                         options.parse_int(args.workers, "--workers", 0))
     except options.OptionError as e:
         options.fail(e)
     beam_args = _beam_args(args.beam_args)
     _quiet_beam()
-    import packer
     import schemas
     from pipelines import sources
-    from pipelines.beam_pipeline import RejectBudgetExceeded, is_local, run_pack
+    from pipelines.batch import run_pack
+    from pipelines.batch.beam import is_local
 
     progress = _Progress() if not args.no_progress and is_local(beam_args) and sys.stderr.isatty() else None
     start = time.perf_counter()
@@ -187,16 +189,10 @@ def run(args: argparse.Namespace) -> int:
         options.fail(options.OptionError("--input", str(e)))
     except (schemas.OutputDirError, schemas.OutputLocked) as e:
         options.fail(options.OptionError("--output", str(e)))
-    except Exception as e:  # Beam wraps worker errors; report ours in one line
-        ours = (RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost, packer.WorkerError)
-        name = next((c.__name__ for c in ours if isinstance(e, c) or f"{c.__name__}: " in str(e)), None)
-        if name is None:
-            raise
+    except (packer.RejectBudgetExceeded, schemas.OutputWriteError, schemas.OwnershipLost, packer.WorkerError) as e:
         if progress:
             progress.close()
-        text = str(e)
-        line = text if isinstance(e, ours) else text[text.find(f"{name}: ") + len(name) + 2:].split("\n")[0]
-        options.fail(line, status=1)
+        options.fail(str(e).split("\n")[0], status=1)
     finally:
         if progress:
             progress.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.options import fail
+from pipelines.cli.options import fail
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

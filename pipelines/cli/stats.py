@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from pipelines import options
+from pipelines.cli import options
 
 
 def register(subparsers) -> None:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         options.fail(e)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     if args.report:
-        from pipelines.report import write_report
+        from pipelines.cli.report import write_report
 
         print(f"wrote {write_report(args.dir, args.report)}", file=sys.stderr)
     return 0

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from pipelines import options
+from pipelines.cli import options
 
 STOP_SECONDS = 10.0  # the bound on shutdown after a signal or the end of --duration
 HANG_ON_STOP_ENV = "NAVIT_PACK_TEST_SERVE_HANG_ON_STOP"  # test-only: the servers' process ignores the stop
@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", default="1", metavar="N", help="passes over the input (reshuffled, resampled each; default 1), e.g. --epochs 10")
     p.add_argument("--group-units", default="64", metavar="N",
                    help="source units (files or shards) packed together by one worker before its packer is flushed (default 64)")
-    p.add_argument("--threads", default="auto", metavar="N", help="threads preparing images (default auto: min(8, cores))")
+    p.add_argument("--threads", default="auto", metavar="N", help="fill worker processes per packing group (default auto: every core this process may use; "
+                        "0: in the tf.data worker's thread), e.g. --threads 4")
     p.add_argument("--dataset-id", default="navit-pack", metavar="ID", help="the id trainers read (default navit-pack)")
     p.add_argument("--duration", default="0", metavar="S",
                    help="stop S seconds after the servers are up (default 0: run until interrupted)")

@@ -1,0 +1,158 @@
+"""One image, in two steps: plan (what it will be, from its size alone) and fill (its pixels, to the plan).
+
+Every packing decision needs only an image's token count, and that count is a pure function of (display
+size, key, epoch, images_seen, config). So `plan_size` (and `plan_header`, which reads the size from the
+header: EXIF orientation, bomb check, no pixels) draws the grid and drop rate into an `ImagePlan`, and
+`fill_image` decodes, resizes, patchifies and drops to exactly that plan, anywhere, later.
+`prepare_image` is both on one header read.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from ._config import ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
+from ._drop import choose_kept, kept_count, sample_drop_rate
+from ._image import ImageRejected, OpenedImage, read_header
+from ._patch import grid_positions, patch_view, patchify
+from ._plan import plan_grid
+from ._process import PatchedImage, check_label
+from ._rng import image_rng
+
+
+@dataclasses.dataclass(frozen=True)
+class Refit:
+    """An exact-fill re-plan: the final grid and exactly `tokens` kept tokens (see packer._fill).
+    rerender=False keeps a subset of the drawn kept tokens at the drawn grid (no re-decode)."""
+
+    grid_h: int
+    grid_w: int
+    tokens: int
+    drop_rate: float
+    rerender: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ImagePlan:
+    """What an image will be in its sequence, known before any pixel is decoded.
+
+    orig_h/orig_w are the display size (after EXIF orientation); grid_h/grid_w, num_tokens and drop_rate
+    are the drawn plan; `refit`, when set, replaces them (exact fill). `final_*` give the plan filled."""
+
+    key: str
+    epoch: int
+    images_seen: float
+    label: int
+    meta: Mapping[str, Any]
+    orig_h: int
+    orig_w: int
+    grid_h: int
+    grid_w: int
+    num_tokens: int
+    drop_rate: float
+    refit: Optional[Refit] = None
+
+    __hash__ = None  # meta is a dict
+
+    @property
+    def final_tokens(self) -> int:
+        return self.refit.tokens if self.refit else self.num_tokens
+
+    @property
+    def final_grid(self) -> tuple[int, int]:
+        return (self.refit.grid_h, self.refit.grid_w) if self.refit else (self.grid_h, self.grid_w)
+
+    @property
+    def final_drop_rate(self) -> float:
+        return self.refit.drop_rate if self.refit else self.drop_rate
+
+    def with_refit(self, refit: Optional[Refit]) -> "ImagePlan":
+        return dataclasses.replace(self, refit=refit)
+
+
+def _drop_draw(config: PackConfig, key: str, epoch: int, images_seen: float, n: int) -> tuple[np.random.Generator, float, int]:
+    """The image's drop generator, its drawn drop rate and kept count for an n-patch grid. Plan and
+    fill both call this, so the generator is in the same state when fill picks the kept tokens."""
+    rng = image_rng(config.seed, key, epoch, "drop")
+    rate = sample_drop_rate(config.token_drop, rng, n, config.max_tokens_per_image, images_seen)
+    return rng, rate, kept_count(n, rate)
+
+
+def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
+              label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
+    """The plan of a height x width image (its display size): the planner's one token-count rule, used by
+    every pipeline, the advisor and the efficiency sweep."""
+    label = check_label(label)
+    # Generators only for the policies that draw (building one costs more than the rest of the plan).
+    random_size = isinstance(config.resolution, (Uniform, TruncNormal))
+    rng = image_rng(config.seed, key, epoch, "resolution") if random_size else None
+    grid_h, grid_w = plan_grid(height, width, config, rng)
+    n = grid_h * grid_w
+    if isinstance(config.token_drop, (NoDrop, ConstDrop)):  # no draw: the rate is the policy's
+        kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
+    else:
+        _, _, kept = _drop_draw(config, key, epoch, images_seen, n)
+    return ImagePlan(key=key, epoch=int(epoch), images_seen=images_seen, label=label, meta=dict(meta or {}),
+                     orig_h=height, orig_w=width, grid_h=grid_h, grid_w=grid_w, num_tokens=kept, drop_rate=1.0 - kept / n)
+
+
+def plan_header(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
+                label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
+    """Encoded bytes -> ImagePlan from the header alone (no pixel decoding), or ImageRejected
+    (empty, undecodable header, too_many_pixels, bad_label)."""
+    label = check_label(label)
+    head = read_header(data, config.max_pixels)
+    return plan_size(head.height, head.width, key, config, epoch=epoch, images_seen=images_seen, label=label, meta=meta)
+
+
+def fill_opened(opened: OpenedImage, plan: ImagePlan, config: PackConfig) -> PatchedImage:
+    """fill_image for an image whose header is already read."""
+    if (opened.height, opened.width) != (plan.orig_h, plan.orig_w):
+        raise ImageRejected("changed", f"planned at {plan.orig_h}x{plan.orig_w}, the bytes are {opened.height}x{opened.width}")
+    p = config.patch_size
+    refit = plan.refit
+    if refit is not None and refit.rerender:
+        grid_h, grid_w = refit.grid_h, refit.grid_w
+        idx = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), grid_h * grid_w, refit.tokens)
+    else:
+        grid_h, grid_w = plan.grid_h, plan.grid_w
+        n = grid_h * grid_w
+        if isinstance(config.token_drop, NoDrop):  # no draw: building the generator costs more than the rest
+            idx = None
+        else:
+            rng, _, kept = _drop_draw(config, plan.key, plan.epoch, plan.images_seen, n)
+            idx = choose_kept(rng, n, kept) if kept < n else None
+        if refit is not None:  # a subset of the kept tokens, at the same grid
+            sub = choose_kept(image_rng(config.seed, plan.key, plan.epoch, "fill"), n if idx is None else idx.size,
+                              refit.tokens)
+            idx = sub if idx is None else idx[sub]
+    pixels = opened.decode_resized(grid_h * p, grid_w * p, config.background, config.resize)
+    if idx is None:
+        patches, pos_y, pos_x = patchify(pixels, p)
+    else:  # copy the kept patches only
+        pos_y, pos_x = grid_positions(grid_h, grid_w)
+        pos_y, pos_x = pos_y[idx], pos_x[idx]
+        patches = patch_view(pixels, p)[pos_y, pos_x].view(np.uint8).reshape(idx.size, -1)
+    grid_h, grid_w = plan.final_grid
+    return PatchedImage(key=plan.key, patches=patches, pos_y=pos_y, pos_x=pos_x, grid_h=grid_h, grid_w=grid_w,
+                        orig_h=plan.orig_h, orig_w=plan.orig_w, drop_rate=plan.final_drop_rate, label=plan.label,
+                        meta=dict(plan.meta))
+
+
+def fill_image(data: bytes, plan: ImagePlan, config: PackConfig) -> PatchedImage:
+    """Decode, resize, patchify and drop `data` to exactly `plan` (plan.final_tokens kept tokens, the
+    kept ones drawn per (seed, key, epoch)); ImageRejected when the pixels fail to decode."""
+    return fill_opened(OpenedImage(data, config.max_pixels), plan, config)
+
+
+def prepare_image(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
+                  label: Any = -1, meta: Mapping[str, Any] | None = None) -> PatchedImage:
+    """Encoded image bytes -> PatchedImage, or ImageRejected with a reason: plan_header + fill_image on
+    one header read."""
+    label = check_label(label)
+    opened = OpenedImage(data, config.max_pixels)
+    plan = plan_size(opened.height, opened.width, key, config, epoch=epoch, images_seen=images_seen, label=label,
+                     meta=meta)
+    return fill_opened(opened, plan, config)

@@ -1,0 +1,201 @@
+"""The local runner: every step on this machine, each input read once per run.
+
+1. List (in the fill pool's worker processes, unit by unit: packer.fill_pool(...).map): each record's key,
+   label and metadata, and its display size from the header alone. A source that can read one record by
+   reference (folders, synthetic) gives references, and only the header bytes are read (for a plain
+   JPEG its markers and EXIF block: a few kB); an image that must be read whole for its size (not a plain
+   JPEG), and every record of a source without references (tables, TFDS, WebDataset), is written to a
+   spill file in a temporary folder (the output's, or PackJob.tmp_dir), removed on every exit path.
+   The main process keeps the listing in flat lists and arrays.
+2. Per epoch and packing group (pipelines.batch.job): order, plan from the sizes, decide; then the
+   decisions go through one packer.Driver to the same pool, whose workers read each image by its
+   reference (the file, or its span of the spill file), fill and assemble it; shards are written in
+   decision order.
+
+So an input is read once (plus its header), the listing costs a few hundred bytes per image in memory,
+and the output is byte-identical to the Beam pipeline's, for any worker count.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+import packer
+from pipelines.sources import unused_totals
+
+from .job import Member, PackJob, decide_group, filled_records, finalize, layout, packing_group, write_group
+
+SPILL_PREFIX = ".navit-pack-spill-"
+
+
+class _Reader:
+    """What the worker processes get: the source (its light copy) and the spill folder. Called with a
+    payload reference, it returns the encoded bytes (the pool's reader)."""
+
+    def __init__(self, source, spill_dir: str, max_pixels: int):
+        self.source, self.spill_dir, self.max_pixels = source, spill_dir, max_pixels
+
+    def spill_path(self, unit: int) -> str:
+        return os.path.join(self.spill_dir, f"unit-{unit:07d}.bin")
+
+    def __call__(self, ref: Any) -> bytes:
+        if isinstance(ref, tuple) and ref and ref[0] == "spill":
+            _, unit, offset, length = ref
+            with open(self.spill_path(unit), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        return self.source.fetch(ref)
+
+
+def _scan_unit(reader: _Reader, task: tuple[int, str]) -> list[tuple]:
+    """The listing of one unit (run in a worker): per record (key, label, meta, reject, detail, unused,
+    size or None, header reject or None, reference)."""
+    u, unit = task
+    out = []
+    spill = None
+    try:
+        for r in reader.source.scan(unit):
+            entry = [r.key, r.label, dict(r.meta or {}), r.reject, r.detail, tuple(r.unused), r.size, None, r.ref]
+            if r.reject is None and r.size is None:
+                data = None
+                try:
+                    if r.ref is None:
+                        data = r.data
+                        entry[6], _ = packer.read_image_size(io.BytesIO(data), len(data), reader.max_pixels)
+                    else:
+                        f, size = reader.source.open_ref(r.ref)
+                        with f:
+                            entry[6], data = packer.read_image_size(f, size, reader.max_pixels)
+                except packer.ImageRejected as e:
+                    entry[7] = (e.reason, e.detail)
+                except OSError as e:  # vanished or unreadable since the source listed it
+                    entry[3] = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+                    entry[4] = f"{type(e).__name__}: {e}"
+                if data is not None and entry[3] is None:  # read whole: keep the bytes, read them back from here
+                    if spill is None:
+                        os.makedirs(reader.spill_dir, exist_ok=True)
+                        spill = open(reader.spill_path(u), "wb")
+                    entry[8] = ("spill", u, spill.tell(), len(data))
+                    spill.write(data)
+            out.append(tuple(entry))
+    finally:
+        if spill is not None:
+            spill.close()
+    return out
+
+
+class Listing:
+    """The whole input, listed once: flat per-image lists (keys, labels, metas, references), sizes as
+    arrays, and the few records rejected or unreadable so far in dicts."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.labels: list[Any] = []
+        self.metas: list[dict] = []
+        self.refs: list[Any] = []
+        self.heights: list[int] = []
+        self.widths: list[int] = []
+        self.rejects: dict[int, tuple[str, str]] = {}
+        self.header_rejects: dict[int, tuple[str, str]] = {}
+        self.unused = unused_totals(())
+
+    def add(self, entries: list[tuple], budget: packer.RejectBudget) -> None:
+        empty: dict = {}
+        for key, label, meta, reject, detail, unused, size, header_reject, ref in entries:
+            i = len(self.keys)
+            self.keys.append(key)
+            self.labels.append(label)
+            self.metas.append(meta or empty)
+            self.refs.append(ref)
+            h, w = size or (0, 0)
+            self.heights.append(h)
+            self.widths.append(w)
+            self.unused.update(unused)
+            budget.add_seen()
+            if reject is not None:
+                self.rejects[i] = (reject, detail)
+                budget.reject(key, reject, detail)
+            elif header_reject is not None:
+                self.header_rejects[i] = header_reject
+
+    def finish(self) -> None:
+        self.heights = np.asarray(self.heights, np.int32)
+        self.widths = np.asarray(self.widths, np.int32)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def member(self, i: int) -> Member:
+        reject = self.rejects.get(i)
+        size = (int(self.heights[i]), int(self.widths[i])) if self.heights[i] else None
+        return Member(self.keys[i], self.labels[i], self.metas[i], reject[0] if reject else None,
+                      reject[1] if reject else "", self.refs[i], size, self.header_rejects.get(i))
+
+
+def _spill_dir(job: PackJob) -> str:
+    """A fresh name for the spill folder: in PackJob.tmp_dir, else in the (local) output folder itself,
+    else the system's temporary folder (created only if something is spilled)."""
+    base = job.tmp_dir or (job.output if "://" not in job.output else tempfile.gettempdir())
+    return os.path.join(base, f"{SPILL_PREFIX}{os.getpid()}-{time.time_ns()}")
+
+
+def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
+              on_progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
+              timings: Optional[dict] = None) -> dict:
+    """Pack on this machine (see the module doc); writes shards, rejects.jsonl and manifest.json (last).
+    Returns the totals."""
+    timings = timings if timings is not None else {}
+    progress = on_progress or (lambda *a: None)
+    reader = _Reader(source.reader(), _spill_dir(job), job.config.max_pixels)
+    try:
+        with packer.fill_pool(job.config, workers, reader=reader) as pool:  # workers start while the input is listed
+            t0 = time.perf_counter()
+            listing = _list(pool, units, job, progress)
+            timings["reading"] = time.perf_counter() - t0
+            summaries, rejects = _pack(job, listing, reader, pool, progress)
+            timings["packing"] = time.perf_counter() - t0 - timings["reading"]
+    finally:
+        shutil.rmtree(reader.spill_dir, ignore_errors=True)
+    extra = {"unused_members": dict(sorted(listing.unused.items()))} if listing.unused else {}
+    if getattr(source, "skipped", None):
+        extra["skipped"] = dict(sorted(source.skipped.items()))
+    return finalize(job, summaries, rejects, extra)
+
+
+def _list(pool, units: Sequence[str], job: PackJob, progress) -> Listing:
+    listing = Listing()
+    budget = job.budget()  # the listing's own count: a source that is mostly rejects fails here, early
+    for entries in pool.map(_scan_unit, enumerate(units)):
+        listing.add(entries, budget)
+        progress("reading", len(listing), None)
+    listing.finish()
+    progress("reading", len(listing), len(listing))
+    return listing
+
+
+def _pack(job: PackJob, listing: Listing, reader: _Reader, pool, progress) -> tuple[list, list]:
+    """Decide, fill and write every group of every epoch; (summaries, rejects)."""
+    num_images = len(listing)
+    groups, _ = layout(num_images, job)
+    budget = job.budget()  # packing counts every (image, epoch) again
+    driver = packer.Driver(pool, job.meta_fields)
+    summaries, rejects, done = [], [], 0
+    for epoch in range(job.epochs):
+        members: list[list[int]] = [[] for _ in range(groups)]
+        for i, key in enumerate(listing.keys):
+            members[packing_group(job.config.seed, key, epoch, groups)].append(i)
+        for g in range(groups):
+            group = [listing.member(i) for i in members[g]]
+            gp = decide_group(group, job, epoch, g, num_images, budget,
+                              content=lambda m: b"" if m.reject else reader(m.payload))
+            summaries.append(write_group(gp, filled_records(driver, gp.decisions), job, num_images, budget))
+            rejects.extend(gp.rejects)
+            done += gp.images_in
+            progress("packing", done, num_images * job.epochs)
+    return summaries, rejects
