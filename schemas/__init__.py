@@ -10,7 +10,8 @@ from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissin
                   write_rejects, write_shard)
 from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
-from ._schema import FORMATS, SCHEMA_VERSION, RecordError, Schema, SchemaError
+from ._formats import FORMATS
+from ._schema import SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
 from ._verify import VerificationError, VerifyReport, verify
 

@@ -3,7 +3,7 @@ patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imp
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -111,3 +111,67 @@ def check_batch(batch: Any, schema: Schema) -> None:
                 if not hasattr(c, "flatten") or not hasattr(c.type, "list_size"):
                     break
                 c = c.flatten()
+
+
+def write_ipc(path: str, batches: Iterable[list], schema: Schema) -> int:
+    """Validated record batches -> an Arrow IPC file (one record batch each); returns the record count."""
+    import pyarrow as pa
+
+    n = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
+        for batch in batches:
+            w.write_batch(to_batch(batch, schema))
+            n += len(batch)
+    return n
+
+
+def write_parquet(path: str, batches: Iterable[list], schema: Schema, row_group_size: int) -> int:
+    """Validated record batches -> a Parquet file (snappy, page checksums, no dictionary); returns the count."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    with pq.ParquetWriter(path, arrow_schema(schema), use_dictionary=False, write_page_checksum=True,
+                          compression="snappy") as w:
+        for batch in batches:
+            w.write_batch(to_batch(batch, schema), row_group_size=row_group_size)
+            n += len(batch)
+    return n
+
+
+def read_ipc(path: str, schema: Schema, full_validation: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Records of an Arrow IPC file (memory-mapped), each batch's types and nulls checked first."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        reader = pa.ipc.open_file(src)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            if full_validation:
+                batch.validate(full=True)
+            check_batch(batch, schema)
+            yield from from_batch(batch, schema)
+
+
+def read_parquet(path: str, schema: Schema, full_validation: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Records of a Parquet file, page checksums verified, each batch's types and nulls checked first."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, page_checksum_verification=True)
+    for batch in pf.iter_batches(batch_size=batch_size):
+        if full_validation:
+            batch.validate(full=True)
+        check_batch(batch, schema)
+        yield from from_batch(batch, schema)
+
+
+def ipc_field_names(path: str) -> tuple[str, ...]:
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        return tuple(pa.ipc.open_file(src).schema.names)
+
+
+def parquet_field_names(path: str) -> tuple[str, ...]:
+    import pyarrow.parquet as pq
+
+    return tuple(pq.read_schema(path).names)
