@@ -89,43 +89,62 @@ def _length(buf: Any, pos: int, end: int) -> tuple[int, int]:
 def _feature(buf: Any, pieces: list[tuple[int, int]]) -> tuple[int | None, list[tuple[int, int]]]:
     """(kind, chunks) of one Feature given as message pieces (merged in order). For bytes_list the chunks
     are the values; for float_list and int64_list they are byte ranges whose concatenation is the packed
-    payload (an unpacked element is its own range: a fixed32 or a varint)."""
+    payload (an unpacked element is its own range: a fixed32 or a varint). One-byte tags and lengths are
+    read inline (the common case); longer varints through _varint."""
     kind, chunks = None, []
     for start, stop in pieces:
         pos = start
         while pos < stop:
-            tag, pos = _varint(buf, pos)
-            if tag in (0x0A, 0x12, 0x1A):  # bytes_list, float_list, int64_list (wire type 2)
-                this = tag >> 3
-                lstart, lstop = _length(buf, pos, stop)
-                pos = lstop
-                if this != kind:  # oneof: another kind replaces the value; the same kind merges
-                    kind, chunks = this, []
-                p = lstart
-                while p < lstop:
-                    t, p = _varint(buf, p)
-                    if this == _BYTES and t == 0x0A:
-                        s, p = _length(buf, p, lstop)
-                        chunks.append((s, p))
-                    elif this != _BYTES and t == 0x0A:  # packed
-                        s, p = _length(buf, p, lstop)
-                        if s != p:
-                            chunks.append((s, p))
-                    elif this == _FLOAT and t == 0x0D:  # unpacked float (fixed32)
-                        if p + 4 > lstop:
-                            raise _Bad("a float runs past the end of its list")
-                        chunks.append((p, p + 4))
-                        p += 4
-                    elif this == _INT64 and t == 0x08:  # unpacked int64 (varint)
-                        _, q = _varint(buf, p)
-                        if q > lstop:
-                            raise _Bad("a varint runs past the end of its list")
-                        chunks.append((p, q))
-                        p = q
-                    else:
-                        p = _skip(buf, p, t, lstop)
+            tag = buf[pos]
+            if tag < 0x80:
+                pos += 1
             else:
+                tag, pos = _varint(buf, pos)
+            if tag not in (0x0A, 0x12, 0x1A):  # bytes_list, float_list, int64_list (wire type 2)
                 pos = _skip(buf, pos, tag, stop)
+                continue
+            this = tag >> 3
+            n = buf[pos]
+            if n < 0x80:
+                pos += 1
+            else:
+                n, pos = _varint(buf, pos)
+            p, lstop = pos, pos + n
+            if lstop > stop:
+                raise _Bad("a list runs past the end of its feature")
+            pos = lstop
+            if this != kind:  # oneof: another kind replaces the value; the same kind merges
+                kind, chunks = this, []
+            while p < lstop:
+                t = buf[p]
+                if t < 0x80:
+                    p += 1
+                else:
+                    t, p = _varint(buf, p)
+                if t == 0x0A:  # a bytes value, or a packed run of numbers
+                    n = buf[p]
+                    if n < 0x80:
+                        p += 1
+                    else:
+                        n, p = _varint(buf, p)
+                    s, p = p, p + n
+                    if p > lstop:
+                        raise _Bad("a value runs past the end of its list")
+                    if this == _BYTES or s != p:
+                        chunks.append((s, p))
+                elif this == _FLOAT and t == 0x0D:  # unpacked float (fixed32)
+                    if p + 4 > lstop:
+                        raise _Bad("a float runs past the end of its list")
+                    chunks.append((p, p + 4))
+                    p += 4
+                elif this == _INT64 and t == 0x08:  # unpacked int64 (varint)
+                    _, q = _varint(buf, p)
+                    if q > lstop:
+                        raise _Bad("a varint runs past the end of its list")
+                    chunks.append((p, q))
+                    p = q
+                else:
+                    p = _skip(buf, p, t, lstop)
     return kind, chunks
 
 
@@ -141,27 +160,48 @@ def scan(buf: Any, start: int = 0, end: int | None = None) -> dict[bytes, tuple[
             if tag != 0x0A:  # Example.features
                 pos = _skip(buf, pos, tag, end)
                 continue
-            fstart, fstop = _length(buf, pos, end)
+            p, fstop = _length(buf, pos, end)
             pos = fstop
-            p = fstart
             while p < fstop:
-                t, p = _varint(buf, p)
+                t = buf[p]
+                if t < 0x80:
+                    p += 1
+                else:
+                    t, p = _varint(buf, p)
                 if t != 0x0A:  # Features.feature (map entry)
                     p = _skip(buf, p, t, fstop)
                     continue
-                estart, estop = _length(buf, p, fstop)
+                n = buf[p]
+                if n < 0x80:
+                    p += 1
+                else:
+                    n, p = _varint(buf, p)
+                q, estop = p, p + n
+                if estop > fstop:
+                    raise _Bad("a map entry runs past the end of its message")
                 p = estop
-                key, pieces, q = b"", [], estart
+                key, pieces = b"", []
                 while q < estop:
-                    t2, q = _varint(buf, q)
-                    if t2 == 0x0A:
-                        s, q = _length(buf, q, estop)
-                        key = bytes(buf[s:q])
-                    elif t2 == 0x12:
-                        s, q = _length(buf, q, estop)
-                        pieces.append((s, q))
+                    t = buf[q]
+                    if t < 0x80:
+                        q += 1
                     else:
-                        q = _skip(buf, q, t2, estop)
+                        t, q = _varint(buf, q)
+                    if t == 0x0A or t == 0x12:  # key, value
+                        n = buf[q]
+                        if n < 0x80:
+                            q += 1
+                        else:
+                            n, q = _varint(buf, q)
+                        s, q = q, q + n
+                        if q > estop:
+                            raise _Bad("a key or value runs past the end of its map entry")
+                        if t == 0x0A:
+                            key = bytes(buf[s:q])
+                        else:
+                            pieces.append((s, q))
+                    else:
+                        q = _skip(buf, q, t, estop)
                 entries[key] = pieces  # a map key given twice: the last entry wins
         return {k: _feature(buf, v) for k, v in entries.items()}
     except IndexError:
