@@ -32,12 +32,12 @@ class _Bad(Exception):
     """Malformed wire format (turned into RecordError with the record's position)."""
 
 
-class _BadCount(_Bad):
-    """Payload `index` of a batch of varint lists holds `got` values instead of `want`."""
+class _BadAt(_Bad):
+    """Payload `index` of a batch's concatenated varint lists is bad."""
 
-    def __init__(self, index: int, got: int, want: int):
-        super().__init__(f"{got} values, expected {want}")
-        self.index, self.got, self.want = index, got, want
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 def _varint(buf: Any, pos: int) -> tuple[int, int]:
@@ -218,17 +218,18 @@ def field_names(buf: Any) -> list[str]:
 
 def _decode_varints(data: np.ndarray, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """Concatenated varint payloads (`lengths` bytes each) -> int64 values; each payload must hold
-    `expected` varints. Returns the values in order, or raises _Bad."""
+    `expected` varints. Returns the values in order, or raises _BadAt naming the first bad payload."""
     ends = data < 0x80
     bounds = np.concatenate(([0], np.cumsum(lengths)))
-    nonempty = lengths > 0
-    if nonempty.any() and not ends[bounds[1:][nonempty] - 1].all():
-        raise _Bad("a varint list ends inside a varint")
+    nonempty = np.flatnonzero(lengths > 0)
+    cut = nonempty[~ends[bounds[nonempty + 1] - 1]]
+    if cut.size:
+        raise _BadAt(int(cut[0]), "a varint cut short at the end of its list")
     counted = np.concatenate(([0], np.cumsum(ends)))
     counts = counted[bounds[1:]] - counted[bounds[:-1]]
     if not np.array_equal(counts, expected):
         bad = int(np.flatnonzero(counts != expected)[0])
-        raise _BadCount(bad, int(counts[bad]), int(expected[bad]))
+        raise _BadAt(bad, f"{int(counts[bad])} values, expected {int(expected[bad])}")
     if ends.all():  # every value in [0, 127]: one byte each
         return data.astype(np.int64)
     last = np.flatnonzero(ends)
@@ -237,7 +238,8 @@ def _decode_varints(data: np.ndarray, lengths: np.ndarray, expected: np.ndarray)
     first[1:] = last[:-1] + 1
     size = last - first + 1
     if int(size.max()) > 10:
-        raise _Bad("varint longer than 10 bytes")
+        where = int(first[np.argmax(size > 10)])
+        raise _BadAt(int(np.searchsorted(bounds, where, side="right")) - 1, "a varint longer than 10 bytes")
     shift = (np.arange(data.size) - np.repeat(first, size)).astype(np.uint64) * np.uint64(7)
     parts = (data & 0x7F).astype(np.uint64) << shift
     return np.bitwise_or.reduceat(parts, first).view(np.int64)
@@ -313,11 +315,9 @@ def _int_columns(items: Sequence[tuple[Any, np.ndarray, dict]], ints: list, out:
     data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
     try:
         values = _decode_varints(data, np.array(lengths, np.int64), np.tile(sizes, n))
-    except _BadCount as e:
+    except _BadAt as e:
         record, field = divmod(e.index, len(ints))
         raise RecordError(f"record {first + record}: field {ints[field][0].name} holds {e}") from None
-    except _Bad as e:
-        raise RecordError(f"an int64_list of the batch is malformed: {e}") from None
     values = values.astype(np.int32).reshape(n, int(sizes.sum()))  # as TensorFlow's int64 -> int32 cast: wraps
     offset = 0
     for f, shape, size, _ in ints:
