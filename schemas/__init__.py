@@ -4,6 +4,7 @@ the TFRecord feature spec, the Arrow/Parquet schema, the writers, the readers an
 Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that use them. The names in `__all__`
 are the public API; the `_modules` are private.
 """
+from ._datasets import hf_dataset
 from ._hf import siglip2_inputs
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
                   claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
@@ -19,7 +20,7 @@ __all__ = [
     # the record schema and the formats it is written in
     "Schema", "SCHEMA_VERSION", "FORMATS", "SchemaError", "RecordError",
     # reading packed output: records, tf.data, the manifest, verification
-    "read", "tf_dataset", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
+    "read", "tf_dataset", "hf_dataset", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",

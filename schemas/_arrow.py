@@ -175,3 +175,70 @@ def parquet_field_names(path: str) -> tuple[str, ...]:
     import pyarrow.parquet as pq
 
     return tuple(pq.read_schema(path).names)
+
+
+def _checked(table: Any, schema: Schema) -> Any:
+    for batch in table.to_batches() or [table]:
+        check_batch(batch, schema)
+    return table
+
+
+def ipc_table(path: str, schema: Schema) -> Any:
+    """An Arrow IPC shard as a Table, memory-mapped (no copy: the table keeps the mapping alive)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        return _checked(pa.ipc.open_file(src).read_all(), schema)
+
+
+def parquet_table(path: str, schema: Schema) -> Any:
+    """A Parquet shard decoded into a Table, page checksums verified."""
+    import pyarrow.parquet as pq
+
+    return _checked(pq.ParquetFile(path, page_checksum_verification=True).read(), schema)
+
+
+def records_table(records: Iterable[Mapping[str, np.ndarray]], schema: Schema, batch_size: int) -> Any:
+    """Records (as read from a shard of another format) as a Table in the Arrow schema."""
+    import pyarrow as pa
+
+    batches, chunk = [], []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == batch_size:
+            batches.append(to_batch(chunk, schema))
+            chunk = []
+    if chunk:
+        batches.append(to_batch(chunk, schema))
+    return pa.Table.from_batches(batches, schema=arrow_schema(schema))
+
+
+def uint8_patches_type(schema: Schema) -> Any:
+    """fixed_size_list<fixed_size_list<uint8>[D]>[L]: the patches type that numpy-minded readers (Hugging
+    Face datasets' numpy and torch formats, polars arrays) convert to a uint8 [L, D] array."""
+    import pyarrow as pa
+
+    shape = schema.shape(schema.fields[0])
+    t = pa.uint8()
+    for n in reversed(shape):
+        t = pa.list_(pa.field("item", t, nullable=False), n)
+    return t
+
+
+def patches_as_uint8(table: Any, schema: Schema) -> Any:
+    """`table` with its patches column retyped from fixed_size_list<fixed_size_binary(D)>[L] to
+    uint8_patches_type over the same buffers (no copy)."""
+    import pyarrow as pa
+
+    seq_len, d = schema.shape(schema.fields[0])
+    target = uint8_patches_type(schema)
+    chunks = []
+    for chunk in table.column("patches").chunks:
+        binary = chunk.flatten()  # fixed_size_binary(D), the chunk's offset applied
+        leaf = pa.UInt8Array.from_buffers(pa.uint8(), len(binary) * d, [None, binary.buffers()[1]],
+                                          offset=binary.offset * d)
+        inner = pa.FixedSizeListArray.from_arrays(leaf, type=target.value_type)
+        chunks.append(pa.FixedSizeListArray.from_arrays(inner, type=target))
+    column = pa.chunked_array(chunks, type=target)
+    index = table.schema.get_field_index("patches")
+    return table.set_column(index, pa.field("patches", target, nullable=False), column)

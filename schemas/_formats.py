@@ -30,6 +30,7 @@ class Format:
     write: Callable[[str, Iterable[list], Schema], int]
     read: Callable[[str, Schema, bool], Iterator[dict]]
     field_names: Callable[[str], Sequence[str]]
+    table: Callable[[str, Schema], Any]  # the shard as a pyarrow Table in the Arrow schema (hf_dataset)
     checks_records: bool  # its reader verifies a checksum of every record it decodes (TFRecord CRCs, Riegeli hashes)
     random_access: Optional[Callable[[Sequence[str], Schema], Any]] = None  # (paths, schema) -> len() / [i] / close()
 
@@ -37,15 +38,20 @@ class Format:
 REGISTRY: dict[str, Format] = {f.name: f for f in (
     Format("tfrecord", "tfrecord", _tfrecord.write_records,
            lambda path, schema, full: _tfrecord.read_records(path, schema, BATCH),
-           _tfrecord.field_names, checks_records=True),
-    Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, checks_records=False),
+           _tfrecord.field_names,
+           lambda path, schema: _arrow.records_table(_tfrecord.read_records(path, schema, BATCH), schema, BATCH),
+           checks_records=True),
+    Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
+           checks_records=False),
     Format("parquet", "parquet",
            lambda path, batches, schema: _arrow.write_parquet(path, batches, schema, BATCH),
            lambda path, schema, full: _arrow.read_parquet(path, schema, full, BATCH),
-           _arrow.parquet_field_names, checks_records=False),
+           _arrow.parquet_field_names, _arrow.parquet_table, checks_records=False),
     Format("array_record", "array_record", _array_record.write_records,
            lambda path, schema, full: _array_record.read_records(path, schema, BATCH),
-           _array_record.field_names, checks_records=True, random_access=_array_record.RandomAccess),
+           _array_record.field_names,
+           lambda path, schema: _arrow.records_table(_array_record.read_records(path, schema, BATCH), schema, BATCH),
+           checks_records=True, random_access=_array_record.RandomAccess),
 )}
 
 FORMATS = {name: f.extension for name, f in REGISTRY.items()}  # format name -> file extension (public: schemas.FORMATS)
