@@ -5,7 +5,7 @@ Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that us
 are the public API; the `_modules` are private.
 """
 from ._datasets import hf_dataset
-from ._hf import siglip2_inputs
+from ._hf import siglip2_inputs, timm_naflex_inputs
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
                   claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
                   write_rejects, write_shard)
@@ -29,4 +29,5 @@ __all__ = [
     "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
     # from a record to a model's inputs
     "attention_mask", "pooling_matrix", "tf_attention_mask", "tf_pooling_matrix", "siglip2_inputs",
+    "timm_naflex_inputs",
 ]
