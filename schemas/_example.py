@@ -237,12 +237,29 @@ def _decode_varints(data: np.ndarray, lengths: np.ndarray, expected: np.ndarray)
     first[0] = 0
     first[1:] = last[:-1] + 1
     size = last - first + 1
-    if int(size.max()) > 10:
+    longest = int(size.max())
+    if longest > 10:
         where = int(first[np.argmax(size > 10)])
         raise _BadAt(int(np.searchsorted(bounds, where, side="right")) - 1, "a varint longer than 10 bytes")
-    shift = (np.arange(data.size) - np.repeat(first, size)).astype(np.uint64) * np.uint64(7)
-    parts = (data & 0x7F).astype(np.uint64) << shift
-    return np.bitwise_or.reduceat(parts, first).view(np.int64)
+    values = (data[first] & 0x7F).astype(np.uint64)
+    longer = np.flatnonzero(size > 1)  # most values take one byte: only the others get more work
+    for k in range(1, longest):
+        longer = longer[size[longer] > k]
+        values[longer] |= (data[first[longer] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return values.view(np.int64)
+
+
+def _strings(buf: Any, chunks: list[tuple[int, int]]) -> list[str]:
+    """The values of a bytes_list as str. When the list's bytes are ASCII (keys, most metadata) they are
+    decoded once and sliced, byte offsets being character offsets; otherwise each value is decoded."""
+    if not chunks:
+        return []
+    lo, hi = chunks[0][0], chunks[-1][1]  # chunks ascend: _feature walks the buffer forward
+    whole = bytes(buf[lo:hi])
+    if whole.isascii():
+        text = whole.decode("ascii")
+        return [text[s - lo:e - lo] for s, e in chunks]
+    return [bytes(buf[s:e]).decode("utf-8") for s, e in chunks]
 
 
 def columns(items: Sequence[tuple[Any, np.ndarray, dict]], schema: Schema, first: int = 0) -> dict[str, np.ndarray]:
@@ -291,7 +308,7 @@ def columns(items: Sequence[tuple[Any, np.ndarray, dict]], schema: Schema, first
                 if len(chunks) != size:
                     raise RecordError(f"record {first + i}: field {f.name} holds {len(chunks)} strings, expected {size}")
                 try:
-                    arr[i] = [bytes(buf[s:e]).decode("utf-8") for s, e in chunks]
+                    arr[i] = _strings(buf, chunks)
                 except UnicodeDecodeError as e:
                     raise RecordError(f"record {first + i}: field {f.name} holds a string that is not UTF-8: {e}") from None
             out[f.name] = arr.reshape((n,) + shape)
