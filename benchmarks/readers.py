@@ -12,7 +12,7 @@
    numpy records/s, and rows/s through datasets' with_format("numpy", dtype=None) (whole dataset, batches
    of 32, building the Dataset from the shards included).
 
-    python -m benchmarks.readers [--sequences 256] [--seq-len 256] [--patch-size 16] [--rounds 3] [--json PATH]
+    python -m benchmarks.readers [--sequences 256] [--seq-len 256] [--patch-size 16] [--rounds 5] [--json PATH]
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def patches_type(records: list, config: Any, root: str, rounds: int) -> list[dic
     return rows
 
 
-def run(sequences: int = 256, seq_len: int = 256, patch_size: int = 16, rounds: int = 3) -> dict:
+def run(sequences: int = 256, seq_len: int = 256, patch_size: int = 16, rounds: int = 5) -> dict:
     config, records = make_records(sequences, seq_len, patch_size)
     root = tempfile.mkdtemp(prefix="navit-readers-")
     try:
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=DEFAULT_JSON, help="write the results as JSON here ('' to skip)")
     args = parser.parse_args(argv)
     result = run(args.sequences, args.seq_len, args.patch_size, args.rounds)

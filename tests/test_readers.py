@@ -19,7 +19,7 @@ import packer
 import schemas
 from schemas import _example, _formats
 from schemas._schema import RecordError, Schema
-from schemas._tfrecord import _varint, decode_example, encode_example
+from schemas._tfrecord import _varint, encode_example
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FORMATS = ["tfrecord", "array_record"]
@@ -191,7 +191,7 @@ def test_malformed_bytes_raise_record_error(bad):
     with pytest.raises(RecordError):
         _example.parse([bad], SMALL)
     with pytest.raises(RecordError):
-        decode_example(bad, SMALL)
+        schemas.decode_example(bad, SMALL)
 
 
 def test_damaged_examples_never_decode_to_wrong_values():
@@ -287,7 +287,7 @@ def test_read_verify_and_decode_example_import_no_tensorflow(datasets, fmt):
     code = """
 import sys
 import schemas
-from schemas._tfrecord import decode_example
+from schemas import decode_example
 d = sys.argv[1]
 n = sum(1 for _ in schemas.read(d)) + sum(1 for _ in schemas.read(d, check_sha256=False))
 report = schemas.verify(d)
