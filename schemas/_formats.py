@@ -11,16 +11,12 @@ library (pyarrow, array_record) inside these functions, so the registry itself c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from . import _array_record, _arrow, _tfrecord
 from ._schema import Schema, SchemaError
 
 BATCH = 64  # records per Arrow batch / Parquet row group / Example parse batch
-
-Record = Mapping[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,6 +139,17 @@ def frames(path: str) -> Iterator[tuple[Any, np.ndarray, int, int]]:
             return
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = np.frombuffer(mm, np.uint8)
+    try:
+        yield from _framed(mm, data, size)
+    finally:
+        del data
+        try:
+            mm.close()
+        except BufferError:  # a caller still holds a view (an abandoned batch): the mapping goes with it
+            pass
+
+
+def _framed(mm: Any, data: np.ndarray, size: int) -> Iterator[tuple[Any, np.ndarray, int, int]]:
     pos = i = 0
     while pos < size:
         if size - pos < 12:
