@@ -2,7 +2,7 @@
 
 The Beam pipeline packs each packing group (stable_hash(key) % G, ordered by order_fraction) on its
 own, so it pays one end-of-stream flush per group. This measures that cost with packer.pack_lengths over
-exactly the pipeline's grouping and order (pipelines.beam_pipeline.layout / packing_group /
+exactly the pipeline's grouping and order (pipelines.batch.layout / packing_group /
 order_fraction), on N synthetic ImageNet-like image sizes planned with the given resolution policy.
 
   python -m benchmarks.beam_grouping [--images 100000] [--json out.json]
@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 import packer
-from pipelines.beam_pipeline import PackJob, layout, order_fraction, packing_group
+from pipelines.batch import PackJob, layout, order_fraction, packing_group
 
 
 def synthetic_lengths(n: int, config: packer.PackConfig, seed: int = 0) -> list[tuple[str, int]]:

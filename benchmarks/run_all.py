@@ -24,8 +24,8 @@ from pipelines import packing_efficiency as packing
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 PLOTS = os.path.join(HERE, "results")
-BENCHMARKS = ("packing", "throughput", "transform", "formats", "streaming", "fill", "consumer", "beam_grouping",
-              "synthetic")
+BENCHMARKS = ("packing", "throughput", "transform", "formats", "readers", "streaming", "fill", "consumer",
+              "beam_grouping", "synthetic")
 DEFAULT_INPUT = os.path.join(HERE, "..", "..", "shared", "data", "imagenet-dev")
 SWEEP_RESOLUTIONS = ("uniform:64:256", "tnormal:64:384:-0.5:1:side")
 SWEEP_DROPS = ("none", "beta:0.5:0.8")
@@ -151,13 +151,20 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def write_results(sections: dict[str, str], path: str = RESULTS) -> None:
-    """Rewrites RESULTS.md: the given sections replace theirs; the others are kept."""
+    """Rewrites RESULTS.md: the given sections replace theirs; the others are kept, sections that no
+    benchmark here writes (added by hand) included, in the file's order; a new benchmark's section goes
+    after the one before it in BENCHMARKS."""
     old = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = _sections(f.read())
+    order = list(old)
+    for i, name in enumerate(BENCHMARKS):
+        if name not in order:
+            before = [b for b in BENCHMARKS[:i] if b in order]
+            order.insert(order.index(before[-1]) + 1 if before else 0, name)
     body = [HEADER]
-    for name in BENCHMARKS:
+    for name in order:
         text = sections.get(name) or old.get(name) or f"## {name.capitalize()}\n\nNot run yet: `python -m benchmarks.run_all --only {name}`.\n"
         body.append(f"<!-- bench: {name} -->\n{text.strip()}\n")
     with open(path, "w", encoding="utf-8") as f:

@@ -6,7 +6,7 @@ the source elements are (epoch, unit) indices; index i is unit (i mod U) of epoc
 epoch's order (units ordered by stable_hash(unit, f"{seed}/{epoch}/unit"), as in PackedStream). Each
 group of up to `group_units` consecutive indices a worker receives is packed on its own by the same
 core as PackedStream (packer.PackingCore plans and decides in the tf.data worker's thread; a
-packer.FillPool of `num_parallel` worker processes fills and assembles; the packer is flushed at the
+packer.Driver over a fill pool of `num_parallel` worker processes fills and assembles; the packer is flushed at the
 group's end), so no image is ever split or lost.
 
 Sharding (the `processing_mode` readers pass):

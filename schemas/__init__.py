@@ -1,16 +1,19 @@
 """The packed-record schema and its formats: one definition (schemas.Schema, SCHEMA_VERSION) from which
 the TFRecord feature spec, the Arrow/Parquet schema, the writers, the readers and verify() derive.
 
-Heavy frameworks (tensorflow, pyarrow) are imported inside the functions that use them. The names in `__all__`
-are the public API; the `_modules` are private.
+Heavy frameworks (tensorflow, pyarrow, array_record, datasets) are imported inside the functions that use them;
+reading any format (read, verify, decode_example, hf_dataset) needs no TensorFlow, only tf_dataset does. The
+names in `__all__` are the public API; the `_modules` are private, the format registry (`_formats`) included.
 """
-from ._hf import siglip2_inputs
+from ._datasets import hf_dataset
+from ._hf import siglip2_inputs, timm_naflex_inputs
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
                   claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
                   write_rejects, write_shard)
 from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
-from ._schema import FORMATS, SCHEMA_VERSION, RecordError, Schema, SchemaError
+from ._formats import FORMATS
+from ._schema import SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
 from ._tfrecord import decode_example
 from ._verify import VerificationError, VerifyReport, verify
@@ -19,7 +22,8 @@ __all__ = [
     # the record schema and the formats it is written in
     "Schema", "SCHEMA_VERSION", "FORMATS", "SchemaError", "RecordError",
     # reading packed output: records, tf.data, the manifest, verification
-    "read", "tf_dataset", "decode_example", "read_manifest", "shard_paths", "verify", "VerifyReport", "VerificationError",
+    "read", "tf_dataset", "hf_dataset", "decode_example", "read_manifest", "shard_paths", "verify", "VerifyReport",
+    "VerificationError",
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",
@@ -28,4 +32,5 @@ __all__ = [
     "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
     # from a record to a model's inputs
     "attention_mask", "pooling_matrix", "tf_attention_mask", "tf_pooling_matrix", "siglip2_inputs",
+    "timm_naflex_inputs",
 ]

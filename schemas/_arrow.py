@@ -3,7 +3,7 @@ patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imp
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -111,3 +111,134 @@ def check_batch(batch: Any, schema: Schema) -> None:
                 if not hasattr(c, "flatten") or not hasattr(c.type, "list_size"):
                     break
                 c = c.flatten()
+
+
+def write_ipc(path: str, batches: Iterable[list], schema: Schema) -> int:
+    """Validated record batches -> an Arrow IPC file (one record batch each); returns the record count."""
+    import pyarrow as pa
+
+    n = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
+        for batch in batches:
+            w.write_batch(to_batch(batch, schema))
+            n += len(batch)
+    return n
+
+
+def write_parquet(path: str, batches: Iterable[list], schema: Schema, row_group_size: int) -> int:
+    """Validated record batches -> a Parquet file (snappy, page checksums, no dictionary); returns the count."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    with pq.ParquetWriter(path, arrow_schema(schema), use_dictionary=False, write_page_checksum=True,
+                          compression="snappy") as w:
+        for batch in batches:
+            w.write_batch(to_batch(batch, schema), row_group_size=row_group_size)
+            n += len(batch)
+    return n
+
+
+def read_ipc(path: str, schema: Schema, full_validation: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Records of an Arrow IPC file (memory-mapped), each batch's types and nulls checked first."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        reader = pa.ipc.open_file(src)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            if full_validation:
+                batch.validate(full=True)
+            check_batch(batch, schema)
+            yield from from_batch(batch, schema)
+
+
+def read_parquet(path: str, schema: Schema, full_validation: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Records of a Parquet file, page checksums verified, each batch's types and nulls checked first."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, page_checksum_verification=True)
+    for batch in pf.iter_batches(batch_size=batch_size):
+        if full_validation:
+            batch.validate(full=True)
+        check_batch(batch, schema)
+        yield from from_batch(batch, schema)
+
+
+def ipc_field_names(path: str) -> tuple[str, ...]:
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        return tuple(pa.ipc.open_file(src).schema.names)
+
+
+def parquet_field_names(path: str) -> tuple[str, ...]:
+    import pyarrow.parquet as pq
+
+    return tuple(pq.read_schema(path).names)
+
+
+def _checked(table: Any, schema: Schema) -> Any:
+    for batch in table.to_batches() or [table]:
+        check_batch(batch, schema)
+    return table
+
+
+def ipc_table(path: str, schema: Schema) -> Any:
+    """An Arrow IPC shard as a Table, memory-mapped (no copy: the table keeps the mapping alive)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as src:
+        return _checked(pa.ipc.open_file(src).read_all(), schema)
+
+
+def parquet_table(path: str, schema: Schema) -> Any:
+    """A Parquet shard decoded into a Table, page checksums verified."""
+    import pyarrow.parquet as pq
+
+    return _checked(pq.ParquetFile(path, page_checksum_verification=True).read(), schema)
+
+
+def records_table(records: Iterable[Mapping[str, np.ndarray]], schema: Schema, batch_size: int) -> Any:
+    """Records (as read from a shard of another format) as a Table in the Arrow schema."""
+    import pyarrow as pa
+
+    batches, chunk = [], []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == batch_size:
+            batches.append(to_batch(chunk, schema))
+            chunk = []
+    if chunk:
+        batches.append(to_batch(chunk, schema))
+    return pa.Table.from_batches(batches, schema=arrow_schema(schema))
+
+
+def uint8_patches_type(schema: Schema) -> Any:
+    """fixed_size_list<fixed_size_list<uint8>[D]>[L]: the patches type that numpy-minded readers (Hugging
+    Face datasets' numpy and torch formats, polars arrays) convert to a uint8 [L, D] array."""
+    import pyarrow as pa
+
+    shape = schema.shape(schema.fields[0])
+    t = pa.uint8()
+    for n in reversed(shape):
+        t = pa.list_(pa.field("item", t, nullable=False), n)
+    return t
+
+
+def patches_as_uint8(table: Any, schema: Schema) -> Any:
+    """`table` with its patches column retyped from fixed_size_list<fixed_size_binary(D)>[L] to
+    uint8_patches_type over the same buffers (no copy)."""
+    import pyarrow as pa
+
+    seq_len, d = schema.shape(schema.fields[0])
+    target = uint8_patches_type(schema)
+    chunks = []
+    for chunk in table.column("patches").chunks:
+        binary = chunk.flatten()  # fixed_size_binary(D), the chunk's offset applied
+        leaf = pa.UInt8Array.from_buffers(pa.uint8(), len(binary) * d, [None, binary.buffers()[1]],
+                                          offset=binary.offset * d)
+        inner = pa.FixedSizeListArray.from_arrays(leaf, type=target.value_type)
+        chunks.append(pa.FixedSizeListArray.from_arrays(inner, type=target))
+    column = pa.chunked_array(chunks, type=target)
+    index = table.schema.get_field_index("patches")
+    return table.set_column(index, pa.field("patches", target, nullable=False), column)

@@ -11,12 +11,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import _formats
+from ._formats import BATCH
 from ._owner import LOCK, OutputClaim, check_owner, take_lock
-from ._schema import FORMATS, META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
+from ._schema import META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
-BATCH = 64  # records per Arrow batch / Parquet row group / TF parse batch
 _OUR_FILE = re.compile(r"^(packed-\d{5}-of-\d{5}\.\w+|rejects\.jsonl|manifest\.json|"
                        r"\.(packed-.*|rejects\.jsonl\..*|manifest\.json\..*|write-check\..*)\.tmp)$")
 _REQUIRED = ("schema_version", "format", "config", "num_sequences", "shards", "seq_len", "token_dim", "max_images")
@@ -49,11 +50,10 @@ class CorruptShard(SchemaError):
 
 
 def shard_name(index: int, num_shards: int, fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise SchemaError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    extension = _formats.get(fmt).extension
     if not 0 <= index < num_shards:
         raise SchemaError(f"shard index {index} outside [0, {num_shards})")
-    return f"packed-{index:05d}-of-{num_shards:05d}.{FORMATS[fmt]}"
+    return f"packed-{index:05d}-of-{num_shards:05d}.{extension}"
 
 
 def _make_dir(path: str) -> None:
@@ -136,34 +136,7 @@ def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Ite
 
 
 def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> int:
-    n = 0
-    if fmt == "tfrecord":
-        from ._tfrecord import encode_example, write_tfrecord
-
-        return write_tfrecord(path, (encode_example(r, schema) for batch in _batches(records, schema) for r in batch))
-    if fmt == "array_record":
-        from . import _array_record
-        from ._tfrecord import encode_example
-
-        return _array_record.write(path, (encode_example(r, schema) for batch in _batches(records, schema) for r in batch))
-    import pyarrow as pa
-
-    from ._arrow import arrow_schema, to_batch
-
-    if fmt == "arrow":
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
-            for batch in _batches(records, schema):
-                w.write_batch(to_batch(batch, schema))
-                n += len(batch)
-        return n
-    import pyarrow.parquet as pq
-
-    with pq.ParquetWriter(path, arrow_schema(schema), use_dictionary=False, write_page_checksum=True,
-                          compression="snappy") as w:
-        for batch in _batches(records, schema):
-            w.write_batch(to_batch(batch, schema), row_group_size=BATCH)
-            n += len(batch)
-    return n
+    return _formats.get(fmt).write(path, _batches(records, schema), schema)
 
 
 def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: Iterable[Mapping[str, np.ndarray]], *,
@@ -227,33 +200,7 @@ def write_rejects(directory: str, rejects: Iterable[Mapping[str, Any]]) -> int:
 
 def _sniff_meta_fields(directory: str, fmt: str, shard: str) -> tuple[str, ...]:
     """Meta field names as stored in a shard (for writers that did not pass them to write_manifest)."""
-    path = os.path.join(directory, shard)
-    if fmt == "tfrecord":
-        import tensorflow as tf
-
-        for raw in tf.data.TFRecordDataset(path).take(1):
-            names = tf.train.Example.FromString(raw.numpy()).features.feature.keys()
-            break
-        else:
-            return ()
-    elif fmt == "array_record":
-        import tensorflow as tf
-
-        from . import _array_record
-
-        first = next(_array_record.serialized_batches(path, 1), [])
-        if not first:
-            return ()
-        names = tf.train.Example.FromString(first[0]).features.feature.keys()
-    elif fmt == "arrow":
-        import pyarrow as pa
-
-        with pa.memory_map(path) as src:
-            names = pa.ipc.open_file(src).schema.names
-    else:
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(path).names
+    names = _formats.get(fmt).field_names(os.path.join(directory, shard))
     return tuple(sorted(n[len(META_PREFIX):] for n in names if n.startswith(META_PREFIX)))
 
 
@@ -264,8 +211,7 @@ def write_manifest(directory: str, *, fmt: str, config: Any, num_images_in: int,
     """Write manifest.json (last: its presence marks the dataset complete). `config` is a PackConfig or its
     to_json() dict; meta_fields default to those stored in the first shard; with `owner` (a claim's
     token, claim_output) it is written only if the folder is still that run's. Returns the manifest."""
-    if fmt not in FORMATS:
-        raise SchemaError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    _formats.get(fmt)
     config_json = config.to_json() if hasattr(config, "to_json") else dict(config)
     shards = sorted((dict(s) for s in shards), key=lambda s: s["file"])
     if sum(s["num_sequences"] for s in shards) != num_sequences:
@@ -333,7 +279,7 @@ def read_manifest(directory: str) -> dict:
         raise ManifestError(f"{path} lacks keys {missing}")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise ManifestError(f"{path} has schema_version {manifest['schema_version']}; this reader reads {SCHEMA_VERSION}")
-    if manifest["format"] not in FORMATS:
+    if not isinstance(manifest["format"], str) or manifest["format"] not in _formats.REGISTRY:
         raise ManifestError(f"{path} has unknown format {manifest['format']!r}")
     return manifest
 
@@ -352,65 +298,15 @@ def _check_sha(directory: str, shard: Mapping[str, Any]) -> str:
 def iter_shard(path: str, fmt: str, schema: Schema, *, full_validation: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Records of one shard file, in batches; any decode failure is raised as CorruptShard(file)."""
     name = os.path.basename(path)
+    reader = _formats.get(fmt).read
     try:
-        if fmt == "tfrecord":
-            import tensorflow as tf
-
-            from ._tfrecord import parse_examples
-
-            ds = tf.data.TFRecordDataset(path, buffer_size=1 << 22).batch(BATCH)
-            for serialized in ds:
-                yield from _example_records(parse_examples(serialized, schema), schema, len(serialized))
-            return
-        if fmt == "array_record":
-            import tensorflow as tf
-
-            from . import _array_record
-            from ._tfrecord import parse_examples
-
-            for serialized in _array_record.serialized_batches(path, BATCH):
-                parsed = parse_examples(tf.constant(serialized, tf.string, shape=[len(serialized)]), schema)
-                yield from _example_records(parsed, schema, len(serialized))
-            return
-        import pyarrow as pa
-
-        from ._arrow import check_batch, from_batch
-
-        if fmt == "arrow":
-            with pa.memory_map(path) as src:
-                reader = pa.ipc.open_file(src)
-                for i in range(reader.num_record_batches):
-                    batch = reader.get_batch(i)
-                    if full_validation:
-                        batch.validate(full=True)
-                    check_batch(batch, schema)
-                    yield from from_batch(batch, schema)
-            return
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path, page_checksum_verification=True)
-        for batch in pf.iter_batches(batch_size=BATCH):
-            if full_validation:
-                batch.validate(full=True)
-            check_batch(batch, schema)
-            yield from from_batch(batch, schema)
+        yield from reader(path, schema, full_validation)
     except CorruptShard:
         raise
     except GeneratorExit:
         raise
     except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard
         raise CorruptShard(name, f"{type(e).__name__}: {e}") from e
-
-
-def _example_records(parsed: Mapping[str, Any], schema: Schema, n: int) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy record dicts from a batch of parsed tf.train.Examples (strings decoded to str object arrays)."""
-    cols = {k: v.numpy() for k, v in parsed.items()}
-    for f in schema.fields:
-        if f.dtype == "string":
-            cols[f.name] = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(cols[f.name]) \
-                if cols[f.name].size else cols[f.name].astype(object)
-    for i in range(n):
-        yield {k: v[i] for k, v in cols.items()}
 
 
 def shard_paths(directory: str, manifest: Mapping[str, Any]) -> list[str]:

@@ -13,8 +13,6 @@ import packer
 from packer import META_PREFIX
 
 SCHEMA_VERSION = 1
-FORMATS = {"tfrecord": "tfrecord", "arrow": "arrow", "parquet": "parquet",
-           "array_record": "array_record"}  # format name -> file extension
 
 
 class SchemaError(Exception):

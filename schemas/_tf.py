@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _array_record
+from . import _array_record, _formats
 from ._io import CorruptShard, _check_sha, iter_shard, read_manifest
 from ._schema import Schema
 
@@ -28,7 +28,7 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     schema = Schema.from_manifest(manifest)
     fmt = manifest["format"]
     if check_sha256 is None:
-        check_sha256 = fmt in ("arrow", "parquet")
+        check_sha256 = not _formats.get(fmt).checks_records
     paths = [_check_sha(directory, s) if check_sha256 else os.path.join(directory, s["file"]) for s in manifest["shards"]]
     counts = [int(s["num_sequences"]) for s in manifest["shards"]]
     files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]),

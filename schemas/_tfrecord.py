@@ -1,16 +1,21 @@
-"""TFRecord codec: tf.train.Example encoder and the feature spec / parser, both derived from the Schema.
+"""TFRecord codec: tf.train.Example encoder, the TFRecord framing (written and read), and the tf.data
+feature spec / parser, all derived from the Schema.
 
 uint8 fields are one raw bytes value (row-major); int32 fields are int64_list; float32 float_list;
-strings bytes_list (UTF-8). Writing needs no TensorFlow (the Example wire format and the TFRecord framing
-are written here); reading imports tensorflow lazily.
+strings bytes_list (UTF-8). Writing and reading need no TensorFlow: the Example wire format is written
+here and parsed by schemas._example, the framing's CRCs are checked here (google-crc32c). Only the
+tf.data path (feature_spec, parse_examples, for schemas.tf_dataset) imports tensorflow, lazily.
 """
 from __future__ import annotations
 
+import mmap
+import os
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from . import _example
 from ._schema import RecordError, Schema
 
 
@@ -84,12 +89,17 @@ def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
     return b"".join(_wrap(1, parts, total)[0])
 
 
-def _masked_crc(data: bytes) -> bytes:
-    """TFRecord's masked CRC32C of `data`, little-endian."""
+def _masked(data: Any) -> int:
+    """TFRecord's masked CRC32C of `data` (bytes or a uint8 array) as an int."""
     import google_crc32c
 
     crc = google_crc32c.value(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's masked CRC32C of `data`, little-endian."""
+    return struct.pack("<I", _masked(data))
 
 
 def tfrecord_frame(payload: bytes) -> bytes:
@@ -107,6 +117,82 @@ def write_tfrecord(path: str, payloads: Iterable[bytes]) -> int:
             f.write(tfrecord_frame(p))
             n += 1
     return n
+
+
+def write_records(path: str, batches: Iterable[list], schema: Schema) -> int:
+    """Validated record batches -> a TFRecord shard of serialized Examples; returns the record count."""
+    return write_tfrecord(path, (encode_example(r, schema) for batch in batches for r in batch))
+
+
+class CorruptRecord(ValueError):
+    """The TFRecord framing is broken: a CRC32C mismatch, or the file ends inside a record."""
+
+
+def frames(path: str) -> Iterator[tuple[Any, np.ndarray, int, int]]:
+    """The records of a TFRecord file as (buffer, the buffer as uint8, start, stop), without copying: the
+    file is memory-mapped. The length's and the payload's masked CRC32C are checked before a record is
+    given out; CorruptRecord names the first bad one. A file cut at a record boundary reads as a shorter
+    one: callers compare the count with the manifest's."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mm, np.uint8)
+    try:
+        yield from _framed(mm, data, size)
+    finally:
+        del data
+        try:
+            mm.close()
+        except BufferError:  # a caller still holds a view (an abandoned batch): the mapping goes with it
+            pass
+
+
+def _framed(mm: Any, data: np.ndarray, size: int) -> Iterator[tuple[Any, np.ndarray, int, int]]:
+    pos = i = 0
+    while pos < size:
+        if size - pos < 12:
+            raise CorruptRecord(f"record {i} at byte {pos}: the file ends inside its header (truncated)")
+        (length,) = struct.unpack_from("<Q", mm, pos)
+        (crc,) = struct.unpack_from("<I", mm, pos + 8)
+        if _masked(data[pos:pos + 8]) != crc:
+            raise CorruptRecord(f"record {i} at byte {pos}: the length fails its CRC32C")
+        start = pos + 12
+        stop = start + length
+        if stop + 4 > size:
+            raise CorruptRecord(f"record {i} at byte {pos}: the file ends inside it (truncated)")
+        (crc,) = struct.unpack_from("<I", mm, stop)
+        if _masked(data[start:stop]) != crc:
+            raise CorruptRecord(f"record {i} at byte {pos}: the payload fails its CRC32C")
+        yield mm, data, start, stop
+        pos = stop + 4
+        i += 1
+
+
+def read_records(path: str, schema: Schema, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Records of a TFRecord shard as numpy dicts (schemas.read's dtypes), without TensorFlow: framing
+    CRCs checked, Examples parsed by schemas._example `batch_size` at a time."""
+    items: list = []
+    n = 0
+    for buf, data, start, stop in frames(path):
+        try:
+            items.append((buf, data, _example.scan(buf, start, stop)))
+        except _example._Bad as e:
+            raise RecordError(f"record {n}: not a serialized Example: {e}") from None
+        n += 1
+        if len(items) == batch_size:
+            yield from _example.records(_example.columns(items, schema, n - len(items)), len(items))
+            items = []
+    if items:
+        yield from _example.records(_example.columns(items, schema, n - len(items)), len(items))
+
+
+def field_names(path: str) -> tuple[str, ...]:
+    """Feature names of the shard's first record (empty for an empty shard)."""
+    for buf, _, start, stop in frames(path):
+        return tuple(_example.field_names(bytes(buf[start:stop])))
+    return ()
 
 
 def feature_spec(schema: Schema) -> dict[str, Any]:
@@ -140,30 +226,10 @@ def parse_examples(serialized: Any, schema: Schema) -> dict[str, Any]:
 
 def decode_example(serialized: bytes, schema: Schema) -> dict[str, np.ndarray]:
     """One serialized Example (a TFRecord or ArrayRecord record) as a numpy record dict (the packer's dtypes;
-    strings as str object arrays), through the protobuf alone, no TF ops: for per-record readers such as
-    Grain over array_record's ArrayRecordDataSource. RecordError if it does not fit the schema."""
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.example import example_pb2
-
+    strings as str object arrays), through schemas._example: no TensorFlow, no protobuf. For per-record
+    readers such as Grain over array_record's ArrayRecordDataSource. RecordError if it does not fit the schema."""
     try:
-        feats = example_pb2.Example.FromString(serialized).features.feature
-        out = {}
-        for f in schema.fields:
-            if f.name not in feats:
-                raise RecordError(f"field {f.name} is missing")
-            feat, shape = feats[f.name], schema.shape(f)
-            if f.dtype == "uint8":
-                (raw,) = feat.bytes_list.value
-                v = np.frombuffer(raw, np.uint8).reshape(shape).copy()
-            elif f.dtype == "int32":
-                v = np.array(feat.int64_list.value, np.int64).astype(np.int32).reshape(shape)
-            elif f.dtype == "float32":
-                v = np.array(feat.float_list.value, np.float32).reshape(shape)
-            else:
-                v = np.array([b.decode("utf-8") for b in feat.bytes_list.value], dtype=object).reshape(shape)
-            out[f.name] = v
-    except RecordError:
-        raise
-    except (DecodeError, ValueError) as e:
-        raise RecordError(f"not a serialized Example of this schema: {e}") from e
-    return out
+        cols = _example.parse([serialized], schema)
+    except RecordError as e:
+        raise RecordError(f"not a serialized Example of this schema: {str(e).removeprefix('record 0: ')}") from None
+    return next(_example.records(cols, 1))

@@ -175,3 +175,11 @@ def test_results_sections_kept_and_missing_modules_skipped(tmp_path):
     text = open(path).read()
     assert "first" in text and "second" in text and "Not run yet" in text
     assert "Skipped" in run_all.module_section("no_such_benchmark")
+    # A section no benchmark writes (added by hand) survives a rerun, in its place.
+    with open(path, "a") as f:
+        f.write("<!-- bench: by_hand -->\n## By hand\n\nthird\n")
+    run_all.write_results({"formats": "## Formats\n\nfourth\n"}, path)
+    text = open(path).read()
+    assert "first" in text and "fourth" in text and "second" not in text and "third" in text
+    names = re.findall(r"<!-- bench: (\w+) -->", text)
+    assert names[-1] == "by_hand" and sorted(names[:-1]) == sorted(run_all.BENCHMARKS)

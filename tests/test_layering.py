@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WATCHED = ("packer", "schemas", "pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow")
+WATCHED = ("packer", "schemas", "pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow", "datasets",
+           "array_record", "torch")
 
 # module -> packages it must not load
 FORBIDDEN = {
     "packer": ("schemas", "pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow"),
-    "schemas": ("pipelines", "benchmarks"),
+    "schemas": ("pipelines", "benchmarks", "tensorflow", "apache_beam", "pyarrow", "datasets", "array_record", "torch"),
     "pipelines": ("benchmarks",),
     "pipelines.cli": ("benchmarks",),
 }

@@ -1,5 +1,6 @@
 """Output faults, each created for real: output file modes under a umask, two runs on one output
-folder, a dead run's lock, ownership lost before finalize, a write error mid-run (RLIMIT_FSIZE), and inputs
+folder, a dead run's lock, ownership lost before finalize, a write error mid-run (RLIMIT_FSIZE), a full disk
+(a 2 MiB tmpfs, every format), and inputs
 that vanish or change between listing and reading (CLI and PackedStream).
 
 Faults are injected at an exact moment by running the CLI's main() under a small wrapper script."""
@@ -294,3 +295,70 @@ def test_an_unreadable_file_is_rejected_unreadable(tmp_path):
     os.chmod(tmp_path / "a.png", 0)
     [record] = [r for u in source.units() for r in source.read(u)]
     assert record.reject == "unreadable"
+
+
+class SmallDisk:
+    """A mounted 2 MiB tmpfs at `path`; grow() remounts it larger (space freed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def grow(self) -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(self.path)], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 2 MiB tmpfs: a real filesystem that fills up (ENOSPC), as a full disk does. Mounting needs root (or
+    CAP_SYS_ADMIN); elsewhere the tests skip."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True,
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {e} {detail.decode().strip()}")
+    try:
+        yield SmallDisk(mount_point)
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)  # busy: detach it
+
+
+FULL_DISK = ["--input", "synthetic:60", "--resolution", "uniform:64:256", "--workers", "1"]  # ~12 MB of records
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "arrow", "parquet", "array_record"])
+def test_a_full_disk_fails_in_one_line_for_every_format(full_disk, tmp_path, fmt):
+    out = full_disk.path / "out"
+    failed = pack(*FULL_DISK, "--format", fmt, "--output", str(out))
+    assert failed.returncode == 1, failed.stderr
+    line = one_line(failed.stderr)
+    assert line.startswith("navit-pack: error: cannot write the output ") and str(out) in line, line
+    assert os.strerror(28) in line, line  # ENOSPC: "No space left on device"
+    assert os.listdir(out) == []  # no shard, no temporary file, no manifest, no lock
+    with pytest.raises(schemas.ManifestMissing):
+        next(iter(schemas.read(str(out))))
+    full_disk.grow()  # space freed: the same folder is usable and gets the same output as elsewhere
+    reference = tmp_path / "reference"
+    assert pack(*FULL_DISK, "--format", fmt, "--output", str(reference)).returncode == 0
+    rerun = pack(*FULL_DISK, "--format", fmt, "--output", str(out), "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    assert schemas.read_manifest(str(out))["shards"] == schemas.read_manifest(str(reference))["shards"]
+
+
+@pytest.mark.parametrize("record_bytes", [300_000, 20_000], ids=["fails-while-writing", "fails-at-close"])
+def test_the_array_record_writer_raises_oserror_enospc(full_disk, record_bytes):
+    """array_record reports a full disk as RuntimeError, from write() once a chunk cannot be written or
+    only from close() when the last chunks were buffered: both become OSError(ENOSPC)."""
+    import errno
+
+    from schemas import _array_record
+
+    rng = np.random.default_rng(0)
+    payloads = (rng.integers(0, 256, record_bytes, dtype=np.uint8).tobytes() for _ in range(3_000_000 // record_bytes))
+    with pytest.raises(OSError) as e:
+        _array_record.write(str(full_disk.path / "x.array_record"), payloads)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(full_disk.path / "x.array_record")
+    assert not isinstance(e.value, RuntimeError)

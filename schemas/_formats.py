@@ -1,0 +1,61 @@
+"""The output formats, one registry (internal): each format is a `Format` naming its file extension, its
+writer, its reader, the sniffer of the field names stored in a shard, whether its reader checks every
+record it decodes, and its random access by record index where it has one. schemas._io, _tf and
+_verify look formats up here instead of testing names; a new format is one entry.
+
+Every writer takes (path, batches of validated records, schema) and returns the record count; every
+reader takes (path, schema, full_validation) and yields numpy record dicts, raising any exception on a
+bad shard (schemas._io.iter_shard turns it into CorruptShard). The format modules import their heavy
+library (pyarrow, array_record) inside these functions, so the registry itself costs nothing to import.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from . import _array_record, _arrow, _tfrecord
+from ._schema import Schema, SchemaError
+
+BATCH = 64  # records per Arrow batch / Parquet row group / Example parse batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    extension: str
+    write: Callable[[str, Iterable[list], Schema], int]
+    read: Callable[[str, Schema, bool], Iterator[dict]]
+    field_names: Callable[[str], Sequence[str]]
+    table: Callable[[str, Schema], Any]  # the shard as a pyarrow Table in the Arrow schema (hf_dataset)
+    checks_records: bool  # its reader verifies a checksum of every record it decodes (TFRecord CRCs, Riegeli hashes)
+    random_access: Optional[Callable[[Sequence[str], Schema], Any]] = None  # (paths, schema) -> len() / [i] / close()
+
+
+REGISTRY: dict[str, Format] = {f.name: f for f in (
+    Format("tfrecord", "tfrecord", _tfrecord.write_records,
+           lambda path, schema, full: _tfrecord.read_records(path, schema, BATCH),
+           _tfrecord.field_names,
+           lambda path, schema: _arrow.records_table(_tfrecord.read_records(path, schema, BATCH), schema, BATCH),
+           checks_records=True),
+    Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
+           checks_records=False),
+    Format("parquet", "parquet",
+           lambda path, batches, schema: _arrow.write_parquet(path, batches, schema, BATCH),
+           lambda path, schema, full: _arrow.read_parquet(path, schema, full, BATCH),
+           _arrow.parquet_field_names, _arrow.parquet_table, checks_records=False),
+    Format("array_record", "array_record", _array_record.write_records,
+           lambda path, schema, full: _array_record.read_records(path, schema, BATCH),
+           _array_record.field_names,
+           lambda path, schema: _arrow.records_table(_array_record.read_records(path, schema, BATCH), schema, BATCH),
+           checks_records=True, random_access=_array_record.RandomAccess),
+)}
+
+FORMATS = {name: f.extension for name, f in REGISTRY.items()}  # format name -> file extension (public: schemas.FORMATS)
+
+
+def get(name: str) -> Format:
+    """The registered format `name`; SchemaError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise SchemaError(f"unknown format {name!r}; expected one of {', '.join(REGISTRY)}") from None
