@@ -210,9 +210,9 @@ class ResDepDrop:
 DropPolicy = Union[NoDrop, ConstDrop, BetaDrop, ResDepDrop]
 DROP_HELP = "none | const:RATE | beta:MEAN:MAX | resdep:MIN:MAX[:SMIN:SMAX], optionally + @sigmoid:RHO_MIN:RHO_MAX:MU:TAU"
 
-PACKERS = ("window-bfd", "next-fit", "first-fit", "bfd")
-FILL_PACKERS = ("window-bfd", "bfd")  # the packers that can close a sequence exactly full (fill="exact")
-DEFAULT_PACKER = "window-bfd"
+PACKERS = ("window-swap", "window-bfd", "next-fit", "first-fit", "bfd")  # PACKERS[0] is the default
+FILL_PACKERS = ("window-swap", "window-bfd", "bfd")  # the packers that can close a sequence exactly full (fill="exact")
+DEFAULT_PACKER = PACKERS[0]
 
 
 def _numbers(field: str, spec: str, parts: list[str], help_text: str, ints: tuple[int, ...] = ()) -> list:
