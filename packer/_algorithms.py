@@ -216,9 +216,10 @@ class WindowBestFit:
 
 
 def swap_best_fit(lengths: list[int], ages: list[int], capacity: int, max_images_per_seq: int,
-                  stacks: list[list[int]] | None = None) -> tuple[list[list[int]], list[int], set[int]]:
+                  stacks: list[list[int]] | None = None) -> tuple[list[list[int]], list[int], set[int], int]:
     """Best-fit-decreasing that meets max_images_per_seq by exact swaps. Returns the bins as lists of
-    positions in `lengths`, their rooms, and the bins that the swaps changed.
+    positions in `lengths`, their rooms, the bins that the swaps changed, and how many items had to move
+    without a swap (0: every bin has the fill of best fit without the cap).
 
     First every item, carried ones (age > 0) first, then longest first, ties by position, goes into
     the open bin with the least room that still fits it, whatever the bin's count (the bitmask search
@@ -269,14 +270,16 @@ def swap_best_fit(lengths: list[int], ages: list[int], capacity: int, max_images
         stacks[bit.bit_length() - 1].clear()
         mask ^= bit
     touched: set[int] = set()
+    unswapped = 0
     if bins and max(map(len, bins)) > E:
-        _swap_to_cap(bins, rooms, lengths, keys, shift, C, E, touched)
-    return bins, rooms, touched
+        unswapped = _swap_to_cap(bins, rooms, lengths, keys, shift, C, E, touched)
+    return bins, rooms, touched, unswapped
 
 
 def _swap_to_cap(bins: list[list[int]], rooms: list[int], lengths: list[int], keys: list[int], shift: int,
-                 C: int, E: int, touched: set[int], max_probes: int = 64) -> None:
-    """Bring every bin to at most E items (see swap_best_fit); `keys` are the sorted keys of the packing."""
+                 C: int, E: int, touched: set[int], max_probes: int = 64) -> int:
+    """Bring every bin to at most E items (see swap_best_fit); `keys` are the sorted keys of the packing.
+    Each swap tries at most `max_probes` total lengths. Returns the number of items moved without a swap."""
     low = (1 << shift) - 1
     where = [0] * len(lengths)
     for b, contents in enumerate(bins):
@@ -360,6 +363,7 @@ def _swap_to_cap(bins: list[list[int]], rooms: list[int], lengths: list[int], ke
             bins[best].append(p)
             rooms[best] -= m
             touched.add(best)
+    return len(leftover)
 
 
 class WindowSwap:
@@ -375,9 +379,9 @@ class WindowSwap:
     Items collect in a window of `window` items. When it is full, the window is packed; bins whose room
     is less than the window's shortest item, or that hold an item already carried `max_age` times, are
     emitted, and the items of the other bins (also those at max_images_per_seq: the next round's swaps can
-    make room in them) are carried over into the next round. Memory is bounded by the window (plus
-    capacity + 1 reusable lists); every item leaves within max_age + 1 rounds. Decisions depend on the
-    lengths and their arrival order only."""
+    make room in them) are carried over into the next round. Every item leaves within max_age + 1 rounds,
+    so the window never holds more than window + max_age items (plus capacity + 1 reusable lists).
+    Decisions depend on the lengths and their arrival order only."""
 
     def __init__(self, capacity: int, max_images_per_seq: int, window: int = 1024, max_age: int = 3):
         self.capacity, self.max_images_per_seq, self.window, self.max_age = capacity, max_images_per_seq, window, max_age
@@ -385,6 +389,7 @@ class WindowSwap:
         self._ids: list[int] = []
         self._ages: list[int] = []  # rounds each item has been carried
         self._stacks: list[list[int]] = [[] for _ in range(capacity + 1)]
+        self.unswapped = 0  # items moved into another bin without a swap (a statistic, not part of the state)
 
     def push(self, item: int, length: int) -> list[list[int]]:
         self._lengths.append(length)
@@ -414,7 +419,8 @@ class WindowSwap:
 
     def _round(self, final: bool) -> list[list[int]]:
         lengths, ids, ages = self._lengths, self._ids, self._ages
-        bins, rooms, touched = swap_best_fit(lengths, ages, self.capacity, self.max_images_per_seq, self._stacks)
+        bins, rooms, touched, unswapped = swap_best_fit(lengths, ages, self.capacity, self.max_images_per_seq, self._stacks)
+        self.unswapped += unswapped
         max_age, shortest = self.max_age, min(lengths)
         out: list[list[int]] = []
         keep: list[int] = []
@@ -660,7 +666,7 @@ class ExactFillSwap(ExactFillWindow):
 
     def _plan(self) -> tuple[list[list[tuple[int, int, int]]], list[int], list[int]]:
         items = self._items
-        bins, rooms, _ = swap_best_fit([-n for n, _, _ in items], [a for _, _, a in items], self.capacity,
+        bins, rooms, _, _ = swap_best_fit([-n for n, _, _ in items], [a for _, _, a in items], self.capacity,
                                        self.max_images_per_seq, self._stacks)
         contents = [[items[p] for p in b] for b in bins]
         return contents, rooms, [max(a for _, _, a in c) for c in contents]
