@@ -191,3 +191,53 @@ def test_items_swapped_between_sequences_keep_their_age(max_images_per_seq, max_
     for i, n in enumerate(drop_like_stream(6000, seed=max_images_per_seq + max_age)):
         algo.push(i, n)
         assert all(age <= max_age for _, _, age in algo.state()["items"])
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for i, s in enumerate(imagenet_like_sizes(24, seed=3)):
+        Image.new("RGB", (s.width, s.height), (i * 10, 100, 50)).save(root / f"img{i}.jpg", quality=70)
+    return str(root)
+
+
+def test_bench_and_advise_show_the_new_default_beside_window_bfd(image_dir, tmp_path):
+    import argparse
+
+    from pipelines import cmd_advise, cmd_bench
+
+    assert packing.PackerSpec.parse("window-swap@64").label == "window-swap@64"
+    labels = [s.label for s in packing.default_packers()]
+    assert {"window-swap@1024", "window-bfd@1024", "first-fit", "bfd"} <= set(labels)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cmd_bench.register(sub)
+    cmd_advise.register(sub)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["bench", "packing", "--input", image_dir, "--seq-len", "256", "--draws", "2000",
+                              "--token-drop", "beta:0.5:0.8", "--packers", "window-swap", "window-bfd", "bfd",
+                              "--json", str(out)])
+    assert args.func(args) == 0
+    by = {c["packer"]: c for c in json.loads(out.read_text())["cells"]}
+    assert by["window-swap@1024"]["window"] == 1024
+    assert by["window-swap@1024"]["emax_closed"] < by["window-bfd@1024"]["emax_closed"]  # fewer closed at the cap with room
+    assert by["window-swap@1024"]["efficiency"] > by["window-bfd@1024"]["efficiency"]
+    assert by["bfd"]["efficiency_uncapped"] >= by["bfd"]["efficiency"]  # without the cap: a reference above
+    advice = tmp_path / "advice.json"
+    args = parser.parse_args(["advise", "--input", image_dir, "--draws", "300", "--seq-len", "64", "256", "--json", str(advice)])
+    assert args.func(args) == 0
+    assert json.loads(advice.read_text())["packer"] == "window-swap@1024"
+
+
+def test_cap_targets_table(image_dir):
+    t = packing.cap_targets(packing.load_sizes(image_dir), draws=1500, seq_lens=(64, 256), drops=("beta:0.5:0.8",),
+                            resolutions=("uniform:64:256",))
+    assert t["default"] == "window-swap@1024" and t["previous"] == "window-bfd@1024"
+    assert [r["seq_len"] for r in t["rows"]] == [64, 256]
+    for r in t["rows"]:
+        assert r["default"] <= r["bound"] + 1e-12 and r["bfd"] <= r["bfd_uncapped"]
+        assert r["default"] > r["previous"] and r["pass"]["first_fit"]
+    text = packing.format_cap_targets(t)
+    assert "window-swap@1024" in text and "bfd no cap" in text
