@@ -171,13 +171,15 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def write_results(sections: dict[str, str], path: str = RESULTS) -> None:
-    """Rewrites RESULTS.md: the given sections replace theirs; the others are kept."""
+    """Rewrites RESULTS.md: the given sections replace theirs; the others, also those that no benchmark here
+    writes, are kept where they are."""
     old = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = _sections(f.read())
     body = [HEADER]
-    for name in BENCHMARKS:
+    # the file's order, sections that other commands write (grid_rules, attention) included; new ones last
+    for name in [*old, *(n for n in BENCHMARKS if n not in old)]:
         text = sections.get(name) or old.get(name) or f"## {name.capitalize()}\n\nNot run yet: `python -m benchmarks.run_all --only {name}`.\n"
         body.append(f"<!-- bench: {name} -->\n{text.strip()}\n")
     with open(path, "w", encoding="utf-8") as f:

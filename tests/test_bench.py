@@ -176,3 +176,8 @@ def test_results_sections_kept_and_missing_modules_skipped(tmp_path):
     text = open(path).read()
     assert "first" in text and "second" in text and "Not run yet" in text
     assert "Skipped" in run_all.module_section("no_such_benchmark")
+    with open(path, "a") as f:  # a section another command writes (grid_rules, attention) survives a rerun
+        f.write("<!-- bench: grid_rules -->\n## Token-budget grid rules\n\nthird\n")
+    run_all.write_results({"packing": "## Packing efficiency\n\nfourth\n"}, path)
+    text = open(path).read()
+    assert "third" in text and "fourth" in text and "first" not in text and "second" in text
