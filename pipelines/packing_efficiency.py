@@ -176,8 +176,8 @@ def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_ima
     if spec.name == PAD_TO_BUDGET:  # one image per sequence, padded to the smallest budget that holds every draw
         budget = int(np.max(lengths))
         return {"sequences": n, "slots": n * budget, "efficiency": total / (n * budget), "budget": budget,
-                "efficiency_uncapped": total / (n * budget), "images_per_seq": 1.0, "images_per_seq_hist": {1: n}, "emax_closed": 0, "images_over_emax": 0,
-                "images_per_s": None}
+                "efficiency_uncapped": total / (n * budget), "images_per_seq": 1.0, "images_per_seq_hist": {1: n},
+                "emax_closed": 0, "images_over_emax": 0, "images_per_s": None}
     items = lengths.tolist()
     best = math.inf
     for _ in range(max(1, repeats)):
