@@ -160,7 +160,8 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_im
 
 
 class WindowBestFit:
-    """The default streaming packer: best-fit-decreasing over a bounded window, with carry-over.
+    """Packer window-bfd (the default before window-swap): best-fit-decreasing over a bounded window,
+    with carry-over; a bin closes when it reaches max_images_per_seq items.
 
     Items collect in a window of `window` items. When it is full, the window is packed with
     best-fit-decreasing; bins that are exactly full, at max_images_per_seq, or with less room than the window's
@@ -213,6 +214,239 @@ class WindowBestFit:
 
     def restore(self, state: dict) -> None:
         self._items = [(-n, i, a) for n, i, a in state["items"]]
+
+
+def swap_best_fit(lengths: list[int], ages: list[int], capacity: int, max_images_per_seq: int,
+                  stacks: list[list[int]] | None = None) -> tuple[list[list[int]], list[int], set[int], int]:
+    """Best-fit-decreasing that meets max_images_per_seq by exact swaps. Returns the bins as lists of
+    positions in `lengths`, their rooms, the bins that the swaps changed, and how many items had to move
+    without a swap (0: every bin has the fill of best fit without the cap).
+
+    First every item, carried ones (age > 0) first, then longest first, ties by position, goes into
+    the open bin with the least room that still fits it, whatever the bin's count (the bitmask search
+    of best_fit_decreasing). Decreasing order leaves the shortest items to the last bins, which then
+    hold more than max_images_per_seq of them; each such bin gives k of its items (its k-1 shortest
+    and one more) for one item of exactly their total length from a bin that can take k-1 more items,
+    largest k first, so every bin keeps its fill and the window's packing stays that of best fit without
+    the cap. An excess that no swap removes (rare) moves out, shortest first, into the bin with a free
+    slot and the least room that fits it, else into new bins. `stacks` (capacity + 1 empty lists) may
+    be passed to reuse; they are empty again on return."""
+    n = len(lengths)
+    C, E = capacity, max_images_per_seq
+    if stacks is None:
+        stacks = [[] for _ in range(C + 1)]
+    shift = n.bit_length()
+    low = (1 << shift) - 1
+    new = 2 * C + 1  # keys: carried items in [0, C] << shift, new ones in [C + 1, 2C + 1] << shift
+    keys = [((C - m) << shift | p) if a else ((new - m) << shift | p) for p, (m, a) in enumerate(zip(lengths, ages))]
+    keys.sort()
+    bins: list[list[int]] = []
+    rooms: list[int] = []
+    mask = 0  # bit r set: some bin has room r
+    for k in keys:
+        p = k & low
+        m = lengths[p]
+        fits = mask >> m
+        if fits:
+            room = m + (fits & -fits).bit_length() - 1
+            stack = stacks[room]
+            b = stack.pop()
+            if not stack:
+                mask ^= 1 << room
+            bins[b].append(p)
+            room -= m
+            rooms[b] = room
+        else:
+            b = len(bins)
+            bins.append([p])
+            room = C - m
+            rooms.append(room)
+        if room:
+            stack = stacks[room]
+            if not stack:
+                mask |= 1 << room
+            stack.append(b)
+    while mask:  # leave the stacks empty for the next call
+        bit = mask & -mask
+        stacks[bit.bit_length() - 1].clear()
+        mask ^= bit
+    touched: set[int] = set()
+    unswapped = 0
+    if bins and max(map(len, bins)) > E:
+        unswapped = _swap_to_cap(bins, rooms, lengths, keys, shift, C, E, touched)
+    return bins, rooms, touched, unswapped
+
+
+def _swap_to_cap(bins: list[list[int]], rooms: list[int], lengths: list[int], keys: list[int], shift: int,
+                 C: int, E: int, touched: set[int], max_probes: int = 64) -> int:
+    """Bring every bin to at most E items (see swap_best_fit); `keys` are the sorted keys of the packing.
+    Each swap tries at most `max_probes` total lengths. Returns the number of items moved without a swap."""
+    low = (1 << shift) - 1
+    where = [0] * len(lengths)
+    for b, contents in enumerate(bins):
+        for p in contents:
+            where[p] = b
+    over = [b for b, contents in enumerate(bins) if len(contents) > E]
+    is_over = set(over)
+    present = set(lengths)
+    fewest = min((len(c) for b, c in enumerate(bins) if b not in is_over), default=E)  # no host takes more than E - fewest
+    length_of = lengths.__getitem__
+    leftover: list[int] = []
+
+    def host(y: int, k: int, a: int) -> int | None:
+        """The first position (in packing order) of an item of length y in a bin other than `a`, not over
+        the cap, that can take k - 1 more items."""
+        for top in (C, 2 * C + 1):
+            i = bisect.bisect_left(keys, (top - y) << shift)
+            end = bisect.bisect_left(keys, (top - y + 1) << shift, i)
+            for j in range(i, end):
+                q = keys[j] & low
+                h = where[q]
+                if h != a and h not in is_over and len(bins[h]) + k - 1 <= E:
+                    return q
+        return None
+
+    for a in over:
+        A = bins[a]
+        touched.add(a)
+        while len(A) > E:
+            A.sort(key=length_of)
+            probes = 0  # host searches for this swap
+            excess = len(A) - E
+            found = None
+            for k in range(min(excess + 1, E - fewest + 1, len(A)), 1, -1):
+                pre = sum(map(length_of, A[:k - 1]))
+                tried = set()
+                for c in range(len(A) - 1, k - 2, -1):  # the longest completion first
+                    s = pre + lengths[A[c]]
+                    if s in tried or s not in present:
+                        continue
+                    tried.add(s)
+                    probes += 1
+                    q = host(s, k, a)
+                    if q is not None:
+                        found = (k, c, q)
+                        break
+                    if probes >= max_probes:
+                        break
+                if found or probes >= max_probes:
+                    break
+            if found is None:  # the shortest excess items leave the bin
+                leftover += A[:excess]
+                rooms[a] += sum(map(length_of, A[:excess]))
+                del A[:excess]
+                break
+            k, c, q = found
+            h = where[q]
+            moved = A[:k - 1] + [A[c]]
+            del A[c]
+            del A[:k - 1]
+            A.append(q)
+            where[q] = a
+            H = bins[h]
+            H.remove(q)
+            H += moved
+            for p in moved:
+                where[p] = h
+            touched.add(h)
+    if leftover:
+        leftover.sort(key=length_of, reverse=True)
+        for p in leftover:
+            m = lengths[p]
+            best = None
+            for b, contents in enumerate(bins):
+                if len(contents) < E and m <= rooms[b] and (best is None or rooms[b] < rooms[best]):
+                    best = b
+            if best is None:
+                best = len(bins)
+                bins.append([])
+                rooms.append(C)
+            bins[best].append(p)
+            rooms[best] -= m
+            touched.add(best)
+    return len(leftover)
+
+
+class WindowSwap:
+    """The default streaming packer: best-fit-decreasing over a bounded window, as if there were no
+    image cap, then exact swaps that bring every sequence to at most max_images_per_seq images
+    (swap_best_fit), with carry-over.
+
+    Closing a sequence when it reaches max_images_per_seq images (WindowBestFit) leaves the round's shortest items,
+    which decreasing order places last, in sequences that reach the cap with room left; here those
+    items are swapped, several at a time, for one item of the same total length from a sequence with
+    free slots, so the window's fills stay those of best fit without the cap.
+
+    Items collect in a window of `window` items. When it is full, the window is packed; bins whose room
+    is less than the window's shortest item, or that hold an item already carried `max_age` times, are
+    emitted, and the items of the other bins (also those at max_images_per_seq: the next round's swaps can
+    make room in them) are carried over into the next round. Every item leaves within max_age + 1 rounds,
+    so the window never holds more than window + max_age items (plus capacity + 1 reusable lists).
+    Decisions depend on the lengths and their arrival order only."""
+
+    def __init__(self, capacity: int, max_images_per_seq: int, window: int = 1024, max_age: int = 3):
+        self.capacity, self.max_images_per_seq, self.window, self.max_age = capacity, max_images_per_seq, window, max_age
+        self._lengths: list[int] = []  # the window in arrival order: carried items first
+        self._ids: list[int] = []
+        self._ages: list[int] = []  # rounds each item has been carried
+        self._stacks: list[list[int]] = [[] for _ in range(capacity + 1)]
+        self.unswapped = 0  # items moved into another bin without a swap (a statistic, not part of the state)
+
+    def push(self, item: int, length: int) -> list[list[int]]:
+        self._lengths.append(length)
+        self._ids.append(item)
+        self._ages.append(0)
+        if len(self._lengths) < self.window:
+            return []
+        return self._round(final=False)
+
+    def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
+        """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
+        out: list[list[int]] = []
+        start = 0
+        while start < len(lengths):
+            take = max(1, self.window - len(self._lengths))  # push() adds one item before each round
+            chunk = lengths[start:start + take]
+            self._lengths += chunk
+            self._ids += range(first_item + start, first_item + start + len(chunk))
+            self._ages += repeat(0, len(chunk))
+            start += len(chunk)
+            if len(self._lengths) >= self.window:
+                out += self._round(final=False)
+        return out
+
+    def flush(self) -> list[list[int]]:
+        return self._round(final=True) if self._lengths else []
+
+    def _round(self, final: bool) -> list[list[int]]:
+        lengths, ids, ages = self._lengths, self._ids, self._ages
+        bins, rooms, touched, unswapped = swap_best_fit(lengths, ages, self.capacity, self.max_images_per_seq, self._stacks)
+        self.unswapped += unswapped
+        max_age, shortest = self.max_age, min(lengths)
+        out: list[list[int]] = []
+        keep: list[int] = []
+        get_id = ids.__getitem__
+        for b, (contents, room) in enumerate(zip(bins, rooms)):
+            # carried items go first, so only a bin opened by one holds any, unless swaps moved them
+            if final or room < shortest or ((ages[contents[0]] or b in touched)
+                                            and max(map(ages.__getitem__, contents)) >= max_age):
+                out.append(list(map(get_id, contents)))
+            else:
+                keep += contents
+        keep.sort()  # arrival order
+        self._lengths = [lengths[p] for p in keep]
+        self._ids = [ids[p] for p in keep]
+        self._ages = [ages[p] + 1 for p in keep]
+        return out
+
+    def state(self) -> dict:
+        return {"items": [[n, i, a] for n, i, a in zip(self._lengths, self._ids, self._ages)]}
+
+    def restore(self, state: dict) -> None:
+        items = state["items"]
+        self._lengths = [int(n) for n, _, _ in items]
+        self._ids = [int(i) for _, i, _ in items]
+        self._ages = [int(a) for _, _, a in items]
 
 
 class _Donors:
@@ -301,8 +535,12 @@ class ExactFillWindow(WindowBestFit):
         out, self.refits = self.refits, {}
         return out
 
+    def _plan(self) -> tuple[list[list[tuple[int, int, int]]], list[int], list[int]]:
+        """The round's bins of (-length, id, age) items, their rooms and their oldest ages."""
+        return best_fit_decreasing(self._items, self.capacity, self.max_images_per_seq)
+
     def _round(self, final: bool) -> list[list[int]]:
-        bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_images_per_seq)
+        bins, rooms, oldest = self._plan()
         emit: list[list] = []  # [[[id, length], ...], room]
         carried = []
         max_age, max_images_per_seq = self.max_age, self.max_images_per_seq
@@ -419,6 +657,22 @@ class ExactFillWindow(WindowBestFit):
         return True
 
 
+class ExactFillSwap(ExactFillWindow):
+    """ExactFillWindow on the rounds of WindowSwap (swap_best_fit) instead of best-fit-decreasing with
+    the cap: fewer sequences reach max_images_per_seq with room left, so fewer images are re-planned."""
+
+    def __init__(self, capacity: int, max_images_per_seq: int, window: int, feasible: Feasible, **kw):
+        super().__init__(capacity, max_images_per_seq, window, feasible, **kw)
+        self._stacks: list[list[int]] = [[] for _ in range(capacity + 1)]
+
+    def _plan(self) -> tuple[list[list[tuple[int, int, int]]], list[int], list[int]]:
+        items = self._items
+        bins, rooms, _, _ = swap_best_fit([-n for n, _, _ in items], [a for _, _, a in items], self.capacity,
+                                       self.max_images_per_seq, self._stacks)
+        contents = [[items[p] for p in b] for b in bins]
+        return contents, rooms, [max(a for _, _, a in c) for c in contents]
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
     """A registered packer: `make(capacity, max_images_per_seq, window)` builds it; `make_filling(capacity,
@@ -431,6 +685,9 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("window-swap", "best fit over a window without the image cap, then exact swaps that bring every "
+              "sequence under it; sequences carried up to 3 rounds (the default)",
+              lambda c, e, w: WindowSwap(c, e, w), lambda c, e, w, f: ExactFillSwap(c, e, w, f)),
     Algorithm("window-bfd", "streaming best-fit-decreasing over a window of images, with carry-over",
               lambda c, e, w: WindowBestFit(c, e, w), lambda c, e, w, f: ExactFillWindow(c, e, w, f)),
     Algorithm("next-fit", "one open sequence; an image that does not fit closes it (vit-pytorch NaViT)",
@@ -472,7 +729,7 @@ def pack_lengths(lengths: Iterable[int], name: str, capacity: int, max_images_pe
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if type(algo) is WindowBestFit:
+        if type(algo) in (WindowBestFit, WindowSwap):
             bins = algo.push_many(0, lengths)
         else:
             bins = [b for i, n in enumerate(lengths) for b in algo.push(i, n)]

@@ -9,11 +9,14 @@ smallest that holds every draw, min(L, largest image), their best case), next-fi
 order (vit-pytorch NaViT) and first-fit (the paper, A.3). Per cell: efficiency (real tokens / (sequences
 * L)), padding, images per sequence, the gap to two lower bounds on the number of sequences (ceil(total /
 L) and Martello-Toth L2, both also raised to ceil(images / max_images_per_seq)), the effect of max_images_per_seq, and the speed of
-the packing decisions.
+the packing decisions. The default packer is packer.PACKERS[0] (window-swap); window-bfd, the default before
+it, is measured beside it.
 
 max_images_per_seq columns: `emax_closed` counts sequences closed because they reached max_images_per_seq images while room was
 left; `images_over_emax` counts the images that the paper's scheme would drop: the same packer run
-without the max_images_per_seq limit, and every image beyond the max_images_per_seq-th of a sequence counted as lost.
+without the max_images_per_seq limit, and every image beyond the max_images_per_seq-th of a sequence counted as lost;
+`efficiency_uncapped` is that run's efficiency (for bfd: offline best fit without the cap, a reference that
+the cap can only lower).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ import packer
 DEFAULT_SEQ_LENS = (64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_WINDOWS = (64, 256, 1024, 4096)
 PAD_TO_BUDGET = "pad-to-budget"
+WINDOWED = ("window-swap", "window-bfd")  # the packers that take a window (PackerSpec "NAME@W")
+DEFAULT_PACKER = packer.PACKERS[0]
 # Peers whose behaviour a packer reproduces, for the table and plots.
 PEERS = {PAD_TO_BUDGET: "timm / HF NaFlex", "next-fit": "vit-pytorch NaViT", "first-fit": "NaViT paper"}
 
@@ -51,18 +56,18 @@ class ImageSize:
 
 @dataclasses.dataclass(frozen=True)
 class PackerSpec:
-    """A packer to measure: its packer.pack_lengths name and window (ignored except by window-bfd)."""
+    """A packer to measure: its packer.pack_lengths name and window (ignored except by the WINDOWED packers)."""
 
     name: str
     window: int = 1024
 
     @property
     def label(self) -> str:
-        return f"{self.name}@{self.window}" if self.name == "window-bfd" else self.name
+        return f"{self.name}@{self.window}" if self.name in WINDOWED else self.name
 
     @classmethod
     def parse(cls, text: str) -> "PackerSpec":
-        """'next-fit', 'first-fit', 'bfd', 'window-bfd' or 'window-bfd@W', or 'pad-to-budget'."""
+        """'next-fit', 'first-fit', 'bfd', 'window-swap', 'window-bfd' or either '@W', or 'pad-to-budget'."""
         name, _, window = text.partition("@")
         if name not in packer.PACKERS and name != PAD_TO_BUDGET:
             raise ValueError(f"unknown packer {name!r}; choose from {sorted(packer.PACKERS)} or {PAD_TO_BUDGET}")
@@ -72,8 +77,9 @@ class PackerSpec:
 
 
 def default_packers(windows: Iterable[int] = DEFAULT_WINDOWS) -> list[PackerSpec]:
+    windows = list(windows)
     return ([PackerSpec(PAD_TO_BUDGET), PackerSpec("next-fit"), PackerSpec("first-fit")]
-            + [PackerSpec("window-bfd", w) for w in windows] + [PackerSpec("bfd")])
+            + [PackerSpec(name, w) for name in reversed(WINDOWED) for w in windows] + [PackerSpec("bfd")])
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -154,13 +160,14 @@ def lower_bounds(lengths: np.ndarray, capacity: int, max_images_per_seq: int) ->
 
 def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_images_per_seq: int,
                    repeats: int = 2) -> dict[str, Any]:
-    """Pack `lengths` with one packer; efficiency, images per sequence, max_images_per_seq effects, decision speed."""
+    """Pack `lengths` with one packer; efficiency (also without the max_images_per_seq limit), images per sequence,
+    max_images_per_seq effects, decision speed."""
     n, total = len(lengths), int(np.sum(lengths))
     if spec.name == PAD_TO_BUDGET:  # one image per sequence, padded to the smallest budget that holds every draw
         budget = int(np.max(lengths))
         return {"sequences": n, "slots": n * budget, "efficiency": total / (n * budget), "budget": budget,
-                "images_per_seq": 1.0, "images_per_seq_hist": {1: n}, "emax_closed": 0, "images_over_emax": 0,
-                "images_per_s": None}
+                "efficiency_uncapped": total / (n * budget), "images_per_seq": 1.0, "images_per_seq_hist": {1: n},
+                "emax_closed": 0, "images_over_emax": 0, "images_per_s": None}
     items = lengths.tolist()
     best = math.inf
     for _ in range(max(1, repeats)):
@@ -174,7 +181,7 @@ def measure_packer(lengths: np.ndarray, spec: PackerSpec, capacity: int, max_ima
     over = sum(max(0, len(b) - max_images_per_seq) for b in unbounded)
     hist = np.bincount(sizes)
     return {"sequences": len(bins), "slots": len(bins) * capacity, "efficiency": total / (len(bins) * capacity),
-            "images_per_seq": n / len(bins),
+            "efficiency_uncapped": total / (len(unbounded) * capacity), "images_per_seq": n / len(bins),
             "images_per_seq_hist": {int(k): int(v) for k, v in enumerate(hist) if v},
             "emax_closed": int(np.sum((sizes == max_images_per_seq) & (fill < capacity))),
             "images_over_emax": int(over), "images_per_s": n / best if best > 0 else None}
@@ -208,7 +215,7 @@ def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_L
                         seqs = m["sequences"]
                         cells.append({
                             "resolution": res, "drop": drop, "seq_len": L, "max_images_per_seq": E, "packer": spec.label,
-                            "algorithm": spec.name, "window": spec.window if spec.name == "window-bfd" else None,
+                            "algorithm": spec.name, "window": spec.window if spec.name in WINDOWED else None,
                             "peer": PEERS.get(spec.name), "images": draws, "tokens": total,
                             **m, "padding": 1.0 - m["efficiency"],
                             "bounds": bounds,
@@ -223,7 +230,7 @@ def sweep(sizes: Sequence[ImageSize], *, seq_lens: Sequence[int] = DEFAULT_SEQ_L
 
 # ---------------------------------------------------------------------------------------------- targets
 
-def streaming_peak_bytes(lengths: np.ndarray, num_items: int, name: str = "window-bfd", capacity: int = 256,
+def streaming_peak_bytes(lengths: np.ndarray, num_items: int, name: str = DEFAULT_PACKER, capacity: int = 256,
                          max_images_per_seq: int = 16, window: int = 1024) -> int:
     """tracemalloc peak of a streaming packer fed `num_items` lengths from a generator (closed bins are
     consumed and dropped, as a pipeline does): the memory the packer itself holds."""
@@ -242,44 +249,106 @@ def streaming_peak_bytes(lengths: np.ndarray, num_items: int, name: str = "windo
     return peak
 
 
+def _timed_runs(runs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable, `repeats` times, interleaved (so that load changes hit every one alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def core_targets(sizes: Sequence[ImageSize], *, draws: int = 20_000, speed_items: int = 1_000_000,
-                   memory_items: Sequence[int] = (10_000, 1_000_000), repeats: int = 3) -> dict[str, Any]:
+                 memory_items: Sequence[int] = (10_000, 1_000_000), repeats: int = 3) -> dict[str, Any]:
     """The core's targets: uniform:64:256, P=16, L=256, no drop. Efficiency of the default packer (>= 98.5%,
-    within 0.2 points of offline BFD), decision speed (>= 1M images/s on one core, lengths only) and
-    streaming memory independent of the number of images."""
+    within 0.2 points of offline BFD), decision speed (>= 1M images/s on one core, lengths only; beside
+    window-bfd and next-fit measured in the same run) and streaming memory independent of the number of images."""
     config = packer.PackConfig(seq_len=256, patch_size=16, resolution="uniform:64:256")
     lengths = draw_tokens(sizes, config, draws)
+    default_spec, old_spec = PackerSpec(DEFAULT_PACKER, config.window), PackerSpec("window-bfd", config.window)
     result = sweep(sizes, seq_lens=(256,), draws=draws,
                    packers=[PackerSpec(PAD_TO_BUDGET), PackerSpec("next-fit"), PackerSpec("first-fit"),
-                            PackerSpec("window-bfd", config.window), PackerSpec("bfd")])
+                            *dict.fromkeys([old_spec, default_spec]), PackerSpec("bfd")])
     eff = {c["packer"]: c["efficiency"] for c in result["cells"]}
-    default = eff[f"window-bfd@{config.window}"]
+    default = eff[default_spec.label]
     cell = result["cells"][0]
     big = np.resize(np.random.default_rng(0).permutation(lengths), speed_items).tolist()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        packer.pack_lengths(big, "window-bfd", 256, config.max_images_per_seq, config.window)
-        times.append(time.perf_counter() - t0)
-    speed = speed_items / min(times)
-    baseline = []  # next-fit on the same lengths in the same run: a machine-load-independent yardstick
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        packer.pack_lengths(big, "next-fit", 256, config.max_images_per_seq)
-        baseline.append(time.perf_counter() - t0)
-    peaks = {str(n): streaming_peak_bytes(lengths, n, window=config.window, max_images_per_seq=config.max_images_per_seq)
-             for n in memory_items}
-    first, last = peaks[str(memory_items[0])], peaks[str(memory_items[-1])]
+    E = config.max_images_per_seq
+    runs = {spec.label: (lambda spec=spec: packer.pack_lengths(big, spec.name, 256, E, spec.window))
+            for spec in dict.fromkeys([default_spec, old_spec])}
+    runs["next-fit"] = lambda: packer.pack_lengths(big, "next-fit", 256, E)  # a machine-load yardstick
+    times = _timed_runs(runs, repeats)
+    speed = speed_items / min(times[default_spec.label])
+    peaks = {label: {str(n): streaming_peak_bytes(lengths, n, name=spec.name, window=config.window, max_images_per_seq=E)
+                     for n in memory_items}
+             for label, spec in ((s.label, s) for s in dict.fromkeys([default_spec, old_spec]))}
+    first, last = peaks[default_spec.label][str(memory_items[0])], peaks[default_spec.label][str(memory_items[-1])]
     return {
-        "config": config.to_json(), "draws": draws, "efficiency": eff,
+        "config": config.to_json(), "draws": draws, "efficiency": eff, "default": default_spec.label,
+        "previous": old_spec.label,
         "lower_bound_ceil": cell["efficiency_ceil"], "lower_bound_l2": cell["efficiency_bound"],
         "default_efficiency": default, "gap_to_bfd_points": 100 * (eff["bfd"] - default),
-        "images_per_s": speed, "speed_items": speed_items, "speed_runs_s": times,
-        "next_fit_images_per_s": speed_items / min(baseline), "speed_vs_next_fit": min(baseline) / min(times),
-        "memory_peak_bytes": peaks, "memory_ratio": last / first if first else None,
+        "images_per_s": speed, "speed_items": speed_items, "speed_runs_s": times[default_spec.label],
+        "previous_images_per_s": speed_items / min(times[old_spec.label]),
+        "speed_vs_previous": min(times[old_spec.label]) / min(times[default_spec.label]),
+        "next_fit_images_per_s": speed_items / min(times["next-fit"]),
+        "speed_vs_next_fit": min(times["next-fit"]) / min(times[default_spec.label]),
+        "memory_peak_bytes": peaks[default_spec.label], "memory_peak_bytes_by_packer": peaks,
+        "memory_ratio": last / first if first else None,
         "pass": {"efficiency": default >= 0.985, "near_bfd": 100 * (eff["bfd"] - default) <= 0.2,
                  "speed": speed >= 1_000_000, "memory": last <= 2 * first},
     }
+
+
+CAP_SEQ_LENS = (64, 256, 1024)
+CAP_RESOLUTIONS = ("uniform:64:256", "tnormal:64:384:-0.5:1:side")
+CAP_DROPS = ("none", "beta:0.5:0.8")
+
+
+def cap_targets(sizes: Sequence[ImageSize], *, draws: int = 20_000, seq_lens: Sequence[int] = CAP_SEQ_LENS,
+                resolutions: Sequence[str] = CAP_RESOLUTIONS, drops: Sequence[str] = CAP_DROPS) -> dict[str, Any]:
+    """What the image cap costs the default packer (issue 30), at the default max_images_per_seq (L // 16): per
+    cell, its efficiency beside window-bfd@1024, the paper's first-fit and offline best fit run without the cap.
+    Targets: within 0.1 points of the last (0.3 at L=64, where E = 4), never below first-fit, and in cells
+    without token dropping never below window-bfd."""
+    default_spec, old_spec = PackerSpec(DEFAULT_PACKER), PackerSpec("window-bfd")
+    result = sweep(sizes, seq_lens=seq_lens, resolutions=resolutions, drops=drops, draws=draws, repeats=1,
+                   packers=[PackerSpec("first-fit"), *dict.fromkeys([old_spec, default_spec]), PackerSpec("bfd")])
+    rows = []
+    for res in resolutions:
+        for drop in drops:
+            for L in seq_lens:
+                by = {c["packer"]: c for c in result["cells"]
+                      if (c["resolution"], c["drop"], c["seq_len"]) == (res, drop, L)}
+                new, old, ff, bfd = (by[s.label] for s in (default_spec, old_spec, PackerSpec("first-fit"), PackerSpec("bfd")))
+                tolerance = 0.003 if L == 64 else 0.001
+                ok = {"near_uncapped": new["efficiency"] >= bfd["efficiency_uncapped"] - tolerance,
+                      "first_fit": new["sequences"] <= ff["sequences"],
+                      "previous": drop != "none" or new["sequences"] <= old["sequences"]}
+                rows.append({"resolution": res, "drop": drop, "seq_len": L, "max_images_per_seq": new["max_images_per_seq"],
+                             "default": new["efficiency"], "previous": old["efficiency"], "first_fit": ff["efficiency"],
+                             "bfd": bfd["efficiency"], "bfd_uncapped": bfd["efficiency_uncapped"],
+                             "bound": new["efficiency_bound"], "sequences": {s: by[s]["sequences"] for s in by},
+                             "emax_closed": {s: by[s]["emax_closed"] for s in by},
+                             "tolerance_points": 100 * tolerance, "pass": ok})
+    return {"default": default_spec.label, "previous": old_spec.label, "draws": draws, "rows": rows,
+            "pass": all(all(r["pass"].values()) for r in rows)}
+
+
+def format_cap_targets(t: dict[str, Any]) -> str:
+    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    lines = [f"image-cap targets ({t['draws']:,} draws per cell, max_images_per_seq = L // 16): {t['default']} within "
+             "0.1 points (0.3 at L=64) of offline bfd without the cap, >= first-fit, >= window-bfd without drops",
+             f"  {'resolution':<28}{'drop':<14}{'L':>6}{t['default']:>18}{t['previous']:>18}{'bfd no cap':>12}"
+             f"{'first-fit':>11}{'bound':>8}  ok"]
+    for r in t["rows"]:
+        lines.append(f"  {r['resolution']:<28}{r['drop']:<14}{r['seq_len']:6d}{100 * r['default']:18.2f}"
+                     f"{100 * r['previous']:18.2f}{100 * r['bfd_uncapped']:12.2f}{100 * r['first_fit']:11.2f}"
+                     f"{100 * r['bound']:8.2f}  {yes(all(r['pass'].values()))}")
+    lines.append(f"  all targets met: {yes(t['pass'])}")
+    return "\n".join(lines)
 
 
 ADVISE_SEQ_LENS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -302,7 +371,7 @@ def smallest_max_images_per_seq(lengths: np.ndarray, capacity: int, spec: Packer
 
 
 def advise(sizes: Sequence[ImageSize], *, resolution: str = "uniform:64:256", token_drop: str = "none",
-           target_padding: float = 0.02, seq_lens: Sequence[int] = ADVISE_SEQ_LENS, packer_spec: str = "window-bfd",
+           target_padding: float = 0.02, seq_lens: Sequence[int] = ADVISE_SEQ_LENS, packer_spec: str = DEFAULT_PACKER,
            draws: int = 20_000, patch_size: int = 16, seed: int = 0, max_shrunk: float = 0.01) -> dict[str, Any]:
     """Recommend a sequence length L and max_images_per_seq for a padding target (the paper kept padding under 2% by
     tuning L). For each candidate L: padding with the chosen packer and max_images_per_seq, the smallest max_images_per_seq that costs
@@ -397,8 +466,9 @@ def _color(label: str, labels: list[str]):
 
     if label in _COLORS:
         return _COLORS[label]
-    windows = [x for x in labels if x.startswith("window-bfd")]
-    cmap = matplotlib.colormaps["Blues"]
+    name = label.partition("@")[0]  # one colour map per windowed packer, darker for larger windows
+    windows = [x for x in labels if x.partition("@")[0] == name]
+    cmap = matplotlib.colormaps["Greens" if name == DEFAULT_PACKER else "Blues"]
     return cmap(0.45 + 0.55 * windows.index(label) / max(1, len(windows) - 1))
 
 
@@ -442,7 +512,7 @@ def plot(result: dict[str, Any], out_dir: str, reference_len: int = 256) -> list
         sel = [c for c in sel if c["max_images_per_seq"] == first_e[c["seq_len"]]]
         bound = {c["seq_len"]: c["efficiency_bound"] for c in sel}
         xs = sorted(bound)
-        zoom_low = min([100 * c["efficiency"] for c in sel if c["algorithm"] in ("window-bfd", "bfd", "first-fit")]
+        zoom_low = min([100 * c["efficiency"] for c in sel if c["algorithm"] in (*WINDOWED, "bfd", "first-fit")]
                        + [100 * b for b in bound.values()])
         for ax, zoom in zip(row, (False, True)):
             ax.plot(xs, [100 * bound[x] for x in xs], "k--", lw=1, label="efficiency ceiling: from the lower bound max(L2, ceil(n/max_images_per_seq)) on sequences")
@@ -517,14 +587,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images-per-seq", nargs="+", default=["auto"],
                         help="max_images_per_seq values; 'auto' = L // 16 for each L")
     parser.add_argument("--packers", nargs="+", default=None,
-                        help="packers, a list (unlike pack's single --packer): pad-to-budget next-fit first-fit window-bfd@W bfd "
-                             "(default: all, windows " + ",".join(map(str, DEFAULT_WINDOWS)) + ")")
+                        help="packers, a list (unlike pack's single --packer): pad-to-budget next-fit first-fit window-swap@W "
+                             "window-bfd@W bfd (default: all, windows " + ",".join(map(str, DEFAULT_WINDOWS)) + ")")
     parser.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     parser.add_argument("--draws", type=int, default=20_000, help="images drawn (sizes resampled) per cell")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
-    parser.add_argument("--targets", action="store_true", help="also check the packing core's targets: efficiency at L=256 vs bfd, decisions/s, streaming memory")
+    parser.add_argument("--targets", action="store_true",
+                        help="also check the packing core's targets: efficiency at L=256 vs bfd, decisions/s, streaming memory, "
+                             "and what max_images_per_seq costs the default packer (L = 64, 256, 1024; both resolutions and drops of the sweep in RESULTS.md)")
 
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:
@@ -546,9 +618,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                       "seconds": time.perf_counter() - t0}
     if args.targets:
         result["targets"] = core_targets(sizes, draws=max(args.draws, 20_000))
+        result["cap_targets"] = cap_targets(sizes, draws=max(args.draws, 20_000))
     print(format_table(result))
     if "targets" in result:
         print(format_targets(result["targets"]))
+        print(format_cap_targets(result["cap_targets"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -563,16 +637,19 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 def format_targets(t: dict[str, Any]) -> str:
     e = t["efficiency"]
     ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
-    mem = ", ".join(f"{int(n):,} images: {b / 1024:.0f} KiB" for n, b in t["memory_peak_bytes"].items())
+    mem = "; ".join(f"{label}: " + ", ".join(f"{int(n):,} images: {b / 1024:.0f} KiB" for n, b in peaks.items())
+                    for label, peaks in t["memory_peak_bytes_by_packer"].items())
     return "\n".join([
         f"packing-core targets (uniform:64:256, P=16, L=256, no drop, {t['draws']} draws):",
-        f"  window-bfd@1024 {100 * t['default_efficiency']:.2f}% (>= 98.5%: {ok(t['pass']['efficiency'])}); "
+        f"  {t['default']} (default) {100 * t['default_efficiency']:.2f}% (>= 98.5%: {ok(t['pass']['efficiency'])}); "
+        f"{t['previous']} {100 * e[t['previous']]:.2f}%; "
         f"bfd {100 * e['bfd']:.2f}% (gap {t['gap_to_bfd_points']:.2f} points <= 0.2: {ok(t['pass']['near_bfd'])})",
         f"  first-fit {100 * e['first-fit']:.2f}%, next-fit {100 * e['next-fit']:.2f}%, pad-to-budget "
         f"{100 * e[PAD_TO_BUDGET]:.2f}%, bound ceil(total/L) {100 * t['lower_bound_ceil']:.2f}%, "
         f"L2 {100 * t['lower_bound_l2']:.2f}%",
         f"  decisions: {t['images_per_s'] / 1e6:.2f} M images/s on one core ({t['speed_items']:,} lengths, best of "
-        f"{len(t['speed_runs_s'])}; >= 1M: {ok(t['pass']['speed'])}); {t['speed_vs_next_fit']:.2f}x next-fit's speed "
-        f"({t['next_fit_images_per_s'] / 1e6:.2f} M/s) in the same run",
+        f"{len(t['speed_runs_s'])}; >= 1M: {ok(t['pass']['speed'])}); {t['speed_vs_previous']:.2f}x {t['previous']}'s speed "
+        f"({t['previous_images_per_s'] / 1e6:.2f} M/s) and {t['speed_vs_next_fit']:.2f}x next-fit's "
+        f"({t['next_fit_images_per_s'] / 1e6:.2f} M/s) in the same run, interleaved",
         f"  streaming memory (tracemalloc peak): {mem} ({ok(t['pass']['memory'])})",
     ])

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-shrunk", type=float, default=0.01,
                    help="largest share of images allowed to need more than L tokens (they are shrunk to fit)")
     p.add_argument("--seq-len", type=int, nargs="+", default=list(ADVISE_SEQ_LENS), help="candidate sequence lengths")
-    p.add_argument("--packer", default="window-bfd", help="packer to plan for (window-bfd@W for another window)")
+    p.add_argument("--packer", default=packer.PACKERS[0],
+                   help="packer to plan for (window-swap@W or window-bfd@W for another window)")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
     p.add_argument("--draws", type=int, default=20_000, help="images drawn (sizes resampled) per candidate")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")

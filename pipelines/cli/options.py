@@ -141,9 +141,11 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
                         "resized to fit, e.g. --max-tokens-per-image 196")
     g.add_argument("--packer", default=packer.PACKERS[0], metavar="NAME",
                    help=f"packing algorithm: {', '.join(packer.PACKERS)} (default {packer.PACKERS[0]}: streaming "
-                        "best-fit-decreasing over a window), e.g. --packer first-fit (the paper's greedy)")
+                        "best-fit-decreasing over a window that meets --max-images-per-seq by swapping images between "
+                        "sequences; window-bfd: the same, closing a sequence at the limit), "
+                        "e.g. --packer first-fit (the paper's greedy)")
     g.add_argument("--window", default="1024", metavar="N",
-                   help="window-bfd: images considered together (default 1024), e.g. --window 4096")
+                   help="window-swap, window-bfd: images considered together (default 1024), e.g. --window 4096")
     g.add_argument("--seed", default="0", metavar="S",
                    help="seed of every per-image random choice (resolution, drop, order; default 0), e.g. --seed 7")
     g.add_argument("--max-pixels", default="100000000", metavar="N",
