@@ -19,8 +19,9 @@ import os
 from typing import Iterable, Iterator, Optional
 
 import packer
+from pipelines.sources import Listed
 
-from .job import Member, PackJob, decide_group, filled_records, finalize, layout, packing_group, progress_file, write_group
+from .job import PackJob, decide_group, filled_records, finalize, layout, packing_group, progress_file, write_group
 
 COUNTERS = "navit_pack"  # Beam Metrics namespace
 _REJECTS = "rejects"
@@ -84,7 +85,7 @@ def _make_pack_group():
             (epoch, group), values = element
             job = self.job
             records = [v for v in values if v is not None]
-            members = [Member(key, label, meta, reject, detail, data) for key, data, label, meta, reject, detail, _ in records]
+            members = [Listed(key, label, meta, reject, detail, data=data) for key, data, label, meta, reject, detail, _ in records]
             gp = decide_group(members, job, epoch, group, num_images)
             driver = packer.Driver(packer.fill_pool(job.config, 0), job.meta_fields)
             summary = write_group(gp, filled_records(driver, gp.decisions), job, num_images)

@@ -26,6 +26,7 @@ import os
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import packer
+from pipelines.sources import Listed
 from schemas import FORMATS
 
 
@@ -98,25 +99,8 @@ def split_contiguous(items: Sequence, parts: int) -> list[Sequence]:
 
 
 # ----------------------------------------------------------------------------- one group
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One input record of one epoch's group: the record without its image, what fills it (`payload`:
-    the bytes, or a reference the pool's reader reads), and its display size when the listing read it
-    (else the size comes from the payload bytes). `header_reject` is the listing's (reason, detail) for a
-    header that does not read."""
-
-    key: str
-    label: Any
-    meta: dict
-    reject: Optional[str]
-    detail: str
-    payload: Any
-    size: Optional[tuple[int, int]] = None
-    header_reject: Optional[tuple[str, str]] = None
-
-
-def ordered_members(members: Sequence[Member], seed: int, epoch: int,
-                    content: Callable[[Member], bytes]) -> list[Member]:
+def ordered_members(members: Sequence[Listed], seed: int, epoch: int,
+                    content: Callable[[Listed], bytes]) -> list[Listed]:
     """The group in its order: by (order_fraction, key); records sharing a key (duplicates) by (not a
     reject, content, label, meta, reason, detail), `content(member)` giving the encoded bytes (read only
     for such ties), so that which copy is kept does not depend on the input's order or the runner."""
@@ -146,9 +130,9 @@ class GroupPlan:
     rejects: list
 
 
-def decide_group(members: Sequence[Member], job: PackJob, epoch: int, group: int, num_images: int,
+def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int, num_images: int,
                  budget: Optional[packer.RejectBudget] = None,
-                 content: Callable[[Member], bytes] = lambda m: m.payload) -> GroupPlan:
+                 content: Callable[[Listed], bytes] = lambda m: m.payload) -> GroupPlan:
     """Order a group's members, plan each from its size and decide the sequences on token counts."""
     cfg = job.config
     decisions, rejects = [], []
@@ -158,16 +142,8 @@ def decide_group(members: Sequence[Member], job: PackJob, epoch: int, group: int
         if m.reject:
             core.reject(m.key, m.reject, m.detail)
             continue
-        seen = images_seen(cfg.seed, m.key, epoch, num_images)
         try:
-            if m.size is None and m.header_reject is None:
-                plan = packer.plan_header(m.payload, m.key, cfg, epoch=epoch, label=m.label, meta=m.meta,
-                                          images_seen=seen)
-            else:
-                packer.check_label(m.label)  # the label is judged before the header, as plan_header does
-                if m.header_reject is not None:
-                    raise packer.ImageRejected(*m.header_reject)
-                plan = packer.plan_size(*m.size, m.key, cfg, epoch=epoch, label=m.label, meta=m.meta, images_seen=seen)
+            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images))
         except packer.ImageRejected as e:
             core.reject(m.key, e.reason, e.detail)
             continue

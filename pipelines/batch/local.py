@@ -17,7 +17,7 @@ and the output is byte-identical to the Beam pipeline's, for any worker count.
 """
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,9 +27,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 import packer
-from pipelines.sources import unused_totals
+from pipelines.sources import Listed, unused_totals
 
-from .job import Member, PackJob, decide_group, filled_records, finalize, layout, packing_group, write_group
+from .job import PackJob, decide_group, filled_records, finalize, layout, packing_group, write_group
 
 SPILL_PREFIX = ".navit-pack-spill-"
 
@@ -53,37 +53,22 @@ class _Reader:
         return self.source.fetch(ref)
 
 
-def _scan_unit(reader: _Reader, task: tuple[int, str]) -> list[tuple]:
-    """The listing of one unit (run in a worker): per record (key, label, meta, reject, detail, unused,
-    size or None, header reject or None, reference)."""
+def _scan_unit(reader: _Reader, task: tuple[int, str]) -> list[Listed]:
+    """The listing of one unit (run in a worker): Source.headers, with every image read whole written to
+    the unit's spill file and named by its span there."""
     u, unit = task
     out = []
     spill = None
     try:
-        for r in reader.source.scan(unit):
-            entry = [r.key, r.label, dict(r.meta or {}), r.reject, r.detail, tuple(r.unused), r.size, None, r.ref]
-            if r.reject is None and r.size is None:
-                data = None
-                try:
-                    if r.ref is None:
-                        data = r.data
-                        entry[6], _ = packer.read_image_size(io.BytesIO(data), len(data), reader.max_pixels)
-                    else:
-                        f, size = reader.source.open_ref(r.ref)
-                        with f:
-                            entry[6], data = packer.read_image_size(f, size, reader.max_pixels)
-                except packer.ImageRejected as e:
-                    entry[7] = (e.reason, e.detail)
-                except OSError as e:  # vanished or unreadable since the source listed it
-                    entry[3] = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
-                    entry[4] = f"{type(e).__name__}: {e}"
-                if data is not None and entry[3] is None:  # read whole: keep the bytes, read them back from here
-                    if spill is None:
-                        os.makedirs(reader.spill_dir, exist_ok=True)
-                        spill = open(reader.spill_path(u), "wb")
-                    entry[8] = ("spill", u, spill.tell(), len(data))
-                    spill.write(data)
-            out.append(tuple(entry))
+        for r in reader.source.headers(unit, reader.max_pixels):
+            if r.data is not None:  # read whole: keep the bytes, read them back from here
+                if spill is None:
+                    os.makedirs(reader.spill_dir, exist_ok=True)
+                    spill = open(reader.spill_path(u), "wb")
+                ref = ("spill", u, spill.tell(), len(r.data))
+                spill.write(r.data)
+                r = dataclasses.replace(r, ref=ref, data=None)
+            out.append(r)
     finally:
         if spill is not None:
             spill.close()
@@ -105,24 +90,24 @@ class Listing:
         self.header_rejects: dict[int, tuple[str, str]] = {}
         self.unused = unused_totals(())
 
-    def add(self, entries: list[tuple], budget: packer.RejectBudget) -> None:
+    def add(self, entries: list[Listed], budget: packer.RejectBudget) -> None:
         empty: dict = {}
-        for key, label, meta, reject, detail, unused, size, header_reject, ref in entries:
+        for r in entries:
             i = len(self.keys)
-            self.keys.append(key)
-            self.labels.append(label)
-            self.metas.append(meta or empty)
-            self.refs.append(ref)
-            h, w = size or (0, 0)
+            self.keys.append(r.key)
+            self.labels.append(r.label)
+            self.metas.append(dict(r.meta) or empty)
+            self.refs.append(r.ref)
+            h, w = r.size or (0, 0)
             self.heights.append(h)
             self.widths.append(w)
-            self.unused.update(unused)
+            self.unused.update(r.unused)
             budget.add_seen()
-            if reject is not None:
-                self.rejects[i] = (reject, detail)
-                budget.reject(key, reject, detail)
-            elif header_reject is not None:
-                self.header_rejects[i] = header_reject
+            if r.reject is not None:
+                self.rejects[i] = (r.reject, r.detail)
+                budget.reject(r.key, r.reject, r.detail)
+            elif r.header_reject is not None:
+                self.header_rejects[i] = r.header_reject
 
     def finish(self) -> None:
         self.heights = np.asarray(self.heights, np.int32)
@@ -131,11 +116,11 @@ class Listing:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def member(self, i: int) -> Member:
+    def member(self, i: int) -> Listed:
         reject = self.rejects.get(i)
         size = (int(self.heights[i]), int(self.widths[i])) if self.heights[i] else None
-        return Member(self.keys[i], self.labels[i], self.metas[i], reject[0] if reject else None,
-                      reject[1] if reject else "", self.refs[i], size, self.header_rejects.get(i))
+        return Listed(self.keys[i], self.labels[i], self.metas[i], reject[0] if reject else None,
+                      reject[1] if reject else "", (), size, self.header_rejects.get(i), self.refs[i])
 
 
 def _spill_dir(job: PackJob) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import io
 import re
 import types
 from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
@@ -62,6 +63,43 @@ class ScanRecord:
     ref: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """A record as planning needs it (Source.headers): the record, its image's display size read from the
+    header (`size`; or `header_reject`, the (reason, detail) of a header that does not read), and what
+    fills it: `data`, the bytes when they were read whole (a source without references, or an image
+    whose size needs all of it), else `ref`, the source's reference (Source.fetch reads it)."""
+
+    key: str
+    label: Optional[int] = None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reject: Optional[str] = None
+    detail: str = ""
+    unused: tuple[str, ...] = ()
+    size: Optional[tuple[int, int]] = None
+    header_reject: Optional[tuple[str, str]] = None
+    ref: Any = None
+    data: Optional[bytes] = None
+
+    @property
+    def payload(self) -> Any:
+        return self.data if self.data is not None else self.ref
+
+    def plan(self, config, *, epoch: int, images_seen: float):
+        """The image's packer.ImagePlan (ImageRejected as packer.plan_header would raise on its bytes: the
+        label is judged first, then the header)."""
+        import packer
+
+        if self.size is None and self.header_reject is None:
+            return packer.plan_header(self.data, self.key, config, epoch=epoch, images_seen=images_seen,
+                                      label=self.label, meta=self.meta)
+        packer.check_label(self.label)
+        if self.header_reject is not None:
+            raise packer.ImageRejected(*self.header_reject)
+        return packer.plan_size(*self.size, self.key, config, epoch=epoch, images_seen=images_seen, label=self.label,
+                                meta=self.meta)
+
+
 class Source(abc.ABC):
     """A readable input, split into units. Subclasses set `spec`, `class_names` and `meta_fields`."""
 
@@ -95,6 +133,34 @@ class Source(abc.ABC):
         open_ref). Same records, order and rejects as read(unit)."""
         for r in self.read(unit):
             yield ScanRecord(r.key, r.label, r.meta, r.reject, r.detail, r.unused, bytes(r.data or b""))
+
+    def headers(self, unit: str, max_pixels: int) -> Iterator[Listed]:
+        """The unit's records (scan's, in read's order) with each image's display size, read from as few of
+        its bytes as the source allows (a plain JPEG's header through open_ref; else the bytes scan gave,
+        or the whole file)."""
+        import packer
+
+        for r in self.scan(unit):
+            if r.reject is not None or r.size is not None:
+                yield Listed(r.key, r.label, r.meta, r.reject, r.detail, r.unused, r.size, None, r.ref,
+                             None if r.ref is not None else r.data)
+                continue
+            size = header_reject = data = None
+            reject, detail = None, ""
+            try:
+                if r.ref is None:
+                    data = r.data
+                    size, _ = packer.read_image_size(io.BytesIO(data), len(data), max_pixels)
+                else:
+                    f, length = self.open_ref(r.ref)
+                    with f:
+                        size, data = packer.read_image_size(f, length, max_pixels)
+            except packer.ImageRejected as e:
+                header_reject = (e.reason, e.detail)
+            except OSError as e:  # vanished or unreadable since the source listed it
+                reject, detail = ("missing" if isinstance(e, FileNotFoundError) else "unreadable"), f"{type(e).__name__}: {e}"
+            yield Listed(r.key, r.label, r.meta, reject, detail, r.unused, size, header_reject,
+                         None if reject else r.ref, None if reject else data)
 
     def open_ref(self, ref: Any) -> tuple[IO[bytes], int]:
         """(a seekable binary file of the encoded image a ScanRecord's `ref` names, its size in bytes);
