@@ -5,12 +5,16 @@
     for batch in stream.batches(64): ...   # or ready batches: the same records stacked, leading dim 64
     saved = stream.state()                 # small JSON; PackedStream(..., state=saved) resumes exactly
 
-What runs where. The calling process reads records, plans each image from its header
-(packer.plan_header: size and EXIF orientation, no pixels) and decides the sequences on token counts
-(packer.PackingCore). Filling (decode, resize, patchify, drop) and assembling whole sequences run in
-`num_parallel` worker processes (packer.fill_pool, driven by packer.Driver) that write straight into
-shared memory; the calling process only copies finished records (or batches) out. num_parallel 0 fills in
-the calling process. The output is the same for every num_parallel.
+    # data-parallel: rank i of N packs its own share of one global plan
+    stream = PackedStream("photos/", config, shard_index=i, shard_count=N)   # or shard="auto" (RANK, WORLD_SIZE)
+
+What runs where. The calling process reads each record's header (Source.headers: a plain JPEG's few kB,
+through a reference where the source has them, else the record's bytes), plans the image from it and
+decides the sequences on token counts (packer.PackingCore). Filling (decode, resize, patchify, drop) and
+assembling whole sequences run in `num_parallel` worker processes (packer.fill_pool, driven by
+packer.Driver), which read referenced images themselves and write straight into shared memory; the
+calling process only copies finished records (or batches) out. num_parallel 0 fills in the calling
+process. The output is the same for every num_parallel.
 
 Order. Epoch e reads the source's units ordered by stable_hash(unit, f"{seed}/{e}/unit") and shuffles the
 records inside consecutive blocks of `shuffle_block` records by stable_hash(key, f"{seed}/{e}"): a pure
@@ -18,18 +22,31 @@ function of (seed, epoch), in memory bounded by the block. Resolution and token 
 (seed, key, epoch); the drop schedule's images_seen is the number of source records the stream has
 read before the image (rejected ones included), counted across epochs.
 
-Rejects. Every record is packed or rejected with a reason: at read time (the source's own reject,
-or a header that does not plan) or at fill time (pixels that fail to decode, `worker_crashed` when the
-worker process filling it died: the worker is replaced). A failed fill leaves its slot as padding:
-the record holds the other images (see packer._engine). Fill failures are counted when their record is
-returned.
+Ranks. The decisions form one global plan, numbered 0, 1, ..., the same on every rank (every rank reads
+and plans every header; it fills only its own sequences). Step s takes the next shard_count x B of them
+(B: the batch size; 1 when iterating records) and deals them: by default balanced, the costliest first
+(sum over its images of tokens squared: segment-aware attention) to the least-loaded rank that holds
+fewer than B (ties by rank, then global number); with balance=False round robin. Each rank yields its
+share of a step in global order, so every rank yields the same number of sequences; the last, short step
+of a finite stream gives every rank ceil(n / shard_count), the gap filled with all-padding sequences
+(num_images 0, counted in stats as sequences_padding). shard_count=1 yields exactly the global plan.
 
-Resume. The state names the read position (epoch, block start, records consumed in the block), the
-core's state, whose pending images are named by provenance [unit index, offset in unit, epoch,
-images_seen], and the sequences decided but not yet returned (by the provenance of their images and
-any exact-fill re-plan). Restoring re-reads those few records and re-plans them (headers only), so the
-restored stream yields exactly what the uninterrupted one yields from that point on. The state never
-holds image content or unit names, so it stays small (tens of kB at window 1024).
+Rejects. Every record is packed or rejected with a reason: at read time (the source's own reject,
+or a header that does not plan; every rank sees these, and each is a share of one rank's stats:
+images_seen mod shard_count) or at fill time (pixels that fail to decode, `worker_crashed` when the
+worker process filling it died; the filling rank's). A failed fill leaves its slot as padding: the record
+holds the other images (see packer._assemble). `max_rejects` is checked on the read-time rejects (the
+same on every rank) and, apart, on each rank's fill failures against the images it filled.
+
+Resume. The state is a position in the global plan (the number of its sequences dealt and taken) with
+what rebuilds the plan from there: the read position and the core's state right after the decisions
+that hold that position were made, and those decisions from it on (named by the provenance of their
+images [unit index, offset, epoch, images_seen] and any exact-fill re-plan). It depends on nothing
+local (not the read-ahead, nor the rank), so after the same number of batches it is the same JSON on
+every rank, and `PackedStream(..., shard_index=i, shard_count=M, state=s)` continues the plan for any
+M: over the old ranks' batches and the new ranks', every image appears exactly once. Restoring re-reads
+a window's worth of headers. It never holds image content or unit names: tens of kB at window 1024.
+With shard_count=1 it also carries the counters of what was returned.
 """
 from __future__ import annotations
 
@@ -43,8 +60,9 @@ import numpy as np
 import packer
 from packer import Decision, Driver, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudget, RejectBudgetExceeded
 
-STATE_VERSION = 2
-__all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source"]
+STATE_VERSION = 3
+__all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source",
+           "deal", "attention_cost", "shard_from_environment"]
 
 
 class StreamError(RuntimeError):
@@ -88,6 +106,73 @@ def _config_diff(theirs: dict, mine: dict) -> str:
 _EPOCH_END = object()
 
 
+def shard_from_environment() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK / WORLD_SIZE, else JAX's process index and
+    count when jax is imported and initialized, else (0, 1)."""
+    import sys
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        return int(jax.process_index()), int(jax.process_count())
+    return 0, 1
+
+
+def attention_cost(decision: Decision) -> int:
+    """A sequence's attention cost under a segment-aware kernel: the sum of its images' tokens squared."""
+    return sum(p.final_tokens ** 2 for p in decision.plans)
+
+
+def deal(costs: Sequence[int], ranks: int, balance: bool = True) -> list[list[int]]:
+    """The sequences of one step (their costs, in global order) dealt to `ranks` ranks, ceil(n / ranks)
+    each at most: per rank, its sequences' positions in global order. balance: costliest first to the
+    least-loaded rank with room (ties by rank, then position); else round robin."""
+    n = len(costs)
+    room = -(-n // ranks)
+    if not balance:
+        return [list(range(r, n, ranks)) for r in range(ranks)]
+    load, owned = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(n), key=lambda i: (-costs[i], i)):
+        r = min((r for r in range(ranks) if len(owned[r]) < room), key=lambda r: (load[r], r))
+        owned[r].append(i)
+        load[r] += costs[i]
+    return [sorted(o) for o in owned]
+
+
+def _listed(source, unit: str, max_pixels: int):
+    """Source.headers of a unit; a source object with only units() and read() gives its records whole."""
+    from pipelines.sources import Listed
+
+    if hasattr(source, "headers"):
+        return source.headers(unit, max_pixels)
+    return (Listed(r.key, r.label, r.meta, getattr(r, "reject", None), getattr(r, "detail", ""), data=r.data)
+            for r in source.read(unit))
+
+
+class _Fetch:
+    """The fill pool's reader: a source's references read by the worker processes themselves."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, ref) -> bytes:
+        return self.source.fetch(ref)
+
+
+class _Burst:
+    """Decisions made by one read (numbered from `first`), and the plan's snapshot right after them."""
+
+    __slots__ = ("first", "decisions", "snapshot")
+
+    def __init__(self, first: int, decisions: list, snapshot: dict):
+        self.first, self.decisions, self.snapshot = first, decisions, snapshot
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.decisions)
+
+
 class PackedStream:
     """An endless (or `epochs`-long) iterator of packed records, resumable from `state()`.
 
@@ -97,26 +182,41 @@ class PackedStream:
       epochs: None for forever, else the number of passes; the packer is flushed once, at the end.
       shuffle: reshuffle units and records every epoch (pure function of seed and epoch).
       meta_fields: source metadata fields carried into `meta_<name>` record fields.
-      max_rejects: None (no limit), an int (most rejected images allowed) or a float in (0, 1) (most
+      max_rejects: None (no limit), an int (most rejected images allowed) or a float in [0, 1) (most
         rejected fraction of the images seen, checked from the 100th image and at each epoch end).
       num_parallel: worker processes that fill and assemble (0: in the calling process; default "auto":
         every core this process may use; packer.resolve_workers).
       shuffle_block: records shuffled together (memory is bounded by one block of encoded images).
-      state: a `state()` to resume from.
+      shard_index, shard_count: this rank and the number of ranks (data-parallel; see the module doc);
+        shard="auto" takes them from the launcher (shard_from_environment) unless given.
+      balance: deal each step's sequences by attention cost (True) or round robin.
+      state: a `state()` to resume from (of a run with any shard_count).
     """
 
     def __init__(self, source: Any, config: PackConfig, *, epochs: Optional[int] = None, shuffle: bool = True,
                  meta_fields: Sequence[str] = (), max_rejects: Union[None, int, float] = None,
-                 num_parallel: Optional[int] = None, shuffle_block: int = 1024, state: Optional[dict] = None):
+                 num_parallel: "int | str | None" = None, shuffle_block: int = 1024,
+                 shard_index: Optional[int] = None, shard_count: Optional[int] = None, shard: Optional[str] = None,
+                 balance: bool = True, state: Optional[dict] = None):
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or an integer >= 1, got {epochs!r}")
         RejectBudget(max_rejects)  # checks the spec
         if not isinstance(shuffle_block, int) or shuffle_block < 1:
             raise ValueError(f"shuffle_block must be an integer >= 1, got {shuffle_block!r}")
+        if shard not in (None, "auto"):
+            raise ValueError(f"shard must be None or 'auto', got {shard!r}")
+        rank, world = shard_from_environment() if shard == "auto" else (0, 1)
+        self.shard_index = rank if shard_index is None else shard_index
+        self.shard_count = world if shard_count is None else shard_count
+        if not (isinstance(self.shard_count, int) and self.shard_count >= 1 and isinstance(self.shard_index, int)
+                and 0 <= self.shard_index < self.shard_count):
+            raise ValueError(f"shard_index must be in [0, shard_count), shard_count >= 1; got "
+                             f"{self.shard_index!r} of {self.shard_count!r}")
         self.config = config
         self.meta_fields = tuple(meta_fields)
         self.source = resolve_source(source, self.meta_fields)
         self.epochs, self.shuffle, self.max_rejects, self.shuffle_block = epochs, shuffle, max_rejects, shuffle_block
+        self.balance = balance
         self.num_parallel = packer.resolve_workers(num_parallel)
         self._units = list(self.source.units())
         self._driver: Optional[Driver] = None
@@ -128,39 +228,51 @@ class PackedStream:
     # ------------------------------------------------------------------ public
     @property
     def rejects(self) -> dict[str, int]:
-        """Rejected images so far, by reason."""
-        return dict(self._core.reject_counts)
+        """This rank's rejected images so far, by reason (its share of the read-time rejects, and its fill
+        failures)."""
+        planned = self._core.reject_counts if self.shard_count == 1 else self._my_rejects
+        return dict(planned + self._fill_budget.counts)
 
     @property
     def reject_examples(self) -> list[dict]:
-        """The most recent rejects: {key, reason, detail, provenance: [unit index, offset, epoch, images_seen]}."""
-        return list(self._core.budget.examples)
+        """The most recent rejects: {key, reason, detail, provenance: [unit index, offset, epoch, images_seen]}
+        (read-time ones of every rank, then this rank's fill failures)."""
+        return list(self._core.budget.examples) + list(self._fill_budget.examples)
 
     @property
     def stats(self) -> dict:
-        """Counters. Returned: sequences (and the images and tokens in them) the stream has yielded.
-        Pending: read ahead and decided (sequences_pending) or still in the packer's window, not yet
-        returned. images_seen counts every record read (rejects included)."""
+        """Counters of this rank. Returned: sequences (and the images and tokens in them) the stream has
+        yielded, sequences_padding of them all-padding (the last step's gap). Pending: read ahead and
+        decided (sequences_pending) or still in the packer's window, not yet returned. images_seen counts
+        every record read (rejects included) by the global plan."""
         inflight = self._inflight()
-        pending_images = self._core.num_pending + sum(len(d.items) for d in inflight)
         returned = self._returned()
         return {"epoch": self._pos[0], "images_seen": self._core.images_seen, "images_packed": returned["images"],
-                "images_rejected": self._core.num_rejected, "rejects": self.rejects,
-                "sequences": returned["sequences"], "sequences_pending": len(inflight),
-                "images_pending": pending_images, "tokens_real": returned["tokens_real"],
+                "images_rejected": sum(self.rejects.values()), "rejects": self.rejects,
+                "sequences": returned["sequences"], "sequences_padding": returned["padding"],
+                "sequences_pending": len(inflight), "images_pending": self._core.num_pending + sum(
+                    len(d.items) for d in inflight), "tokens_real": returned["tokens_real"],
                 "tokens_padding": returned["tokens_padding"]}
 
     def state(self) -> dict:
-        """JSON-serializable position: rebuild with PackedStream(..., state=s) or .restore(s)."""
-        return {"version": STATE_VERSION, "config": self.config.to_json(), "meta_fields": list(self.meta_fields),
-                "epochs": self.epochs, "shuffle": self.shuffle, "shuffle_block": self.shuffle_block,
-                "units": _units_fingerprint(self._units), "position": list(self._pos), "core": self._core.state(),
-                "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in self._inflight()],
-                "finished": self._reader_done, "accepted_in_epoch": self._accepted_in_epoch,
-                "returned": self._returned()}
+        """JSON-serializable position in the global plan: rebuild with PackedStream(..., state=s) (any
+        shard_count) or .restore(s). The same on every rank after the same number of batches."""
+        burst = next((b for b in self._bursts if b.first <= self._consumed < b.end), None)
+        if burst is None:
+            burst = self._bursts[-1] if self._bursts else None
+        snapshot = burst.snapshot if burst is not None else self._initial
+        queued = [] if burst is None else burst.decisions[max(0, self._consumed - burst.first):]
+        out = {"version": STATE_VERSION, "config": self.config.to_json(), "meta_fields": list(self.meta_fields),
+               "epochs": self.epochs, "shuffle": self.shuffle, "shuffle_block": self.shuffle_block,
+               "units": _units_fingerprint(self._units), "next_sequence": self._consumed, **snapshot,
+               "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in queued]}
+        if self.shard_count == 1:
+            out["returned"] = self._returned()
+            out["fill_budget"] = self._fill_budget.state()
+        return out
 
     def restore(self, state: dict) -> None:
-        """Continue from `state` as if the stream that saved it had never stopped."""
+        """Continue from `state` as if the stream that saved it had never stopped (with this stream's ranks)."""
         if state.get("version") != STATE_VERSION:
             raise StreamError(f"state version {state.get('version')!r} is not {STATE_VERSION}")
         for name, mine in (("config", self.config.to_json()), ("meta_fields", list(self.meta_fields)),
@@ -179,15 +291,14 @@ class PackedStream:
         self._pos = tuple(state["position"])
         self._reader_done = bool(state["finished"])
         self._accepted_in_epoch = int(state["accepted_in_epoch"])
-        self._returned_before = dict(state["returned"])
         pending = PackingCore.pending_provenance(state["core"])
         queued = state["queued"]
         wanted = [list(p) for p in pending] + [entry[:4] for group in queued for entry in group]
         plans, payloads = self._replan(wanted)
         self._core.restore(state["core"], plans[:len(pending)], payloads[:len(pending)])
         rest = list(zip(plans[len(pending):], payloads[len(pending):]))
-        first_seq = self._core.next_seq - len(queued)
-        self._restored = []
+        decisions = []
+        first = self._core.next_seq - len(queued)
         for n, group in enumerate(queued):
             items = []
             for entry in group:
@@ -196,8 +307,15 @@ class PackedStream:
                     gh, gw, tokens, rerender = entry[4]
                     plan = plan.with_refit(packer.Refit(gh, gw, tokens, 1.0 - tokens / (gh * gw), bool(rerender)))
                 items.append((plan, entry[:4], payload))
-            self._restored.append(Decision(first_seq + n, tuple((p, prov) for p, prov, _ in items),
-                                           tuple(payload for _, _, payload in items)))
+            decisions.append(Decision(first + n, tuple((p, prov) for p, prov, _ in items),
+                                      tuple(payload for _, _, payload in items)))
+        self._consumed = self._dealt = int(state["next_sequence"])
+        self._initial = self._snapshot()
+        self._bursts.append(_Burst(self._consumed, decisions, {k: state[k] for k in self._initial}))
+        self._plan.extend(decisions)
+        if "returned" in state and self.shard_count == 1:
+            self._returned_before = dict(state["returned"])
+            self._fill_budget.restore(state["fill_budget"])
         if rows is not None:
             self._start(rows)
 
@@ -248,48 +366,125 @@ class PackedStream:
 
     # ------------------------------------------------------------------ internals
     def _reset(self) -> None:
-        self._core = PackingCore(self.config, max_rejects=self.max_rejects)
+        self._core = PackingCore(self.config, max_rejects=self.max_rejects, on_reject=self._planning_reject)
+        self._fill_budget = RejectBudget(self.max_rejects)
+        self._my_rejects: collections.Counter = collections.Counter()
         self._pos = (0, 0, 0, 0)  # (epoch, block start unit index, block start offset in unit, consumed in block)
         self._reader: Optional[Iterator] = None
         self._reads = 0
         self._reader_done = False
         self._accepted_in_epoch = 0
-        self._restored: list[Decision] = []  # decided before a restore, not yet returned: put first
-        self._returned_before = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0}
+        self._initial = self._snapshot()  # the plan's state before any decision (state() before the first)
+        self._bursts: collections.deque[_Burst] = collections.deque()  # those holding decisions not yet taken
+        self._plan: collections.deque[Decision] = collections.deque()  # global decisions not yet dealt
+        self._dealt = 0  # global decisions dealt to the ranks
+        self._consumed = 0  # global decisions whose step this rank has taken in full (the state's position)
+        self._steps: collections.deque[tuple[int, int]] = collections.deque()  # (end of step, own sequences left)
+        self._returned_before = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0, "padding": 0}
+        self._padding = 0
+
+    def _snapshot(self) -> dict:
+        return {"position": list(self._pos), "core": self._core.state(), "finished": self._reader_done,
+                "accepted_in_epoch": self._accepted_in_epoch}
+
+    def _planning_reject(self, key: str, reason: str, detail: str, provenance) -> None:
+        """A read-time reject of the global plan: this rank's share when images_seen mod shard_count is its index."""
+        if provenance is not None and int(provenance[3]) % self.shard_count == self.shard_index:
+            self._my_rejects[reason] += 1
+
+    def _fill_failed(self, rejects) -> None:
+        for r in rejects:
+            self._fill_budget.reject(r.key, r.reason, r.detail, r.provenance)
 
     def _start(self, rows: int) -> None:
         if self._closed:
             raise StreamError("the stream is closed")
         if self._driver is None:
-            pool = packer.fill_pool(self.config, self.num_parallel, rows_per_slot=rows)
-            self._driver = Driver(pool, self.meta_fields, on_failed=self._core.fill_failed)
-            self._driver.put(self._restored)
-            self._restored = []
+            reader = _Fetch(self.source.reader()) if hasattr(self.source, "reader") else None
+            pool = packer.fill_pool(self.config, self.num_parallel, rows_per_slot=rows, reader=reader)
+            self._driver = Driver(pool, self.meta_fields, on_failed=self._fill_failed)
+            self._rows = rows
+            self._deal(final=self._reader_done)
         elif self._driver.pool.rows != rows:
             raise StreamError(f"this stream yields {'batches' if self._driver.pool.rows > 1 else 'records'}; "
                               "records and batches cannot be mixed")
 
     def _close_driver(self) -> None:
+        """Stop filling; what was dealt and not taken goes back to be dealt again."""
         if self._driver is not None:
-            self._restored = self._driver.inflight + self._restored
             self._returned_before = self._returned()
             self._driver.close()
             self._driver = None
+            self._plan.extendleft(reversed([d for d in self._global_inflight()]))
+            self._dealt = self._consumed
+            self._steps.clear()
+            self._padding = 0
+
+    def _global_inflight(self) -> list[Decision]:
+        """The global decisions dealt but whose step is not taken yet, in global order."""
+        out = []
+        for b in self._bursts:
+            for i, d in enumerate(b.decisions):
+                if self._consumed <= b.first + i < self._dealt:
+                    out.append(d)
+        return out
 
     def _inflight(self) -> list[Decision]:
-        return (self._driver.inflight if self._driver is not None else []) + self._restored
+        return (self._driver.inflight if self._driver is not None else []) + list(self._plan)
 
     def _returned(self) -> dict:
-        done = self._driver.returned if self._driver is not None else {}
+        done = dict(self._driver.returned) if self._driver is not None else {}
+        done["padding"] = self._padding
         return {k: v + done.get(k, 0) for k, v in self._returned_before.items()}
 
     def _queued_image(self, plan: ImagePlan, prov: list) -> list:
         r = plan.refit
         return list(prov) if r is None else list(prov) + [[r.grid_h, r.grid_w, r.tokens, int(r.rerender)]]
 
+    def _decided(self, decisions: list[Decision]) -> None:
+        """A read's decisions join the global plan, with the snapshot that resumes after them."""
+        if decisions:
+            first = self._bursts[-1].end if self._bursts else self._consumed
+            self._bursts.append(_Burst(first, decisions, self._snapshot()))
+            self._plan.extend(decisions)
+        self._deal(final=False)
+
+    def _deal(self, final: bool) -> None:
+        """Deal every complete step of the plan (and, when final, the last short one) to the ranks; this
+        rank's sequences go to the driver."""
+        step = self.shard_count * self._rows
+        while len(self._plan) >= step or (final and self._plan):
+            take = [self._plan.popleft() for _ in range(min(step, len(self._plan)))]
+            if self.shard_count == 1:
+                own = take
+            else:
+                mine = deal([attention_cost(d) for d in take], self.shard_count, self.balance)[self.shard_index]
+                own = [take[i] for i in mine]
+                room = -(-len(take) // self.shard_count)
+                own += [Decision(-1, ()) for _ in range(room - len(own))]  # the last step's gap: all padding
+            self._dealt += len(take)
+            self._steps.append((self._dealt, len(own)))
+            self._driver.put(own)
+
+    def _took(self, slot) -> None:
+        """Account for a slot handed out: padding sequences, and the steps now taken in full."""
+        n = len(slot)
+        self._padding += sum(1 for d in slot.decisions if not d.items)
+        while n:
+            end, left = self._steps[0]
+            used = min(n, left)
+            n -= used
+            if used == left:
+                self._steps.popleft()
+                self._consumed = end
+            else:
+                self._steps[0] = (end, left - used)
+        while self._bursts and self._bursts[0].end <= self._consumed and len(self._bursts) > 1:
+            self._bursts.popleft()
+
     def _next_slot(self):
-        """The next filled slot in order (a packer Slot), or None at the end of the stream. Reads ahead
-        until the pool is full (a deterministic amount), then waits for the oldest slot."""
+        """The next filled slot of this rank in order (a packer Slot), or None at the end of the stream.
+        Reads ahead until the pool is full (a deterministic amount), then waits for the oldest slot."""
         driver = self._driver
         while True:
             while not self._reader_done and driver.wants_input:
@@ -298,8 +493,11 @@ class PackedStream:
                 if self._reads % 8 == 0:  # keep the workers fed while reading a burst
                     driver.pool.poll()
             slot = driver.take(final=self._reader_done)
-            if slot is not None or self._reader_done:
+            if slot is not None:
+                self._took(slot)
                 return slot
+            if self._reader_done:
+                return None
 
     def _read_one(self) -> None:
         """Read one record (or the epoch end, or the end of the stream) and decide on it."""
@@ -308,12 +506,13 @@ class PackedStream:
         try:
             item = next(self._reader)
         except StopIteration:
-            self._driver.put(self._core.flush())
             self._reader_done = True
+            self._decided(self._core.flush())
+            self._deal(final=True)
             return
         if item is _EPOCH_END:
             if self._accepted_in_epoch == 0:
-                raise StreamError(f"every image of epoch {self._pos[0]} was rejected: {self.rejects}")
+                raise StreamError(f"every image of epoch {self._pos[0]} was rejected: {dict(self._core.reject_counts)}")
             self._core.check_budget(final=True)
             self._pos = (self._pos[0] + 1, 0, 0, 0)
             self._accepted_in_epoch = 0
@@ -322,20 +521,19 @@ class PackedStream:
         self._pos = position
         seen = self._core.images_seen
         prov = [u, off, epoch, seen]
-        if getattr(rec, "reject", None):
-            self._core.reject(rec.key, rec.reject, getattr(rec, "detail", ""), prov)
+        if rec.reject:
+            self._core.reject(rec.key, rec.reject, rec.detail, prov)
             return
         try:
-            plan = packer.plan_header(rec.data, rec.key, self.config, epoch=epoch, images_seen=seen, label=rec.label,
-                                      meta=rec.meta)
+            plan = rec.plan(self.config, epoch=epoch, images_seen=seen)
         except ImageRejected as e:
             self._core.reject(rec.key, e.reason, e.detail, prov)
             return
         self._accepted_in_epoch += 1
-        self._driver.put(self._core.add(plan, prov, rec.data))
+        self._decided(self._core.add(plan, prov, rec.payload))
 
     def _records(self) -> Iterator:
-        """(epoch, unit index, offset, record, position after it) from the current position on, in
+        """(epoch, unit index, offset, Listed record, position after it) from the current position on, in
         stream order; _EPOCH_END after each epoch."""
         epoch, unit_index, offset, skip = self._pos
         while self.epochs is None or epoch < self.epochs:
@@ -362,37 +560,40 @@ class PackedStream:
             epoch, unit_index, offset, skip = epoch + 1, 0, 0, 0
 
     def _read_from(self, order: list[int], position: int, offset: int) -> Iterator[tuple[int, int, Any]]:
-        """(position in the epoch's unit order, offset in unit, SourceRecord) from a position on."""
+        """(position in the epoch's unit order, offset in unit, Listed record) from a position on."""
         for p in range(position, len(order)):
             start = offset if p == position else 0
-            for off, rec in enumerate(itertools.islice(self.source.read(self._units[order[p]]), start, None), start):
+            records = _listed(self.source, self._units[order[p]], self.config.max_pixels)
+            for off, rec in enumerate(itertools.islice(records, start, None), start):
                 yield p, off, rec
 
-    def _replan(self, provenances: list[list]) -> tuple[list[ImagePlan], list[bytes]]:
+    def _replan(self, provenances: list[list]) -> tuple[list[ImagePlan], list[Any]]:
         """Re-plan images from [unit index, offset, epoch, images_seen], reading each unit once: their
-        plans and encoded bytes."""
+        plans and payloads."""
         wanted: dict[int, dict[int, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for i, (unit, offset, _, _) in enumerate(provenances):
             wanted[int(unit)][int(offset)].append(i)
         out: list[Optional[ImagePlan]] = [None] * len(provenances)
-        datas: list[bytes] = [b""] * len(provenances)
+        payloads: list[Any] = [None] * len(provenances)
         for unit, offsets in wanted.items():
             last = max(offsets)
             if not 0 <= unit < len(self._units):
                 break
-            for off, rec in enumerate(itertools.islice(self.source.read(self._units[unit]), last + 1)):
+            records = _listed(self.source, self._units[unit], self.config.max_pixels)
+            for off, rec in enumerate(itertools.islice(records, last + 1)):
                 for i in offsets.get(off, ()):
                     _, _, epoch, seen = provenances[i]
                     try:
-                        out[i] = packer.plan_header(rec.data, rec.key, self.config, epoch=int(epoch), images_seen=int(seen),
-                                                    label=rec.label, meta=rec.meta)
+                        if rec.reject:
+                            raise ImageRejected(rec.reject, rec.detail)
+                        out[i] = rec.plan(self.config, epoch=int(epoch), images_seen=int(seen))
                     except ImageRejected as e:
                         raise StreamError(f"image {rec.key!r} (unit {unit}) was accepted before but now fails: {e}") from None
-                    datas[i] = rec.data
+                    payloads[i] = rec.payload
         missing = [provenances[i] for i, p in enumerate(out) if p is None]
         if missing:
             raise StreamError(f"the source no longer has the records {missing[:3]} named in the state")
-        return out, datas  # type: ignore[return-value]
+        return out, payloads  # type: ignore[return-value]
 
 
 def element_spec(config: PackConfig, meta_fields: Sequence[str] = ()) -> dict:
