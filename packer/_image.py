@@ -388,20 +388,25 @@ def _exif_orientation(exif: bytes) -> "int | None":
 def jpeg_header(data: bytes) -> "JpegHeader | None":
     """(height, width) in display orientation and the EXIF orientation of a plain JPEG (one frame of
     1, 3 or 4 components, baseline/extended/progressive, at most one EXIF block, no XMP), or None."""
-    return _walk_jpeg(lambda offset, count: data[offset:offset + count], len(data))
+    return _walk_jpeg(data, len(data))
 
 
-def _walk_jpeg(read_at, n: int) -> "JpegHeader | None":
-    """jpeg_header over `read_at(offset, count) -> bytes` of an n-byte image: it asks only for the marker
-    heads, the frame header and an EXIF block, never for the other segments' contents."""
-    head = read_at(0, 4)
-    if len(head) < 4 or head[0] != 0xFF or head[1] != 0xD8:
+def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
+    """jpeg_header of an n-byte image whose first len(data) bytes are `data`; `more(offset, count)` reads
+    what lies beyond them (it is asked only for marker heads, the frame header and an EXIF block, never for
+    the other segments' contents)."""
+    have = len(data)
+
+    def get(offset: int, count: int) -> bytes:
+        return data[offset:offset + count] if offset + count <= have or more is None else more(offset, count)
+
+    if n < 4 or data[:2] != b"\xff\xd8":
         return None
     i = 2
     size = None
     exif = None
     while i + 4 <= n:
-        mark = read_at(i, 4)
+        mark = data[i:i + 4] if i + 4 <= have else get(i, 4)
         if len(mark) < 4 or mark[0] != 0xFF:
             return None
         marker = mark[1]
@@ -420,7 +425,9 @@ def _walk_jpeg(read_at, n: int) -> "JpegHeader | None":
         if marker in _SOF_PLAIN:
             if size is not None or length < 8:
                 return None
-            frame = read_at(start, 6)
+            frame = get(start, 6)
+            if len(frame) < 6:
+                return None
             h, w, components = (frame[1] << 8) | frame[2], (frame[3] << 8) | frame[4], frame[5]
             if h < 1 or w < 1 or components not in (1, 3, 4):
                 return None
@@ -428,11 +435,11 @@ def _walk_jpeg(read_at, n: int) -> "JpegHeader | None":
         elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             return None  # lossless, arithmetic or hierarchical frames: Pillow decides
         elif marker == 0xE1:
-            prefix = read_at(start, len(_XMP_PREFIX))
+            prefix = get(start, len(_XMP_PREFIX))
             if prefix.startswith(_EXIF_PREFIX):
                 if exif is not None:
                     return None  # Pillow concatenates several blocks
-                exif = bytes(read_at(start, length - 2))
+                exif = bytes(get(start, length - 2))
             elif prefix.startswith(_XMP_PREFIX):
                 return None  # Pillow may read the orientation from XMP
         i += 2 + length
@@ -453,21 +460,20 @@ def read_header_file(f, size: int, max_pixels: int) -> "tuple[JpegHeader | Opene
     a plain JPEG's marker heads, frame header and EXIF block (other segments are skipped, never read).
     Any other image is read whole, and its bytes are returned too: (header, None or the whole bytes).
     The answer is read_header's on the whole bytes."""
-    window = [0, f.read(_FILE_CHUNK)]  # [offset, bytes] of the last read
+    first = f.read(_FILE_CHUNK)
 
-    def read_at(offset: int, count: int) -> bytes:
-        start, buf = window
-        if start <= offset and offset + count <= start + len(buf):
-            return buf[offset - start:offset - start + count]
+    def more(offset: int, count: int) -> bytes:
         f.seek(offset)
-        window[:] = [offset, f.read(max(count, _FILE_CHUNK))]
-        return window[1][:count]
+        return f.read(count)
 
-    head = _walk_jpeg(read_at, size) if size else None
+    head = _walk_jpeg(first, size, more) if size else None
     if head is not None and head.height * head.width <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
         return head, None
-    f.seek(0)
-    data = f.read()
+    if len(first) == size:
+        data = first
+    else:
+        f.seek(0)
+        data = f.read()
     return read_header(data, max_pixels), data
 
 

@@ -51,7 +51,9 @@ With shard_count=1 it also carries the counters of what was returned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
+import json
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -61,6 +63,8 @@ import packer
 from packer import Decision, Driver, ImagePlan, ImageRejected, PackConfig, PackingCore, RejectBudget, RejectBudgetExceeded
 
 STATE_VERSION = 3
+PLAN_KIND = "navit-pack plan"
+PLAN_VERSION = 1
 __all__ = ["PackedStream", "StreamError", "RejectBudgetExceeded", "as_tf_dataset", "element_spec", "resolve_source",
            "deal", "attention_cost", "shard_from_environment"]
 
@@ -173,6 +177,24 @@ class _Burst:
         return self.first + len(self.decisions)
 
 
+class _PlanWriter:
+    """Stands in for the driver while write_plan runs: the dealt decisions go to the plan file, a line each."""
+
+    def __init__(self, f):
+        self.f, self.count = f, 0
+
+    def put(self, decisions) -> None:
+        for d in decisions:
+            if any(p is None or isinstance(p, (bytes, bytearray, memoryview)) for p in d.payloads):
+                raise StreamError("a plan file names each image by a reference its source reads alone (folders, "
+                                  "synthetic); this source gives the images' bytes: plan on the fly instead")
+            line = [[ref, list(prov), p.key, p.label, dict(p.meta), p.orig_h, p.orig_w, p.grid_h, p.grid_w,
+                     p.num_tokens, p.drop_rate, list(dataclasses.astuple(p.refit)) if p.refit else None]
+                    for (p, prov), ref in zip(d.items, d.payloads)]
+            self.f.write(json.dumps(line) + "\n")
+            self.count += 1
+
+
 class PackedStream:
     """An endless (or `epochs`-long) iterator of packed records, resumable from `state()`.
 
@@ -190,6 +212,8 @@ class PackedStream:
       shard_index, shard_count: this rank and the number of ranks (data-parallel; see the module doc);
         shard="auto" takes them from the launcher (shard_from_environment) unless given.
       balance: deal each step's sequences by attention cost (True) or round robin.
+      plan: a plan file (write_plan, `navit-pack plan`) to read the global plan from instead of reading
+        and planning every header (its options must be this stream's).
       state: a `state()` to resume from (of a run with any shard_count).
     """
 
@@ -197,7 +221,7 @@ class PackedStream:
                  meta_fields: Sequence[str] = (), max_rejects: Union[None, int, float] = None,
                  num_parallel: "int | str | None" = None, shuffle_block: int = 1024,
                  shard_index: Optional[int] = None, shard_count: Optional[int] = None, shard: Optional[str] = None,
-                 balance: bool = True, state: Optional[dict] = None):
+                 balance: bool = True, plan: Optional[str] = None, state: Optional[dict] = None):
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or an integer >= 1, got {epochs!r}")
         RejectBudget(max_rejects)  # checks the spec
@@ -219,6 +243,9 @@ class PackedStream:
         self.balance = balance
         self.num_parallel = packer.resolve_workers(num_parallel)
         self._units = list(self.source.units())
+        self.plan = plan
+        if plan is not None:
+            self._check_plan(plan)
         self._driver: Optional[Driver] = None
         self._closed = False
         self._reset()
@@ -264,8 +291,9 @@ class PackedStream:
         queued = [] if burst is None else burst.decisions[max(0, self._consumed - burst.first):]
         out = {"version": STATE_VERSION, "config": self.config.to_json(), "meta_fields": list(self.meta_fields),
                "epochs": self.epochs, "shuffle": self.shuffle, "shuffle_block": self.shuffle_block,
-               "units": _units_fingerprint(self._units), "next_sequence": self._consumed, **snapshot,
-               "queued": [[self._queued_image(p, prov) for p, prov in d.items] for d in queued]}
+               "units": _units_fingerprint(self._units), "next_sequence": self._consumed}
+        if self.plan is None:  # a plan file is resumed by its line number alone
+            out.update(snapshot, queued=[[self._queued_image(p, prov) for p, prov in d.items] for d in queued])
         if self.shard_count == 1:
             out["returned"] = self._returned()
             out["fill_budget"] = self._fill_budget.state()
@@ -288,6 +316,11 @@ class PackedStream:
         rows = self._driver.pool.rows if self._driver is not None else None
         self._close_driver()
         self._reset()
+        if self.plan is not None:
+            self._consumed = self._dealt = self._plan_line = int(state["next_sequence"])
+            if rows is not None:
+                self._start(rows)
+            return
         self._pos = tuple(state["position"])
         self._reader_done = bool(state["finished"])
         self._accepted_in_epoch = int(state["accepted_in_epoch"])
@@ -382,6 +415,7 @@ class PackedStream:
         self._steps: collections.deque[tuple[int, int]] = collections.deque()  # (end of step, own sequences left)
         self._returned_before = {"sequences": 0, "images": 0, "tokens_real": 0, "tokens_padding": 0, "padding": 0}
         self._padding = 0
+        self._plan_line = 0  # plan file: the next decision's line
 
     def _snapshot(self) -> dict:
         return {"position": list(self._pos), "core": self._core.state(), "finished": self._reader_done,
@@ -500,7 +534,10 @@ class PackedStream:
                 return None
 
     def _read_one(self) -> None:
-        """Read one record (or the epoch end, or the end of the stream) and decide on it."""
+        """Read one record (or the epoch end, or the end of the stream) and decide on it; from a plan file,
+        read its next decision."""
+        if self.plan is not None:
+            return self._read_plan_line()
         if self._reader is None:
             self._reader = self._records()
         try:
@@ -531,6 +568,73 @@ class PackedStream:
             return
         self._accepted_in_epoch += 1
         self._decided(self._core.add(plan, prov, rec.payload))
+
+    # ------------------------------------------------------------------ plan files
+    def _plan_header(self) -> dict:
+        return {"kind": PLAN_KIND, "version": PLAN_VERSION, "config": self.config.to_json(),
+                "meta_fields": list(self.meta_fields), "epochs": self.epochs, "shuffle": self.shuffle,
+                "shuffle_block": self.shuffle_block, "units": _units_fingerprint(self._units)}
+
+    def _check_plan(self, path: str) -> None:
+        if self.epochs is None:
+            raise ValueError("a plan file holds a finite number of epochs: give epochs")
+        with open(path, encoding="utf-8") as f:
+            try:
+                theirs = json.loads(f.readline())
+            except ValueError:
+                theirs = {}
+        mine = self._plan_header()
+        if theirs.get("kind") != PLAN_KIND:
+            raise StreamError(f"{path} is not a navit-pack plan file")
+        diff = [k for k in mine if theirs.get(k) != mine[k]]
+        if diff:
+            raise StreamError(f"{path} was planned with other options: " + ", ".join(
+                f"{k}={theirs.get(k)!r} (this stream: {mine[k]!r})" for k in diff))
+
+    def _read_plan_line(self) -> None:
+        if self._reader is None:
+            f = open(self.plan, encoding="utf-8")
+            self._reader = itertools.islice(f, 1 + self._plan_line, None)
+        line = next(self._reader, None)
+        if line is None:
+            self._reader_done = True
+            self._deal(final=True)
+            return
+        items, payloads = [], []
+        for ref, prov, key, label, meta, oh, ow, gh, gw, n, rate, refit in json.loads(line):
+            plan = ImagePlan(key, prov[2], prov[3], label, meta, oh, ow, gh, gw, n, rate,
+                             packer.Refit(*refit) if refit else None)
+            items.append((plan, prov))
+            payloads.append(ref)
+        self._decided([Decision(self._plan_line, tuple(items), tuple(payloads))])
+        self._plan_line += 1
+
+    def write_plan(self, path: str) -> int:
+        """Write this stream's global plan (every decision of its epochs, in order) to a plan file that
+        ranks read with PackedStream(..., plan=path) instead of reading and planning every header: JSON
+        lines, the options first, then one decision per line (each image's reference, provenance and
+        plan). Needs a source that reads one record by reference (folders, synthetic). Returns the number
+        of decisions; nothing is filled."""
+        if self.epochs is None:
+            raise ValueError("a plan file holds a finite number of epochs: give epochs")
+        if self.shard_count != 1 or self.plan is not None:
+            raise ValueError("write_plan writes the whole global plan: from a stream of one rank, planning itself")
+        count = 0
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self._plan_header(), sort_keys=True) + "\n")
+                self._rows = 1
+                self._driver = _PlanWriter(f)
+                while not self._reader_done:
+                    self._read_one()
+                count = self._driver.count
+            os.replace(tmp, path)
+        finally:
+            self._driver = None
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return count
 
     def _records(self) -> Iterator:
         """(epoch, unit index, offset, Listed record, position after it) from the current position on, in

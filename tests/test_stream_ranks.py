@@ -148,3 +148,44 @@ def step_spread(records, ranks, batch, balance) -> float:
 def test_the_stream_balances_each_steps_attention_cost():
     records = make_records(160)
     assert step_spread(records, 4, 4, True) < step_spread(records, 4, 4, False)
+
+
+def test_a_plan_file_gives_the_sequences_of_planning_on_the_fly(tmp_path):
+    import subprocess
+    import sys
+
+    plan = tmp_path / "plan.jsonl"
+    args = ["--resolution", "uniform:32:96", "--seq-len", "64", "--patch-size", "8", "--seed", "3"]
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "plan", "--input", "synthetic:60", "--output", str(plan),
+                        "--epochs", "2", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    config = packer.PackConfig(seq_len=64, patch_size=8, resolution="uniform:32:96", seed=3)
+    for rank in range(3):
+        fly = PackedStream("synthetic:60", config, epochs=2, num_parallel=0, shard_index=rank, shard_count=3)
+        filed = PackedStream("synthetic:60", config, epochs=2, num_parallel=0, shard_index=rank, shard_count=3,
+                             plan=str(plan))
+        a, b = list(fly.batches(2)), list(filed.batches(2))
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    # resume from the plan file, onto another number of ranks
+    first = PackedStream("synthetic:60", config, epochs=2, num_parallel=0, plan=str(plan))
+    seen = [k for _, rec in zip(range(10), first) for k in rec["image_keys"][:int(rec["num_images"])]]
+    state = first.state()
+    rest = [k for r in range(2) for rec in PackedStream("synthetic:60", config, epochs=2, num_parallel=0, plan=str(plan),
+                                                        shard_index=r, shard_count=2, state=state)
+            for k in rec["image_keys"][:int(rec["num_images"])]]
+    assert collections.Counter(map(str, seen + rest)) == collections.Counter(f"synthetic/{i:06d}" for i in range(60)
+                                                                            for _ in range(2))
+    with pytest.raises(Exception, match="other options"):
+        PackedStream("synthetic:60", packer.PackConfig(seq_len=64, patch_size=8, seed=4, resolution="uniform:32:96"),
+                     epochs=2, plan=str(plan))
+
+
+def test_a_plan_file_needs_images_that_read_alone(tmp_path):
+    from pipelines.stream import StreamError
+
+    with pytest.raises(StreamError, match="reference"):
+        PackedStream(ListSource(make_records(8)), CONFIG, epochs=1, num_parallel=0).write_plan(str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()

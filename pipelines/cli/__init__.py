@@ -1,4 +1,4 @@
-"""The `navit-pack` command line. Each subcommand lives in its own module of this package (pack, stats,
+"""The `navit-pack` command line. Each subcommand lives in its own module of this package (pack, plan, stats,
 inspect, verify, bench, advise, serve) exposing `register(subparsers)`, which adds its parser and sets
 `func(args) -> int` as the handler; `options` holds what they share (the packing options, the one error format)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = [
     "pipelines.cli.pack",
+    "pipelines.cli.plan",
     "pipelines.cli.stats",
     "pipelines.cli.inspect",
     "pipelines.cli.verify",

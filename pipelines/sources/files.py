@@ -258,7 +258,7 @@ def open_image_file(path: str, *, use_beam: bool) -> tuple[IO[bytes], int]:
         f.seek(0)
         return f, size
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    f = open(fd, "rb", closefd=True)
+    f = open(fd, "rb", buffering=0, closefd=True)  # unbuffered: a header read takes what it asks for
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         f.close()
