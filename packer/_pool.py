@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import mmap
 import os
 import select
@@ -46,7 +47,7 @@ from ._core import Decision
 from ._record import slot_layout, slot_views
 from ._worker import CRASH_KEY_ENV, HB_IMAGES, kill_worker, start_worker, take_idle, give_idle, wait_detached
 
-_MAX_RESPAWNS_WITHOUT_PROGRESS = 3
+_MAX_RESPAWNS_WITHOUT_PROGRESS = 3  # a worker slot whose processes die this many times in a row is retired
 
 
 class WorkerError(RuntimeError):
@@ -335,7 +336,9 @@ class FillPool(_Slots):
         self._call_results: dict[int, Any] = {}
         self._poller = select.poll()
         self._fd_worker: dict[int, int] = {}
-        self._respawns_without_progress = 0
+        self._deaths_in_a_row = [0] * num_workers  # per slot: deaths since its last finished task or blamed image
+        self.retired: list[str] = []  # slots given up on, each with why ("fill worker 1 (pids 11, 12, ...): ...")
+        self._pids_seen: list[list[int]] = [[] for _ in range(num_workers)]
         try:
             for w in range(num_workers):
                 self._spawn(w)
@@ -366,6 +369,7 @@ class FillPool(_Slots):
             proc, conn = start_worker()
             self._attach(w, proc, conn)
         self._hb[w] = -1
+        self._pids_seen[w].append(proc.pid)
         self._procs[w], self._conns[w] = proc, conn
         self._poller.register(conn.fileno(), select.POLLIN)
         self._fd_worker[conn.fileno()] = w
@@ -374,8 +378,9 @@ class FillPool(_Slots):
         return len(self._assigned[w]) + sum(1 for c in self._calls.values() if c.worker == w)
 
     def _dispatch(self) -> None:
+        live = self._live()
         while self._call_waiting:
-            w = min(range(self.num_workers), key=lambda i: (self._load(i), i))
+            w = min(live, key=lambda i: (self._load(i), i))
             if self._load(w) >= self.prefetch:
                 break
             cid = self._call_waiting.popleft()
@@ -385,10 +390,10 @@ class FillPool(_Slots):
                 self._conns[w].send(("call", cid, call.fn, call.item))
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                 pass  # the worker died; _pump notices and re-issues its calls
-        if self._building and any(not a for a in self._assigned):  # an idle worker takes what there is
+        if self._building and any(not self._assigned[i] for i in live):  # an idle worker takes what there is
             self._make_task()
         while self._waiting:
-            w = min(range(self.num_workers), key=lambda i: (len(self._assigned[i]), i))
+            w = min(live, key=lambda i: (len(self._assigned[i]), i))
             if len(self._assigned[w]) >= self.prefetch:
                 return
             task = self._tasks[self._waiting.popleft()]
@@ -411,7 +416,13 @@ class FillPool(_Slots):
             self._tasks[task.tid] = task
             self._waiting.append(task.tid)
 
+    def _live(self) -> list[int]:
+        return [w for w, proc in enumerate(self._procs) if proc is not None]
+
     def _worker_died(self, w: int) -> None:
+        """Worker slot w's process ended: blame the image it held (if any), re-issue its work to the live
+        slots, and start a new process in the slot, unless its processes keep dying without filling
+        anything: then the slot is retired and the others go on (WorkerError once none is left)."""
         proc = self._procs[w]
         code = proc.wait() if proc is not None else None
         tid, where = (int(x) for x in self._hb[w])
@@ -422,9 +433,7 @@ class FillPool(_Slots):
             job.masked[image] = ("worker_crashed", f"the worker process filling it died (exit code {code})")
             blamed = True
         self.crashes += 1
-        self._respawns_without_progress = 0 if blamed else self._respawns_without_progress + 1
-        if self._respawns_without_progress > _MAX_RESPAWNS_WITHOUT_PROGRESS:
-            raise WorkerError(f"fill worker {w} died {self._respawns_without_progress} times without filling (exit code {code})")
+        self._deaths_in_a_row[w] = 0 if blamed else self._deaths_in_a_row[w] + 1
         self._poller.unregister(self._conns[w].fileno())
         del self._fd_worker[self._conns[w].fileno()]
         self._conns[w].close()
@@ -439,7 +448,15 @@ class FillPool(_Slots):
                 raise WorkerError(f"fill worker processes died {call.tries} times running {getattr(call.fn, '__name__', call.fn)}"
                                   f"({call.item!r:.200}) (exit code {code})")
             self._call_waiting.appendleft(cid)
-        self._spawn(w)
+        if self._deaths_in_a_row[w] <= _MAX_RESPAWNS_WITHOUT_PROGRESS:
+            self._spawn(w)
+            return
+        pids = ", ".join(map(str, self._pids_seen[w]))
+        self.retired.append(f"fill worker {w} (pids {pids}) died {self._deaths_in_a_row[w]} times in a row "
+                            f"without filling an image (last exit code {code})")
+        if not self._live():
+            raise WorkerError("every fill worker keeps dying: " + "; ".join(self.retired))
+        logging.getLogger("navit_pack").warning("navit-pack: %s; going on with %d", self.retired[-1], len(self._live()))
 
     def _free_ring(self) -> None:
         """Free the input bytes of the oldest jobs that are done (a worker has copied them out): a
@@ -478,6 +495,7 @@ class FillPool(_Slots):
                 if kind != "call":
                     raise WorkerError(f"fill worker {w} failed: {result}")
                 self._call_results[cid] = result
+                self._deaths_in_a_row[w] = 0
                 continue
             tid, failed = message
             if isinstance(tid, str):  # the worker raised: a bug, not a bad image
@@ -487,6 +505,7 @@ class FillPool(_Slots):
             for j, job_failed in zip(task.jobs, failed):
                 self._job_done(self._jobs[j], job_failed)
             self._assigned[w].remove(tid)
+            self._deaths_in_a_row[w] = 0
             self._free_ring()
         if not ready:
             for w, proc in enumerate(self._procs):

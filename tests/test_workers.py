@@ -113,6 +113,34 @@ def test_dead_worker_is_replaced_and_only_its_image_is_lost(decided, monkeypatch
     assert sum(r == [(victim, "worker_crashed")] or (victim, "worker_crashed") in r for _, r in got) == 1
 
 
+def kill_slot(pool, slot):
+    """SIGKILL worker slot `slot`'s process while it holds no image, and pump until the pool notices."""
+    pid = pool._procs[slot].pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pool._procs[slot] is not None and pool._procs[slot].pid == pid:
+        assert time.monotonic() < deadline, "the pool never noticed its dead worker"
+        pool.wait(0.05)
+
+
+def test_deaths_count_per_worker_and_the_job_goes_on(decided):
+    """Deaths spread over the pool's workers (an OOM killer's sweep) fail nothing; a slot whose processes die
+    again and again without filling is retired, named, and the other slot packs everything."""
+    decisions, data = decided
+    with packer._pool.FillPool(CONFIG, 2) as pool:
+        for slot in (0, 1, 0, 1):  # four deaths in a row across the pool, two per slot
+            kill_slot(pool, slot)
+        assert pool.retired == []
+        assert_same(run_pool(pool, decisions, data), reference(decisions, data))  # both slots fill: counts reset
+        for _ in range(4):
+            kill_slot(pool, 0)
+        assert len(pool.retired) == 1 and pool.retired[0].startswith("fill worker 0 ") and len(pool.worker_pids) == 1
+        assert_same(run_pool(pool, decisions, data), reference(decisions, data))
+        with pytest.raises(packer.WorkerError, match=r"fill worker 0 .*; fill worker 1 "):
+            for _ in range(4):
+                kill_slot(pool, 1)
+
+
 def open_fds():
     return set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
 
