@@ -11,7 +11,7 @@ num_images 0). The image is reported as a `FillReject`, which the deciding Packi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,16 @@ from ._transform import ImagePlan, fill_image
 
 Filled = Union[PatchedImage, ImageRejected]
 Reader = Callable[[Any], bytes]  # a payload reference -> its encoded bytes (OSError when it cannot be read)
+
+
+class Encoder(Protocol):
+    """A record's on-disk form, made where the record is assembled (a fill worker), so that the writing
+    process only appends bytes. Picklable; provided by the output format (schemas.record_encoder)."""
+
+    meta_fields: tuple[str, ...]
+    row_bytes: int  # room for one encoded record; a larger one is left to the writer (returned unencoded)
+
+    def __call__(self, record: Mapping[str, Any]) -> bytes: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +131,15 @@ def record_of(decision: Decision, numeric: Mapping[str, np.ndarray], rejects: Se
               meta_fields: Sequence[str] = (), copy: bool = True) -> dict[str, Any]:
     """The whole record of `decision` from its assembled numeric fields: the text fields of the images that
     were filled, every field in record order."""
+    return row_record(filled_plans(decision, rejects), numeric, config, meta_fields, copy)
+
+
+def row_record(plans: Sequence[ImagePlan], numeric: Mapping[str, np.ndarray], config: PackConfig,
+               meta_fields: Sequence[str] = (), copy: bool = True) -> dict[str, Any]:
+    """The record of an assembled row holding the images of `plans` (those filled), in record order."""
     record = {k: (v.copy() if copy else v) for k, v in numeric.items()}
     record["num_images"] = np.int32(record["num_images"])
-    record.update(text_fields(filled_plans(decision, rejects), config, meta_fields))
+    record.update(text_fields(plans, config, meta_fields))
     return ordered(record, meta_fields)
 
 

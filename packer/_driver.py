@@ -26,11 +26,13 @@ from ._record import ordered, text_fields
 
 
 class Slot:
-    """One filled output slot: `decisions` (its rows, in order), their failed fills (`rejects`), and the
-    numeric arrays (views into the pool's memory, valid until `release()`)."""
+    """One filled output slot: `decisions` (its rows, in order), their failed fills (`rejects`), the
+    numeric arrays and, where the pool has an encoder, each row's encoded record (`encoded`; views into
+    the pool's memory, valid until `release()`)."""
 
     def __init__(self, result: SlotResult, pool, config, meta_fields: Sequence[str]):
         self.decisions, self.rejects, self.arrays = result.decisions, result.rejects, result.arrays
+        self.encoded = result.encoded  # per row, its on-disk bytes where the pool's workers encoded it (else None)
         self._pool, self._config, self._meta_fields = pool, config, meta_fields
         self._released = False
 

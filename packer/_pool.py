@@ -7,7 +7,9 @@ FillPool: the images' encoded bytes are copied into a shared-memory input ring, 
 references, read by the worker itself through the pool's `reader`; a few consecutive decisions make a
 task (plans and byte offsets, a few hundred bytes a decision) that goes to the least-loaded worker over
 its own socket; the worker decodes, resizes, patchifies, drops and assembles each whole sequence
-straight into its row of a shared-memory output slot. Only (task id, failed slots) comes back. This is
+straight into its row of a shared-memory output slot; with an `encoder` (the output format's, e.g.
+schemas.record_encoder) it also encodes the row into its on-disk bytes, in a shared encoded slot, so that
+the writer only appends them. Only (task id, failed slots, encoded sizes) comes back. This is
 the PyTorch DataLoader's shape (per-worker task queues, a bounded number of tasks in flight, a reorder
 buffer), with assembly in the workers as the plan/fill design anchors recommend.
 
@@ -41,7 +43,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ._assemble import FillReject, Reader, assemble_into, fill_all, fill_rejects
+from ._assemble import Encoder, FillReject, Reader, assemble_into, fill_all, fill_rejects
 from ._config import PackConfig
 from ._core import Decision
 from ._record import slot_layout, slot_views
@@ -77,6 +79,7 @@ class SlotResult:
     decisions: list[Decision]
     arrays: dict[str, np.ndarray]
     rejects: list[list[FillReject]]
+    encoded: Optional[list[Optional[memoryview]]] = None  # per row, its on-disk bytes where a worker encoded it
 
 
 @dataclasses.dataclass
@@ -91,6 +94,7 @@ class _Job:
     masked: dict = dataclasses.field(default_factory=dict)  # image index -> (reason, detail)
     done: bool = False
     failed: list = dataclasses.field(default_factory=list)  # [(image index, reason, detail)]
+    encoded: int = -1  # bytes of the row's encoded record in the encoded slot (-1: not encoded)
 
 
 _END = object()
@@ -148,8 +152,8 @@ class _Slots:
             self._open = None
         return jid, job
 
-    def _job_done(self, job: _Job, failed: list) -> None:
-        job.done, job.failed = True, failed
+    def _job_done(self, job: _Job, failed: list, encoded: int = -1) -> None:
+        job.done, job.failed, job.encoded = True, failed, encoded
         self._slot_waiting[job.slot] -= 1
 
     def can_submit(self, decision: Optional[Decision] = None) -> bool:
@@ -202,7 +206,10 @@ class _Slots:
         jobs = [self._jobs[j] for j in self._slot_rows[head]]
         arrays = slot_views(self._out_buffer(), (head % self.num_slots) * self._slot_bytes, self._layout)
         return SlotResult(head % self.num_slots, [job.decision for job in jobs], arrays,
-                          [fill_rejects(job.decision, job.failed) for job in jobs])
+                          [fill_rejects(job.decision, job.failed) for job in jobs], self._encoded_views(head, jobs))
+
+    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[memoryview]]]:
+        return None
 
     def release(self) -> None:
         """Free the oldest slot (after get()); its arrays must not be used afterwards."""
@@ -298,7 +305,8 @@ class FillPool(_Slots):
     """Worker processes that fill and assemble decisions into shared memory (see the module doc)."""
 
     def __init__(self, config: PackConfig, num_workers: int, *, rows_per_slot: int = 1, num_slots: Optional[int] = None,
-                 prefetch: int = 2, task_size: int = 4, ring_bytes: int = 64 << 20, reader: Optional[Reader] = None):
+                 prefetch: int = 2, task_size: int = 4, ring_bytes: int = 64 << 20, reader: Optional[Reader] = None,
+                 encoder: Optional[Encoder] = None):
         if num_workers < 1 or prefetch < 1 or task_size < 1:
             raise ValueError("num_workers, prefetch and task_size must be >= 1 (0 workers: InProcessPool)")
         # Room for every worker's prefetch twice over, so that the workers stay busy while the caller
@@ -306,11 +314,14 @@ class FillPool(_Slots):
         in_flight = (2 * prefetch * num_workers + 1) * task_size
         super().__init__(config, rows_per_slot, num_slots or max(2, -(-in_flight // rows_per_slot) + 1))
         self.num_workers, self.prefetch, self.task_size, self.reader = num_workers, prefetch, task_size, reader
+        self.encoder = encoder
+        self._enc_row = encoder.row_bytes if encoder is not None else 0
         self._building: list[int] = []  # jobs not yet in a task
         self._tasks: dict[int, _Task] = {}  # sent or waiting to be sent, not yet done
         self._next_tid = 0
         self._ring_size = ring_bytes
-        sizes = {"input": ring_bytes, "output": self._slot_bytes * self.num_slots, "heartbeat": 16 * num_workers}
+        sizes = {"input": ring_bytes, "output": self._slot_bytes * self.num_slots, "heartbeat": 16 * num_workers,
+                 "encoded": self._enc_row * self.rows * self.num_slots}
         maps = []
         try:
             for name, size in sizes.items():
@@ -321,7 +332,7 @@ class FillPool(_Slots):
                 os.close(fd)
             raise WorkerError(f"cannot set up the fill workers' shared memory ({sum(sizes.values()) / 2**20:.0f} MiB; "
                               f"a file size or memory limit?): {e}") from e
-        (self._ring_fd, self._ring), (self._out_fd, self._out), (self._hb_fd, self._hb_map) = maps
+        (self._ring_fd, self._ring), (self._out_fd, self._out), (self._hb_fd, self._hb_map), (self._enc_fd, self._enc) = maps
         self._ring_head = 0  # next write position (monotonic; modulo ring size)
         self._ring_tail = 0  # oldest position still in use
         self._ring_jobs: collections.deque[int] = collections.deque()  # jobs holding ring bytes, in ring order
@@ -351,12 +362,19 @@ class FillPool(_Slots):
     def _out_buffer(self):
         return self._out
 
+    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[memoryview]]]:
+        if self.encoder is None:
+            return None
+        view, base = memoryview(self._enc), (head % self.num_slots) * self.rows * self._enc_row
+        return [view[base + job.row * self._enc_row:base + job.row * self._enc_row + job.encoded] if job.encoded >= 0
+                else None for job in jobs]
+
     # ---------------------------------------------------------------- workers
     def _attach(self, w: int, proc, conn: Connection) -> None:
         crash_key = os.environ.get(CRASH_KEY_ENV) or None
         conn.send((self.config, w, self.rows, self.num_slots, self._ring_size, self.num_workers, crash_key,
-                   self.reader))
-        for fd in (self._ring_fd, self._out_fd, self._hb_fd):
+                   self.reader, self.encoder))
+        for fd in (self._ring_fd, self._out_fd, self._hb_fd, self._enc_fd):
             send_handle(conn, fd, proc.pid)
 
     def _spawn(self, w: int) -> None:
@@ -489,7 +507,7 @@ class FillPool(_Slots):
             except (EOFError, OSError):
                 self._worker_died(w)
                 continue
-            if len(message) == 3:  # a map() call answered: ("call", cid, result) or ("call-error", cid, text)
+            if message[0] in ("call", "call-error"):  # a map() call answered: (kind, cid, result or text)
                 kind, cid, result = message
                 self._calls.pop(cid)
                 if kind != "call":
@@ -497,13 +515,13 @@ class FillPool(_Slots):
                 self._call_results[cid] = result
                 self._deaths_in_a_row[w] = 0
                 continue
-            tid, failed = message
-            if isinstance(tid, str):  # the worker raised: a bug, not a bad image
-                raise WorkerError(f"fill worker {w} failed: {failed}")
+            if isinstance(message[0], str):  # the worker raised: a bug, not a bad image
+                raise WorkerError(f"fill worker {w} failed: {message[1]}")
+            tid, failed, encoded = message
             task = self._tasks.pop(tid)
             task.done = True
-            for j, job_failed in zip(task.jobs, failed):
-                self._job_done(self._jobs[j], job_failed)
+            for j, job_failed, size in zip(task.jobs, failed, encoded):
+                self._job_done(self._jobs[j], job_failed, size)
             self._assigned[w].remove(tid)
             self._deaths_in_a_row[w] = 0
             self._free_ring()
@@ -615,7 +633,8 @@ class FillPool(_Slots):
         self._procs = [None] * self.num_workers
         self._conns = [None] * self.num_workers
         self._hb = None
-        for m, fd in ((self._ring, self._ring_fd), (self._out, self._out_fd), (self._hb_map, self._hb_fd)):
+        for m, fd in ((self._ring, self._ring_fd), (self._out, self._out_fd), (self._hb_map, self._hb_fd),
+                      (self._enc, self._enc_fd)):
             try:
                 m.close()
             except BufferError:  # a caller still holds a view: the map goes when it does
@@ -645,6 +664,6 @@ class FillPool(_Slots):
 def fill_pool(config: PackConfig, workers: int, **kwargs) -> "InProcessPool | FillPool":
     """The pool for `workers` (resolve_workers' rule): 0 fills in this process, N >= 1 in N processes."""
     if workers == 0:
-        kwargs = {k: v for k, v in kwargs.items() if k in ("rows_per_slot", "num_slots", "reader")}
+        kwargs = {k: v for k, v in kwargs.items() if k in ("rows_per_slot", "num_slots", "reader")}  # the caller encodes
         return InProcessPool(config, **kwargs)
     return FillPool(config, workers, **kwargs)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._assemble import Reader, assemble_into, fill_all
+from ._assemble import Encoder, Reader, assemble_into, fill_all, row_record
 from ._config import PackConfig
 from ._record import slot_layout, slot_views
 
@@ -65,27 +65,44 @@ def worker_main(fd: int) -> None:
             init = conn.recv()
             if init is None:
                 return
-            config, w, rows, num_slots, ring_size, num_workers, crash_key, reader = init
-            ring_fd, out_fd, hb_fd = (recv_handle(conn) for _ in range(3))
+            config, w, rows, num_slots, ring_size, num_workers, crash_key, reader, encoder = init
+            fds = [recv_handle(conn) for _ in range(4)]
         except (EOFError, OSError):
             return
-        if not _serve_pool(conn, config, w, rows, num_slots, ring_size, num_workers, crash_key, reader,
-                           ring_fd, out_fd, hb_fd):
+        if not _serve_pool(conn, config, w, rows, num_slots, ring_size, num_workers, crash_key, reader, encoder, fds):
             return
 
 
 def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slots: int, ring_size: int,
-                num_workers: int, crash_key: Optional[str], reader: Optional[Reader], ring_fd: int, out_fd: int,
-                hb_fd: int) -> bool:
+                num_workers: int, crash_key: Optional[str], reader: Optional[Reader], encoder: Optional[Encoder],
+                fds: list[int]) -> bool:
     """Serve one pool's tasks; True when detached (ready for another pool), False to exit."""
     layout, slot_bytes = slot_layout(config, rows)
-    maps = [mmap.mmap(ring_fd, max(ring_size, 1), prot=mmap.PROT_READ), mmap.mmap(out_fd, slot_bytes * num_slots),
-            mmap.mmap(hb_fd, 16 * num_workers)]
-    for fd in (ring_fd, out_fd, hb_fd):
+    enc_row = encoder.row_bytes if encoder is not None else 0
+    sizes = (ring_size, slot_bytes * num_slots, 16 * num_workers, enc_row * rows * num_slots)
+    maps = [mmap.mmap(fd, max(size, 1), prot=mmap.PROT_READ if i == 0 else mmap.PROT_READ | mmap.PROT_WRITE)
+            for i, (fd, size) in enumerate(zip(fds, sizes))]
+    for fd in fds:
         os.close(fd)
-    ring = maps[0]
+    ring, encoded = maps[0], maps[3]
     hb = np.ndarray((num_workers, 2), np.int64, buffer=maps[2])[w]
     slots = [slot_views(maps[1], s * slot_bytes, layout) for s in range(num_slots)]
+
+    def encode(slot: int, row: int, plans: list, failed: list) -> int:
+        """Encode the assembled row into its place in the encoded slots; its size, or -1 (too big: the
+        writer encodes it)."""
+        if encoder is None:
+            return -1
+        gone = {f[0] for f in failed}
+        record = row_record([p for i, p in enumerate(plans) if i not in gone], {k: v[row] for k, v in slots[slot].items()},
+                            config, encoder.meta_fields, copy=False)
+        data = encoder(record)
+        if len(data) > enc_row:
+            return -1
+        at = (slot * rows + row) * enc_row
+        encoded[at:at + len(data)] = data
+        return len(data)
+
     try:
         while True:
             try:
@@ -109,13 +126,15 @@ def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slo
             hb[1] = -1
             hb[0] = tid
             try:
-                failed = [_fill_job(config, plans, spans, ring, reader, slots[slot], row, masked, hb, k, crash_key)
-                          for k, (slot, row, plans, spans, masked) in enumerate(jobs)]
+                failed, sizes = [], []
+                for k, (slot, row, plans, spans, masked) in enumerate(jobs):
+                    failed.append(_fill_job(config, plans, spans, ring, reader, slots[slot], row, masked, hb, k, crash_key))
+                    sizes.append(encode(slot, row, plans, failed[-1]))
             except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
                 _reply(conn, (f"error:{tid}", f"{type(e).__name__}: {e}"))
                 return False
             hb[0] = -1
-            if not _reply(conn, (tid, failed)):
+            if not _reply(conn, (tid, failed, sizes)):
                 return False
     finally:
         del slots, hb

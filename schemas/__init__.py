@@ -12,7 +12,7 @@ from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissin
                   write_rejects, write_shard)
 from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
-from ._formats import FORMATS
+from ._formats import FORMATS, record_encoder
 from ._schema import SCHEMA_VERSION, RecordError, Schema, SchemaError
 from ._tf import tf_dataset
 from ._tfrecord import decode_example
@@ -27,7 +27,7 @@ __all__ = [
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",
-    "OutputWriteError", "MANIFEST", "REJECTS",
+    "OutputWriteError", "MANIFEST", "REJECTS", "record_encoder",
     # one writer per output folder: the lock a run holds while it writes
     "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
     # from a record to a model's inputs

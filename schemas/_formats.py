@@ -11,7 +11,9 @@ library (pyarrow, array_record) inside these functions, so the registry itself c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
 
 from . import _array_record, _arrow, _tfrecord
 from ._schema import Schema, SchemaError
@@ -29,6 +31,10 @@ class Format:
     table: Callable[[str, Schema], Any]  # the shard as a pyarrow Table in the Arrow schema (hf_dataset)
     checks_records: bool  # its reader verifies a checksum of every record it decodes (TFRecord CRCs, Riegeli hashes)
     random_access: Optional[Callable[[Sequence[str], Schema], Any]] = None  # (paths, schema) -> len() / [i] / close()
+    # Formats stored record by record: a validated record's bytes in the file (`encode`, which fill workers
+    # run: RecordEncoder), and the writer of such bytes in order (`write_encoded`, path -> record count).
+    encode: Optional[Callable[[Mapping[str, Any], Schema], bytes]] = None
+    write_encoded: Optional[Callable[[str, Iterable[Any]], int]] = None
 
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (
@@ -36,7 +42,9 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            lambda path, schema, full: _tfrecord.read_records(path, schema, BATCH),
            _tfrecord.field_names,
            lambda path, schema: _arrow.records_table(_tfrecord.read_records(path, schema, BATCH), schema, BATCH),
-           checks_records=True),
+           checks_records=True,
+           encode=lambda record, schema: _tfrecord.tfrecord_frame(_tfrecord.encode_example(record, schema)),
+           write_encoded=_tfrecord.write_frames),
     Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
            checks_records=False),
     Format("parquet", "parquet",
@@ -47,7 +55,8 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            lambda path, schema, full: _array_record.read_records(path, schema, BATCH),
            _array_record.field_names,
            lambda path, schema: _arrow.records_table(_array_record.read_records(path, schema, BATCH), schema, BATCH),
-           checks_records=True, random_access=_array_record.RandomAccess),
+           checks_records=True, random_access=_array_record.RandomAccess,
+           encode=_tfrecord.encode_example, write_encoded=lambda path, data: _array_record.write(path, map(bytes, data))),
 )}
 
 FORMATS = {name: f.extension for name, f in REGISTRY.items()}  # format name -> file extension (public: schemas.FORMATS)
@@ -59,3 +68,39 @@ def get(name: str) -> Format:
         return REGISTRY[name]
     except (KeyError, TypeError):
         raise SchemaError(f"unknown format {name!r}; expected one of {', '.join(REGISTRY)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordEncoder:
+    """A record -> its bytes in a `fmt` shard, validated against `schema` (packer's Encoder protocol): fill
+    workers run it, so the writing process only appends bytes. Picklable."""
+
+    fmt: str
+    schema: Schema
+
+    @property
+    def meta_fields(self) -> tuple[str, ...]:
+        return self.schema.meta_fields
+
+    @property
+    def row_bytes(self) -> int:
+        """Room for one encoded record: the patches, every other number at its longest varint, and 256
+        bytes a string; a record with longer keys or meta text is encoded by the writer instead."""
+        s = self.schema
+        numbers = sum(int(np.prod(s.shape(f))) for f in s.fields if f.dtype != "string" and f.name != "patches")
+        strings = sum(int(np.prod(s.shape(f))) for f in s.fields if f.dtype == "string")
+        return s.seq_len * s.token_dim + 10 * numbers + 256 * strings + 64 * len(s.fields) + 64
+
+    def __call__(self, record: Mapping[str, Any]) -> bytes:
+        self.schema.validate(record)
+        return get(self.fmt).encode(record, self.schema)
+
+
+def record_encoder(fmt: str, config: Any, meta_fields: Sequence[str] = ()) -> Optional[RecordEncoder]:
+    """The RecordEncoder of `fmt` shards for `config` (a PackConfig or its to_json()), or None where the
+    format is written a batch at a time (Arrow, Parquet): what a fill pool's workers run (packer.fill_pool's
+    encoder), so that the writer only appends bytes."""
+    if get(fmt).encode is None:
+        return None
+    return RecordEncoder(fmt, Schema.from_config(config.to_json() if hasattr(config, "to_json") else dict(config),
+                                                 tuple(meta_fields)))

@@ -135,14 +135,21 @@ def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Ite
         yield batch
 
 
-def _write_records(path: str, fmt: str, records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> int:
-    return _formats.get(fmt).write(path, _batches(records, schema), schema)
+def _write_records(path: str, fmt: str, records: Iterable[Any], schema: Schema) -> int:
+    """Records (dicts), or for formats stored record by record also their encoded bytes (RecordEncoder's
+    output, e.g. from fill workers), written in order."""
+    form = _formats.get(fmt)
+    if form.write_encoded is None:
+        return form.write(path, _batches(records, schema), schema)
+    encode = _formats.RecordEncoder(fmt, schema)
+    return form.write_encoded(path, (r if isinstance(r, (bytes, memoryview)) else encode(r) for r in records))
 
 
 def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: Iterable[Mapping[str, np.ndarray]], *,
                 seq_len: int, token_dim: int, max_images_per_seq: int, meta_fields: Sequence[str] = ()) -> dict:
     """Write one shard atomically (temporary name, then rename); returns {file, num_sequences, sha256}.
-    Every record is validated against the schema first (RecordError names the bad field)."""
+    Every record is validated against the schema first (RecordError names the bad field). For TFRecord
+    and ArrayRecord an item may also be a record already encoded (schemas.record_encoder's bytes)."""
     schema = Schema(seq_len, token_dim, max_images_per_seq, tuple(meta_fields))
     name = shard_name(index, num_shards, fmt)
     tmp = _atomic_path(directory, name)

@@ -119,6 +119,16 @@ def write_tfrecord(path: str, payloads: Iterable[bytes]) -> int:
     return n
 
 
+def write_frames(path: str, frames: Iterable[Any]) -> int:
+    """Write TFRecord records already framed (tfrecord_frame: bytes or buffers) at `path`; returns their count."""
+    n = 0
+    with open(path, "wb") as f:
+        for frame in frames:
+            f.write(frame)
+            n += 1
+    return n
+
+
 def write_records(path: str, batches: Iterable[list], schema: Schema) -> int:
     """Validated record batches -> a TFRecord shard of serialized Examples; returns the record count."""
     return write_tfrecord(path, (encode_example(r, schema) for batch in batches for r in batch))

@@ -77,6 +77,27 @@ def test_any_worker_count_writes_identical_bytes(image_dir, tmp_path):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
+def test_worker_encoded_records_equal_the_writers_own(image_dir, tmp_path, fmt):
+    """The workers encode each record (schemas.record_encoder); rows whose keys overflow that room are encoded
+    by the writer. Either way the shards equal those of the in-process run (workers=0: the writer encodes)."""
+    if fmt == "array_record":
+        pytest.importorskip("array_record")
+    deep = tmp_path / "in" / ("d" * 200) / ("e" * 200)  # keys of 400+ characters: past the encoder's room
+    deep.mkdir(parents=True)
+    for i in range(3):
+        (deep / f"long{i}.jpg").write_bytes(_jpeg(60 + 10 * i, 80, 500 + i))
+    for i in range(12):
+        (tmp_path / "in" / f"short{i}.jpg").write_bytes(_jpeg(40 + 7 * i, 90, 600 + i))
+    outs = []
+    for workers in (0, 2):
+        job = _job(str(tmp_path / "in"), tmp_path / f"w{workers}", fmt=fmt, labels="none")
+        bp.run_pack(job, workers=workers)
+        outs.append(_files(job.output))
+    assert outs[0] == outs[1]
+    assert any(len(k) > 400 for r in schemas.read(str(tmp_path / "w2")) for k in r["image_keys"])
+
+
 def test_crashed_worker_costs_only_its_image(image_dir, tmp_path, monkeypatch):
     victim = "class1/img04.jpg"
     monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, victim)

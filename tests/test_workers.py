@@ -113,6 +113,39 @@ def test_dead_worker_is_replaced_and_only_its_image_is_lost(decided, monkeypatch
     assert sum(r == [(victim, "worker_crashed")] or (victim, "worker_crashed") in r for _, r in got) == 1
 
 
+def test_workers_encode_each_row_in_its_on_disk_form(decided):
+    """With an encoder the workers hand back each row's shard bytes (what the writer would have encoded);
+    a row too large for its room comes back unencoded, for the writer."""
+    import schemas
+
+    decisions, data = decided
+    encoder = schemas.record_encoder("tfrecord", CONFIG)
+    expected = [encoder(packer._assemble.row_record(
+        [p for i, p in enumerate(d.plans) if all(r[0] != p.key for r in rejects)], record, CONFIG))
+        for d, (record, rejects) in zip(decisions, reference(decisions, data))]
+    for rows in (1, 3):
+        got = []
+        with packer._pool.FillPool(CONFIG, 2, rows_per_slot=rows, encoder=encoder) as pool:
+            queue = list(decisions)
+            while queue or pool.pending:
+                while queue and pool.can_submit(queue[0]):
+                    pool.submit(queue.pop(0))
+                if not queue:
+                    pool.seal()
+                result = pool.get(timeout=60)
+                got += [bytes(e) for e in result.encoded]
+                pool.release()
+        assert got == expected
+
+    images = [("k" * 4000 + key, blob, label) for key, blob, label in make_images(3, seed=5)]  # keys past the room
+    _, long_keys, long_data = run_core(CONFIG, images)
+    with packer._pool.FillPool(CONFIG, 1, encoder=encoder) as pool:
+        pool.submit(long_keys[0])
+        pool.seal()
+        assert pool.get(timeout=60).encoded == [None]
+        pool.release()
+
+
 def kill_slot(pool, slot):
     """SIGKILL worker slot `slot`'s process while it holds no image, and pump until the pool notices."""
     pid = pool._procs[slot].pid

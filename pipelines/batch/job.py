@@ -153,13 +153,16 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
 
 
 def filled_records(driver: packer.Driver, decisions: Iterable[packer.Decision]
-                   ) -> Iterator[tuple[packer.Decision, dict, list]]:
-    """(decision, record, failed fills) for each decision, filled by `driver`'s pool, in decision order."""
+                   ) -> Iterator[tuple[packer.Decision, Any, list]]:
+    """(decision, record, failed fills) for each decision, filled by `driver`'s pool, in decision order. The
+    record is its encoded bytes where the pool's workers encoded it (valid until the next item: the slot
+    is released once its rows are consumed), else a record dict."""
     driver.put(decisions)
     for slot in driver.drain():
         with slot:
-            rows = list(zip(slot.decisions, slot.records(), slot.rejects))
-        yield from rows
+            encoded = slot.encoded or [None] * len(slot)
+            records = slot.records() if None in encoded else encoded
+            yield from zip(slot.decisions, (e if e is not None else r for e, r in zip(encoded, records)), slot.rejects)
 
 
 def write_group(gp: GroupPlan, filled: Iterator[tuple[packer.Decision, dict, list]], job: PackJob, num_images: int,

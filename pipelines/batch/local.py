@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 import packer
+import schemas
 from pipelines.sources import Listed, unused_totals
 
 from .job import PackJob, decide_group, filled_records, finalize, layout, packing_group, write_group
@@ -139,7 +140,8 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
     progress = on_progress or (lambda *a: None)
     reader = _Reader(source.reader(), _spill_dir(job), job.config.max_pixels)
     try:
-        with packer.fill_pool(job.config, workers, reader=reader) as pool:  # workers start while the input is listed
+        encoder = schemas.record_encoder(job.fmt, job.config, job.meta_fields)  # workers encode, this process appends
+        with packer.fill_pool(job.config, workers, reader=reader, encoder=encoder) as pool:  # start while the input is listed
             t0 = time.perf_counter()
             listing = _list(pool, units, job, progress)
             timings["reading"] = time.perf_counter() - t0
