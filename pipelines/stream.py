@@ -567,7 +567,9 @@ class PackedStream:
             self._core.reject(rec.key, e.reason, e.detail, prov)
             return
         self._accepted_in_epoch += 1
-        self._decided(self._core.add(plan, prov, rec.payload))
+        # A plan file names images by reference, even those the listing read whole (their bytes stay here).
+        payload = rec.ref if isinstance(self._driver, _PlanWriter) and rec.ref is not None else rec.payload
+        self._decided(self._core.add(plan, prov, payload))
 
     # ------------------------------------------------------------------ plan files
     def _plan_header(self) -> dict:

@@ -189,3 +189,22 @@ def test_a_plan_file_needs_images_that_read_alone(tmp_path):
     with pytest.raises(StreamError, match="reference"):
         PackedStream(ListSource(make_records(8)), CONFIG, epochs=1, num_parallel=0).write_plan(str(tmp_path / "p"))
     assert not (tmp_path / "p").exists()
+
+
+def test_a_plan_file_names_by_reference_the_images_the_listing_read_whole(tmp_path):
+    """PNGs (and JPEGs that are not plain) are read whole for their size; the plan still names their files."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20 + 5 * i, 40, 3), dtype=np.uint8)).save(buf, format="PNG" if i % 2 else "JPEG")
+        (tmp_path / f"im{i:02d}.{'png' if i % 2 else 'jpg'}").write_bytes(buf.getvalue())
+    plan = str(tmp_path / "epoch.plan")
+    src = str(tmp_path)
+    assert PackedStream(src, CONFIG, epochs=1, num_parallel=0).write_plan(plan) > 0
+    a = list(PackedStream(src, CONFIG, epochs=1, num_parallel=0).batches(2))
+    b = list(PackedStream(src, CONFIG, epochs=1, num_parallel=0, plan=plan).batches(2))
+    assert len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
