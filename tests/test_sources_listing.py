@@ -166,11 +166,12 @@ def test_a_folder_that_cannot_be_listed_is_rejected_by_its_path(tmp_path, monkey
     assert src.class_names == ("ok",)
 
 
-def test_pack_over_a_looped_folder_packs_each_image_once(looped, tmp_path):
+def test_pack_over_a_looped_folder_packs_each_image_once(looped, tmp_path, capsys):
     pytest.importorskip("apache_beam")
     import schemas
     from pipelines import cli
     os.symlink("a.png", looped / "cat" / "again.png")
+    (looped / "dog" / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     assert cli.main(["pack", "--input", str(looped), "--output", str(out), "--seq-len", "64", "--resolution",
                      "uniform:16:32", "--format", "parquet", "--no-progress"]) == 0
@@ -180,6 +181,9 @@ def test_pack_over_a_looped_folder_packs_each_image_once(looped, tmp_path):
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [("cat/again.png", "duplicate_file")]
     assert manifest["num_images_in"] == 3 == manifest["num_images_packed"] + manifest["num_rejected"]
+    assert manifest["skipped"]["other_extension"] == 1
+    summary = capsys.readouterr().out
+    assert "1 other_extension" in next(line for line in summary.splitlines() if line.strip().startswith("skipped"))
 
 
 def test_remote_listings_count_what_they_skip_too(tmp_path, monkeypatch):

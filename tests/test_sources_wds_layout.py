@@ -206,6 +206,8 @@ def test_pack_carries_captions_and_refuses_a_misspelt_field(img2dataset, tmp_pat
     assert cli.main(argv + ["--meta-fields", "txt,url"]) == 0
     summary = capsys.readouterr().out
     assert "from .cls members: 7 distinct labels (0..6) in the first 14 samples" in summary
+    assert "unused members      8 .npy (not packed; --meta-fields EXT carries one)" in summary  # json and txt are used
+    assert schemas.read_manifest(str(out))["unused_members"] == {"npy": 8}
     images = {im.key: im for rec in schemas.read(str(out)) for im in packer.unpack(rec)}
     assert len(images) == 14
     for i, caption in enumerate(captions):

@@ -105,6 +105,11 @@ def summary_table(manifest: dict, output: str, seconds: float, timings: Optional
         ("tokens padding", manifest["tokens_padding"]),
         ("packing efficiency", f"{100 * manifest['efficiency']:.2f}%"),
         *([("labels", labels)] if labels else []),
+        *([("unused members", ", ".join(f"{n} {ext if ext.startswith('<') else '.' + ext}"
+                                         for ext, n in manifest["unused_members"].items())
+            + " (not packed; --meta-fields EXT carries one)")] if manifest.get("unused_members") else []),
+        *([("skipped", ", ".join(f"{n} {why}" for why, n in manifest["skipped"].items()) + " (not images)")]
+          if manifest.get("skipped") else []),
     ]
     if timings and "reading" in timings and "packing" in timings:
         rows += [("reading input", f"{timings['reading']:.1f} s (listing and reading the source)"),
