@@ -159,7 +159,39 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_im
     return bins, rooms, oldest
 
 
-class WindowBestFit:
+class _Windowed:
+    """What the windowed packers share: items collect until the window is full, then a round (`_round`)
+    packs it; subclasses keep the window (`_held`, `_add`) their own way and push() one item fast."""
+
+    window: int
+
+    def _held(self) -> int:
+        raise NotImplementedError
+
+    def _add(self, ids: range, lengths: list[int]) -> None:
+        raise NotImplementedError
+
+    def _round(self, final: bool) -> list[list[int]]:
+        raise NotImplementedError
+
+    def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
+        """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
+        out: list[list[int]] = []
+        start = 0
+        while start < len(lengths):
+            take = max(1, self.window - self._held())  # push() adds one item before each round
+            chunk = lengths[start:start + take]
+            self._add(range(first_item + start, first_item + start + len(chunk)), chunk)
+            start += len(chunk)
+            if self._held() >= self.window:
+                out += self._round(final=False)
+        return out
+
+    def flush(self) -> list[list[int]]:
+        return self._round(final=True) if self._held() else []
+
+
+class WindowBestFit(_Windowed):
     """Packer window-bfd (the default before window-swap): best-fit-decreasing over a bounded window,
     with carry-over; a bin closes when it reaches max_images_per_seq items.
 
@@ -180,21 +212,11 @@ class WindowBestFit:
             return []
         return self._round(final=False)
 
-    def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
-        """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
-        out: list[list[int]] = []
-        start = 0
-        while start < len(lengths):
-            take = max(1, self.window - len(self._items))  # push() adds one item before each round
-            chunk = lengths[start:start + take]
-            self._items.extend(zip([-n for n in chunk], range(first_item + start, first_item + start + len(chunk)), repeat(0)))
-            start += len(chunk)
-            if len(self._items) >= self.window:
-                out.extend(self._round(final=False))
-        return out
+    def _held(self) -> int:
+        return len(self._items)
 
-    def flush(self) -> list[list[int]]:
-        return self._round(final=True) if self._items else []
+    def _add(self, ids: range, lengths: list[int]) -> None:
+        self._items.extend(zip([-n for n in lengths], ids, repeat(0)))
 
     def _round(self, final: bool) -> list[list[int]]:
         bins, rooms, oldest = best_fit_decreasing(self._items, self.capacity, self.max_images_per_seq)
@@ -367,7 +389,7 @@ def _swap_to_cap(bins: list[list[int]], rooms: list[int], lengths: list[int], ke
     return len(leftover)
 
 
-class WindowSwap:
+class WindowSwap(_Windowed):
     """The default streaming packer: best-fit-decreasing over a bounded window, as if there were no
     image cap, then exact swaps that bring every sequence to at most max_images_per_seq images
     (swap_best_fit), with carry-over.
@@ -400,23 +422,13 @@ class WindowSwap:
             return []
         return self._round(final=False)
 
-    def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
-        """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
-        out: list[list[int]] = []
-        start = 0
-        while start < len(lengths):
-            take = max(1, self.window - len(self._lengths))  # push() adds one item before each round
-            chunk = lengths[start:start + take]
-            self._lengths += chunk
-            self._ids += range(first_item + start, first_item + start + len(chunk))
-            self._ages += repeat(0, len(chunk))
-            start += len(chunk)
-            if len(self._lengths) >= self.window:
-                out += self._round(final=False)
-        return out
+    def _held(self) -> int:
+        return len(self._lengths)
 
-    def flush(self) -> list[list[int]]:
-        return self._round(final=True) if self._lengths else []
+    def _add(self, ids: range, lengths: list[int]) -> None:
+        self._lengths += lengths
+        self._ids += ids
+        self._ages += repeat(0, len(lengths))
 
     def _round(self, final: bool) -> list[list[int]]:
         lengths, ids, ages = self._lengths, self._ids, self._ages

@@ -27,6 +27,24 @@ def encode(pixels_or_image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(h: int, w: int, seed: int = 0, quality: int = 85) -> bytes:
+    return encode(make_pixels(h, w, seed), "JPEG", quality=quality)
+
+
+def image_folder(root, n: int, *, classes: "list[str]", seed: int, sizes: tuple[int, int] = (24, 200),
+                 fmt: str = "JPEG", name: str = "img{i:02d}.jpg", noise: bool = False) -> str:
+    """n images of random sizes in class sub-folders of `root` (image i in classes[i % len(classes)]); noise:
+    random pixels (large files) instead of make_pixels. Returns root as a str."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(sizes[0], sizes[1], 2))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if noise else make_pixels(h, w, seed * 1000 + i)
+        (folder / name.format(i=i)).write_bytes(encode(pixels, fmt))
+    return str(root)
+
+
 @pytest.fixture
 def jpeg_bytes():
     def make(h: int = 120, w: int = 160, seed: int = 0, quality: int = 90) -> bytes:

@@ -3,27 +3,18 @@ Beam pipeline: byte-identical shards, rejects and manifest; any worker count; a 
 its image; the reject budget fails early with one line. Inputs are small JPEGs made here."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import packer
 import schemas
+from conftest import image_folder, jpeg
 
 from pipelines import batch as bp
-
-
-def _jpeg(h: int, w: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +22,10 @@ def image_dir(tmp_path_factory):
     """36 JPEGs in 3 class folders, an undecodable file, an empty one, and one whose body is cut short (its
     header plans, its decode fails: a fill-time reject)."""
     root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(3)
-    for i in range(36):
-        folder = root / f"class{i % 3}"
-        folder.mkdir(exist_ok=True)
-        h, w = (int(v) for v in rng.integers(20, 200, 2))
-        (folder / f"img{i:02d}.jpg").write_bytes(_jpeg(h, w, i))
+    image_folder(root, 36, classes=["class0", "class1", "class2"], seed=3, sizes=(20, 200))
     (root / "class0" / "broken.jpg").write_bytes(b"not an image at all")
     (root / "class1" / "empty.jpg").write_bytes(b"")
-    (root / "class2" / "cut.jpg").write_bytes(_jpeg(120, 90, 99)[:1500])
+    (root / "class2" / "cut.jpg").write_bytes(jpeg(120, 90, 99)[:1500])
     return str(root)
 
 
@@ -86,9 +72,9 @@ def test_worker_encoded_records_equal_the_writers_own(image_dir, tmp_path, fmt):
     deep = tmp_path / "in" / ("d" * 200) / ("e" * 200)  # keys of 400+ characters: past the encoder's room
     deep.mkdir(parents=True)
     for i in range(3):
-        (deep / f"long{i}.jpg").write_bytes(_jpeg(60 + 10 * i, 80, 500 + i))
+        (deep / f"long{i}.jpg").write_bytes(jpeg(60 + 10 * i, 80, 500 + i))
     for i in range(12):
-        (tmp_path / "in" / f"short{i}.jpg").write_bytes(_jpeg(40 + 7 * i, 90, 600 + i))
+        (tmp_path / "in" / f"short{i}.jpg").write_bytes(jpeg(40 + 7 * i, 90, 600 + i))
     outs = []
     for workers in (0, 2):
         job = _job(str(tmp_path / "in"), tmp_path / f"w{workers}", fmt=fmt, labels="none")
@@ -119,7 +105,7 @@ def mostly_broken(tmp_path_factory):
     """150 inputs, 120 of them undecodable."""
     root = tmp_path_factory.mktemp("broken")
     for i in range(150):
-        (root / f"f{i:03d}.jpg").write_bytes(_jpeg(24, 24, i) if i % 5 == 0 else b"garbage %d" % i)
+        (root / f"f{i:03d}.jpg").write_bytes(jpeg(24, 24, i) if i % 5 == 0 else b"garbage %d" % i)
     return str(root)
 
 

@@ -4,27 +4,19 @@ by an instrumented source in the main process and in the fill workers (tests/cou
 from __future__ import annotations
 
 import collections
-import io
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import packer
 import schemas
+from conftest import encode, jpeg
 from counting_source import LOG_ENV, CountingSource
 from pipelines.batch import PackJob
 from pipelines.batch.local import run_local
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def _jpeg(h: int, w: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)  # noise: large files
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -34,7 +26,8 @@ def test_each_image_is_read_once_per_epoch(tmp_path, monkeypatch, workers):
     for i in range(40):
         sub = folder / f"part{i % 5}"
         sub.mkdir(parents=True, exist_ok=True)
-        data = _jpeg(300, 260, i) if i % 4 == 0 else _jpeg(40 + i, 60, i)
+        data = encode(np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8), quality=95) if i % 4 == 0 \
+            else jpeg(40 + i, 60, i)  # noise: large files, whose header is a small part
         (sub / f"img{i:02d}.jpg").write_bytes(data)
         sizes[f"part{i % 5}/img{i:02d}.jpg"] = len(data)
     log = tmp_path / "reads.log"

@@ -2,41 +2,25 @@
 agreement with the single-process packer. Inputs are a few dozen small images made here."""
 from __future__ import annotations
 
-import io
 import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("apache_beam")
 
 import packer  # noqa: E402
+from conftest import image_folder, jpeg  # noqa: E402
 import schemas  # noqa: E402
 from pipelines import batch as bp  # noqa: E402
-
-
-def _jpeg(h: int, w: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    pixels = np.stack([x * 255 // max(w, 1), y * 255 // max(h, 1), np.full_like(x, seed * 37 % 256)], -1)
-    pixels = np.clip(pixels + rng.integers(0, 30, pixels.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     """30 images in 3 class folders, plus an undecodable file and an empty one."""
     root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    for i in range(30):
-        folder = root / f"class{i % 3}"
-        folder.mkdir(exist_ok=True)
-        h, w = (int(v) for v in rng.integers(24, 300, 2))
-        (folder / f"img{i:02d}.jpg").write_bytes(_jpeg(h, w, i))
+    image_folder(root, 30, classes=["class0", "class1", "class2"], seed=1, sizes=(24, 300))
     (root / "class0" / "broken.jpg").write_bytes(b"this is not an image")
     (root / "class1" / "empty.jpg").write_bytes(b"")
     return str(root)
@@ -86,7 +70,7 @@ def test_duplicate_keys_across_units_are_rejected(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     for part, keys in enumerate([["a", "b", "dup"], ["c", "dup", "d"]]):
-        table = pa.table({"image": [_jpeg(40 + 8 * i, 64, 10 * part + i) for i in range(3)], "key": keys,
+        table = pa.table({"image": [jpeg(40 + 8 * i, 64, 10 * part + i) for i in range(3)], "key": keys,
                           "label": [part, part, part]})
         pq.write_table(table, tmp_path / f"part{part}.parquet")
     job = bp.PackJob(input=f"parquet:{tmp_path}/*.parquet", output=str(tmp_path / "out"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import image_folder
 from pipelines import cli
 from pipelines.cli import options
 
@@ -17,14 +18,7 @@ pytest.importorskip("apache_beam")
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_imgs")
-    rng = np.random.default_rng(3)
-    for i in range(16):
-        folder = root / ("cats" if i % 2 else "dogs")
-        folder.mkdir(exist_ok=True)
-        h, w = (int(v) for v in rng.integers(30, 200, 2))
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
-        (folder / f"{i}.png").write_bytes(buf.getvalue())
+    image_folder(root, 16, classes=["dogs", "cats"], seed=3, sizes=(30, 200), fmt="PNG", name="{i}.png", noise=True)
     (root / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
     return str(root)
 

@@ -2,17 +2,15 @@
 dask.distributed cluster (2 worker processes on 127.0.0.1) writes the same bytes as the local path."""
 from __future__ import annotations
 
-import io
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("apache_beam.runners.dask.dask_runner", reason="apache-beam's Dask runner needs dask")
 distributed = pytest.importorskip("distributed", reason="dask.distributed is a test dependency (extra 'test')")
 
 import packer  # noqa: E402
+from conftest import image_folder  # noqa: E402
 from pipelines import batch as bp  # noqa: E402
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
@@ -29,14 +27,7 @@ def cluster():
 def image_dir(tmp_path_factory):
     """8 JPEGs in 2 class folders and one undecodable file."""
     root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(5)
-    for i in range(8):
-        folder = root / f"class{i % 2}"
-        folder.mkdir(exist_ok=True)
-        h, w = (int(v) for v in rng.integers(20, 160, 2))
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        (folder / f"img{i:02d}.jpg").write_bytes(buf.getvalue())
+    image_folder(root, 8, classes=["class0", "class1"], seed=5, sizes=(20, 160), noise=True)
     (root / "class0" / "broken.jpg").write_bytes(b"not an image")
     return str(root)
 
