@@ -10,13 +10,13 @@ order_fraction), on N synthetic ImageNet-like image sizes planned with the given
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import numpy as np
 
 import packer
 from pipelines.batch import PackJob, layout, order_fraction, packing_group
+from . import write_json
 
 
 def synthetic_lengths(n: int, config: packer.PackConfig, seed: int = 0) -> list[tuple[str, int]]:
@@ -71,9 +71,7 @@ def main() -> None:
     for g in result["grouped"]:
         print(f"  group_size {g['group_size']:>6} ({g['groups']:>3} groups): {100 * g['efficiency']:.2f}% "
               f"({g['points_below_single']:+.2f} points below single process)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import packer
+from . import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {  # width, depth, heads, mlp_dim
@@ -167,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     report = run(args)
     print(table(report))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_json(args.out, report)
     return 0
 
 

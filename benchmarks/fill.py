@@ -16,7 +16,6 @@ runs see the same grids; exact fill re-plans some of them. Reported per L:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import time
 import numpy as np
 
 import packer
+from . import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_INPUT = os.path.join(HERE, "..", "..", "shared", "data", "imagenet-dev")
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                        "input": args.input, "resolution": args.resolution, "draws": args.draws, "window": args.window,
                        "fill_extra_drop": packer._fill.FILL_EXTRA_DROP},
               "lengths": rows, "end_to_end": e2e}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0 if all(r["unfilled"] == 0 and r["nonfull_exact"] <= 1 for r in rows) else 1
 
 

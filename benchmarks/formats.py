@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 
 import packer
 import schemas
+from . import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "formats.json")
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.sequences, args.seq_len, args.patch_size, args.num_shards, tuple(args.formats))
     print(table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from .throughput import DEFAULT_DATA, ROOT
+from . import write_json
 
 
 def _proc_value(pid: int, name: str, key: str) -> int:
@@ -123,9 +124,7 @@ def main() -> None:
         slope = (rows[-1]["main_rss_mb"] - rows[0]["main_rss_mb"]) / (rows[-1]["n"] - rows[0]["n"])
         projected = rows[-1]["main_rss_mb"] + slope * (1_000_000 - rows[-1]["n"])
         print(f"main RSS growth: {1e3 * slope:.2f} MB per 1,000 images; at 1,000,000 images: about {projected:.0f} MB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"workers": args.workers, "format": args.format, "rows": rows}, f, indent=2)
+    write_json(args.json, {"workers": args.workers, "format": args.format, "rows": rows})
 
 
 if __name__ == "__main__":

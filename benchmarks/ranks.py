@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pipelines.stream import PackedStream
 
 from .scaling import _cpu_seconds
 from .throughput import DEFAULT_DATA
+from . import write_json
 
 CONFIG = packer.PackConfig(seq_len=256, resolution="uniform:64:256", token_drop="beta:0.25:0.5")
 
@@ -101,9 +101,7 @@ def main() -> None:
                 result["planning"].append(row)
                 print(f"{n:>5} {mode:>10} {row['main_us_per_image']:>11.0f} {row['worker_us_per_image']:>11.0f} "
                       f"{row['main_over_worker']:>12.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

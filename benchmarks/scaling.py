@@ -27,6 +27,7 @@ import time
 import packer
 
 from .throughput import DEFAULT_DATA, ROOT, make_folder, rate
+from . import write_json
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -114,10 +115,8 @@ def main() -> None:
               f"{(r['images_per_s'] / one if one else float('nan')):>5.2f} {r['main_us_per_image']:>11.0f} "
               f"{r['ceiling_images_per_s']:>13.0f} {max(r['worker_us_per_image']):>14.0f} "
               f"{min(r['worker_idle']):>5.0%}-{max(r['worker_idle']):.0%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"images": len(paths), "data": args.data, "format": args.format, "config": config.to_json(),
-                       "prepare_image_images_per_s": base, "rows": rows}, f, indent=2)
+    write_json(args.json, {"images": len(paths), "data": args.data, "format": args.format, "config": config.to_json(),
+                           "prepare_image_images_per_s": base, "rows": rows})
 
 
 if __name__ == "__main__":

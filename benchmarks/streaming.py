@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from . import write_json
 
 TARGET_IMAGES_PER_S = 3_150  # one H100 training NaViT-B/16 at L=256, batch 64
 CONFIG = dict(seq_len=256, patch_size=16, resolution="uniform:64:256")
@@ -317,10 +318,7 @@ def main(argv=None) -> int:
         peak = [m["peak_rss_mb"] for m in results["memory"]]
         results["memory_growth"] = peak[1] / peak[0] - 1
     _summarize(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

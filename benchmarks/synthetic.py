@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 import time
 
 from pipelines.sources import synthetic as sources_synthetic
+from . import write_json
 
 # Where the generator lived before the sources package: baselines are read from this path.
 BASELINE_PATH = "pipelines/sources_synthetic.py"
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         r = result[name]
         print(f"{name:>9}: {r['images_per_s']:7.0f} images/s ({r['seconds']:.1f} s, mean {r['mean_kb']:.0f} KB)")
     print(f"speed-up: {result['speedup']:.1f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**result, "baseline_commit": args.baseline, "images": args.images}, f, indent=1)
+    write_json(args.json, {**result, "baseline_commit": args.baseline, "images": args.images})
     return 0
 
 

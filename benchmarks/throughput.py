@@ -31,6 +31,7 @@ import time
 from PIL import Image
 
 import packer
+from . import write_json
 
 DEFAULT_DATA = "/work/shared/data/imagenet-dev"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,9 +123,7 @@ def main() -> None:
         print(f"  {name:<46} {value:5.2f}x")
     print(f"  {'start-up (1-image pack, start to exit)':<46} {startup:5.2f} s")
     print(f"  {'packing efficiency':<46} {100 * manifest['efficiency']:.2f}%")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

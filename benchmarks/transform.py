@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import math
 import os
 import statistics
@@ -44,6 +43,7 @@ from PIL import Image, ImageOps
 
 import packer
 from packer import _image
+from . import write_json
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet-dev")
 
@@ -291,9 +291,7 @@ def main() -> None:
     print("\nprepare_image step by step, in the loop (ms/image; token drop none)\n| step | default | fast |\n|---|---|---|")
     for name in result["steps_ms"]["default"]:
         print(f"| {name} | {result['steps_ms']['default'][name]:.3f} | {result['steps_ms']['fast'][name]:.3f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
