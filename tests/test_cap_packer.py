@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import packer
 from packer import _algorithms
 from pipelines import packing_efficiency as packing
+from test_fill import imagenet_like_sizes as fill_sizes
 
 # Mostly short items (they make the bins over the cap that the swaps fix), some of any length.
 LENGTHS = st.lists(st.one_of(st.integers(1, 6), st.integers(1, 40), st.integers(1, 100)), max_size=400)
@@ -88,13 +89,8 @@ def test_swaps_keep_every_fill_of_best_fit_without_the_cap(lengths, max_images_p
 
 
 def imagenet_like_sizes(n, seed=0):
-    """Synthetic (h, w) with ImageNet's shape mix (as in test_fill)."""
-    rng = np.random.default_rng(seed)
-    aspect = rng.choice([4 / 3, 3 / 4, 1.0, 3 / 2, 2 / 3], n, p=[.5, .15, .1, .15, .1]) * np.exp(rng.normal(0, .05, n))
-    long = rng.uniform(150, 500, n)
-    h = np.where(aspect >= 1, long / aspect, long).astype(int)
-    w = np.where(aspect >= 1, long, long * aspect).astype(int)
-    return [packing.ImageSize(f"k{i}", int(a), int(b)) for i, (a, b) in enumerate(zip(h, w))]
+    """Synthetic (h, w) with ImageNet's shape mix (test_fill's), as packing.ImageSize."""
+    return [packing.ImageSize(f"k{i}", h, w) for i, (h, w) in enumerate(fill_sizes(n, seed))]
 
 
 @pytest.fixture(scope="module")
