@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any, Callable, Iterator, Sequence
 
-from .base import (FILENAME_LABELS, LABEL_MODES, Listed, ScanRecord, Source, SourceError, SourceRecord, check_labels,
+from .base import (FILENAME_LABELS, LABEL_MODES, Listed, Source, SourceError, SourceRecord, check_labels,
                    flag_duplicates, has_scheme, unused_totals)
 from .files import FileSource
 from .synthetic import SyntheticSource
@@ -35,7 +35,7 @@ from .tables import ArrowSource, TFRecordSource
 from .tfds import TfdsSource
 from .wds import WdsSource
 
-__all__ = ["FILENAME_LABELS", "LABEL_MODES", "Listed", "ScanRecord", "Source", "SourceError", "SourceRecord", "flag_duplicates",
+__all__ = ["FILENAME_LABELS", "LABEL_MODES", "Listed", "Source", "SourceError", "SourceRecord", "flag_duplicates",
            "open_source", "read_sizes", "record_sizes", "unused_totals", "KINDS"]
 
 # The one place a source kind is registered: "KIND:BODY" specs go to KINDS[KIND](spec, BODY, labels=, meta_fields=).

@@ -46,29 +46,13 @@ class SourceRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScanRecord:
-    """One input record as the batch job's listing sees it (Source.scan): either the image itself (`data`,
-    when the source cannot read one record alone: the job keeps the bytes), or `ref`, which Source.open_ref
-    and fetch read again, with the display size (height, width) when the source knows it without reading
-    the image (`size`; else the job reads the header through open_ref)."""
-
-    key: str
-    label: Optional[int] = None
-    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    reject: Optional[str] = None
-    detail: str = ""
-    unused: tuple[str, ...] = ()
-    data: bytes = b""
-    size: Optional[tuple[int, int]] = None
-    ref: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Listed:
-    """A record as planning needs it (Source.headers): the record, its image's display size read from the
-    header (`size`; or `header_reject`, the (reason, detail) of a header that does not read), and what
-    fills it: `data`, the bytes when they were read whole (a source without references, or an image
-    whose size needs all of it), else `ref`, the source's reference (Source.fetch reads it)."""
+    """A record as the listing and planning see it. From Source.scan: the record with either its bytes
+    (`data`, a source that cannot read one record alone) or `ref` (Source.open_ref and fetch read it
+    again), and its display size where the source knows it without reading the image (`size`). From
+    Source.headers: the size read from the header too (or `header_reject`, the (reason, detail) of a
+    header that does not read), `data` kept only when the bytes were read whole (a source without
+    references, or an image whose size needs all of it)."""
 
     key: str
     label: Optional[int] = None
@@ -127,12 +111,12 @@ class Source(abc.ABC):
         records = self._read(unit)
         return records if self.unique_keys else flag_duplicates(records)
 
-    def scan(self, unit: str) -> Iterator[ScanRecord]:
+    def scan(self, unit: str) -> Iterator[Listed]:
         """The unit's records for a listing that reads each image once (the batch job): by default every
         record with its bytes (a source that can read one record alone overrides this with references and
         open_ref). Same records, order and rejects as read(unit)."""
         for r in self.read(unit):
-            yield ScanRecord(r.key, r.label, r.meta, r.reject, r.detail, r.unused, bytes(r.data or b""))
+            yield Listed(r.key, r.label, r.meta, r.reject, r.detail, r.unused, data=bytes(r.data or b""))
 
     def headers(self, unit: str, max_pixels: int) -> Iterator[Listed]:
         """The unit's records (scan's, in read's order) with each image's display size, read from as few of
@@ -142,8 +126,7 @@ class Source(abc.ABC):
 
         for r in self.scan(unit):
             if r.reject is not None or r.size is not None:
-                yield Listed(r.key, r.label, r.meta, r.reject, r.detail, r.unused, r.size, None, r.ref,
-                             None if r.ref is not None else r.data)
+                yield dataclasses.replace(r, data=None) if r.ref is not None else r
                 continue
             size = header_reject = data = None
             reject, detail = None, ""
@@ -163,12 +146,12 @@ class Source(abc.ABC):
                          None if reject else r.ref, None if reject else data)
 
     def open_ref(self, ref: Any) -> tuple[IO[bytes], int]:
-        """(a seekable binary file of the encoded image a ScanRecord's `ref` names, its size in bytes);
+        """(a seekable binary file of the encoded image a scanned record's `ref` names, its size in bytes);
         OSError when it cannot be read any more."""
         raise NotImplementedError(f"{type(self).__name__} gives no references to open")
 
     def fetch(self, ref: Any) -> bytes:
-        """The encoded image a ScanRecord's `ref` names (OSError when it cannot be read any more)."""
+        """The encoded image a scanned record's `ref` names (OSError when it cannot be read any more)."""
         f, _ = self.open_ref(ref)
         with f:
             return f.read()

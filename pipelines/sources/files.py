@@ -21,7 +21,7 @@ import stat
 import copy
 from typing import IO, Iterator, Optional, Sequence
 
-from .base import (FILENAME_LABELS, ScanRecord, SourceError, Source, SourceRecord, check_meta_fields,
+from .base import (FILENAME_LABELS, Listed, SourceError, Source, SourceRecord, check_meta_fields,
                    filename_label_pattern, glob_root, has_scheme, is_glob, relative_key)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -503,14 +503,14 @@ class FileSource(Source):
                 continue
             yield SourceRecord(key, data, label, meta)
 
-    def scan(self, unit: str) -> Iterator[ScanRecord]:
+    def scan(self, unit: str) -> Iterator[Listed]:
         """Each file by reference (its key), unread: the listing opens it (open_ref) for its header."""
         for key in json.loads(unit):
             _, label, meta, known = self._describe(key)
             if known is not None:
-                yield ScanRecord(key, label, meta, reject=known[0], detail=known[1])
+                yield Listed(key, label, meta, reject=known[0], detail=known[1])
             else:
-                yield ScanRecord(key, label, meta, ref=key)
+                yield Listed(key, label, meta, ref=key)
 
     def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
         return open_image_file(self._path(ref), use_beam=self.use_beam)

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .base import ScanRecord, SourceError, Source, SourceRecord, check_meta_fields
+from .base import Listed, SourceError, Source, SourceRecord, check_meta_fields
 
 CLASS_COLORS = {
     "red": (200, 40, 40), "orange": (230, 130, 30), "yellow": (220, 210, 50), "lime": (140, 220, 60),
@@ -273,12 +273,12 @@ class SyntheticSource(Source):
         meta = {"class_name": CLASS_NAMES[plan.label], "format": plan.fmt.split("-")[0]}
         return {name: meta[name] for name in self.meta_fields}
 
-    def scan(self, unit: str) -> Iterator[ScanRecord]:
+    def scan(self, unit: str) -> Iterator[Listed]:
         """Each image by reference (its index), with its size: nothing is generated until it is filled."""
         for i in self._range(unit):
             plan = _plan(self.seed, i)
-            yield ScanRecord(self.key(i), plan.label if self.with_labels else None, self._meta(plan),
-                             size=(plan.height, plan.width), ref=i)
+            yield Listed(self.key(i), plan.label if self.with_labels else None, self._meta(plan),
+                         size=(plan.height, plan.width), ref=i)
 
     def fetch(self, ref: int) -> bytes:
         return _render(self.seed, ref, _plan(self.seed, ref))
