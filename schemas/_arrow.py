@@ -2,6 +2,7 @@
 patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imports pyarrow lazily."""
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -150,6 +151,48 @@ def read_ipc(path: str, schema: Schema, full_validation: bool) -> Iterator[dict[
                 batch.validate(full=True)
             check_batch(batch, schema)
             yield from from_batch(batch, schema)
+
+
+class IpcRandomAccess:
+    """Records of Arrow IPC files by global index (record i of the files in the given order), as read_ipc
+    decodes them: len(), [i], close() (or `with`). Each file is memory-mapped and its record batches (views
+    of the mapping, each checked against the schema once) kept with their row offsets, so a read is a
+    one-row slice of one batch: nothing is copied but the record, and concurrent reads share no state."""
+
+    def __init__(self, paths: Sequence[str], schema: Schema):
+        import pyarrow as pa
+
+        self.schema = schema
+        self._batches, self._starts = [], [0]
+        for p in paths:
+            with pa.memory_map(str(p)) as src:  # the batches keep the mapping alive after close
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    check_batch(batch, schema)
+                    self._batches.append(batch)
+                    self._starts.append(self._starts[-1] + batch.num_rows)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"record index must be an integer, got {index!r}")
+        i = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record index {index} outside [0, {len(self)})")
+        b = bisect.bisect_right(self._starts, i) - 1
+        return from_batch(self._batches[b].slice(i - self._starts[b], 1), self.schema)[0]
+
+    def close(self) -> None:
+        self._batches, self._starts = [], [0]
+
+    def __enter__(self) -> "IpcRandomAccess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_parquet(path: str, schema: Schema, full_validation: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
