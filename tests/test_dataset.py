@@ -114,6 +114,40 @@ def test_pickles_without_readers_and_notices_a_shard_changed_since_the_check(dat
         fresh[0]
 
 
+def test_a_forked_worker_reopens_the_shards_and_checks_them(data, tmp_path):
+    """A forked DataLoader worker inherits the parent's open readers; it must open its own (and so notice a
+    shard replaced since the parent opened it) rather than keep reading the old file through them."""
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    d = str(tmp_path / "copy")
+    shutil.copytree(data[1]["arrow"], d)
+    ds = schemas.PackedDataset(d)  # opens every shard in this process
+    shard = os.path.join(d, schemas.read_manifest(d)["shards"][0]["file"])
+    shutil.copyfile(shard, shard + ".new")
+    os.replace(shard + ".new", shard)
+    assert_same_record(ds[0], data[0][0])  # this process still reads the file it opened and checked
+    with pytest.raises(Exception, match="replaced or modified"):
+        list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=list, multiprocessing_context="fork"))
+
+
+def test_records_across_many_batches_of_a_shard(tmp_path):
+    """Arrow shards hold batches of 64 records: indices on and around the batch edges."""
+    config, records = small_records(n_images=60, seq_len=40)
+    many = []
+    for i in range(150):
+        r = {k: v.copy() for k, v in records[i % len(records)].items()}
+        r["patches"][0, :2] = (i // 256, i % 256)  # every record distinct
+        many.append(r)
+    for fmt in RANDOM_ACCESS:
+        d = tmp_path / fmt
+        schemas.write_dataset(d, many, config=config, fmt=fmt, num_shards=2, meta_fields=("id",))
+        ds = schemas.PackedDataset(d)
+        want = list(schemas.read(d))
+        for i in (0, 63, 64, 65, 74, 75, 76, 127, 128, 139, 140, 149, -1):
+            assert_same_record(ds[i], want[i])
+
+
 @pytest.mark.parametrize("fmt", RANDOM_ACCESS)
 def test_thread_pool_reads_equal_read(data, fmt):
     from concurrent.futures import ThreadPoolExecutor
