@@ -1,9 +1,10 @@
 """The packed-record schema and its formats: one definition (schemas.Schema, SCHEMA_VERSION) from which
 the TFRecord feature spec, the Arrow/Parquet schema, the writers, the readers and verify() derive.
 
-Heavy frameworks (tensorflow, pyarrow, array_record, datasets) are imported inside the functions that use them;
-reading any format (read, verify, decode_example, hf_dataset, PackedDataset) needs no TensorFlow, only tf_dataset does. The
-names in `__all__` are the public API; the `_modules` are private, the format registry (`_formats`) included.
+Heavy frameworks (tensorflow, pyarrow, array_record, datasets, torch) are imported inside the functions that use
+them; reading any format (read, verify, decode_example, hf_dataset, PackedDataset) needs no TensorFlow, only
+tf_dataset does. The names in `__all__` are the public API; the `_modules` are private, the format registry
+(`_formats`) included.
 """
 from ._dataset import NoRandomAccess, PackedDataset
 from ._datasets import hf_dataset

@@ -155,9 +155,10 @@ def read_ipc(path: str, schema: Schema, full_validation: bool) -> Iterator[dict[
 
 class IpcRandomAccess:
     """Records of Arrow IPC files by global index (record i of the files in the given order), as read_ipc
-    decodes them: len(), [i], close() (or `with`). Each file is memory-mapped and its record batches (views
-    of the mapping, each checked against the schema once) kept with their row offsets, so a read is a
-    one-row slice of one batch: nothing is copied but the record, and concurrent reads share no state."""
+    decodes them: len(), [i], close() (or `with`). Each file is memory-mapped; each record batch is checked
+    against the schema once and kept with its row offset as numpy views of the mapping (fixed-size
+    fields) and its string columns, so a read copies one row out of the views: nothing else is copied,
+    and concurrent reads share no mutable state."""
 
     def __init__(self, paths: Sequence[str], schema: Schema):
         import pyarrow as pa
@@ -170,8 +171,25 @@ class IpcRandomAccess:
                 for i in range(reader.num_record_batches):
                     batch = reader.get_batch(i)
                     check_batch(batch, schema)
-                    self._batches.append(batch)
+                    self._batches.append(self._views(batch))
                     self._starts.append(self._starts[-1] + batch.num_rows)
+
+    def _views(self, batch: Any) -> dict[str, Any]:
+        """Field name -> numpy view [rows, ...shape] of the mapped buffer (strings: the Arrow column)."""
+        n, out = batch.num_rows, {}
+        for f in self.schema.fields:
+            col, shape = batch.column(f.name), self.schema.shape(f)
+            if f.dtype == "string":
+                out[f.name] = col
+                continue
+            leaf = _leaf(col)
+            if f.dtype == "uint8":
+                d = shape[-1]
+                view = np.frombuffer(leaf.buffers()[1], np.uint8, count=len(leaf) * d, offset=leaf.offset * d)
+            else:
+                view = leaf.to_numpy(zero_copy_only=True)
+            out[f.name] = view.reshape((n,) + shape)
+        return out
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -183,7 +201,15 @@ class IpcRandomAccess:
         if not 0 <= i < len(self):
             raise IndexError(f"record index {index} outside [0, {len(self)})")
         b = bisect.bisect_right(self._starts, i) - 1
-        return from_batch(self._batches[b].slice(i - self._starts[b], 1), self.schema)[0]
+        j, views = i - self._starts[b], self._batches[b]
+        out = {}
+        for f in self.schema.fields:  # the same arrays (writable copies, dtypes, order) as from_batch gives
+            if f.dtype == "string":
+                out[f.name] = np.array(_leaf(views[f.name].slice(j, 1)).to_pylist(), dtype=object).reshape(
+                    self.schema.shape(f))
+            else:
+                out[f.name] = views[f.name][j].copy()
+        return out
 
     def close(self) -> None:
         self._batches, self._starts = [], [0]
