@@ -2,6 +2,7 @@
 patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imports pyarrow lazily."""
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -150,6 +151,74 @@ def read_ipc(path: str, schema: Schema, full_validation: bool) -> Iterator[dict[
                 batch.validate(full=True)
             check_batch(batch, schema)
             yield from from_batch(batch, schema)
+
+
+class IpcRandomAccess:
+    """Records of Arrow IPC files by global index (record i of the files in the given order), as read_ipc
+    decodes them: len(), [i], close() (or `with`). Each file is memory-mapped; each record batch is checked
+    against the schema once and kept with its row offset as numpy views of the mapping (fixed-size
+    fields) and its string columns, so a read copies one row out of the views: nothing else is copied,
+    and concurrent reads share no mutable state."""
+
+    def __init__(self, paths: Sequence[str], schema: Schema):
+        import pyarrow as pa
+
+        self.schema = schema
+        self._batches, self._starts = [], [0]
+        for p in paths:
+            with pa.memory_map(str(p)) as src:  # the batches keep the mapping alive after close
+                reader = pa.ipc.open_file(src)
+                for i in range(reader.num_record_batches):
+                    batch = reader.get_batch(i)
+                    check_batch(batch, schema)
+                    self._batches.append(self._views(batch))
+                    self._starts.append(self._starts[-1] + batch.num_rows)
+
+    def _views(self, batch: Any) -> dict[str, Any]:
+        """Field name -> numpy view [rows, ...shape] of the mapped buffer (strings: the Arrow column)."""
+        n, out = batch.num_rows, {}
+        for f in self.schema.fields:
+            col, shape = batch.column(f.name), self.schema.shape(f)
+            if f.dtype == "string":
+                out[f.name] = col
+                continue
+            leaf = _leaf(col)
+            if f.dtype == "uint8":
+                d = shape[-1]
+                view = np.frombuffer(leaf.buffers()[1], np.uint8, count=len(leaf) * d, offset=leaf.offset * d)
+            else:
+                view = leaf.to_numpy(zero_copy_only=True)
+            out[f.name] = view.reshape((n,) + shape)
+        return out
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"record index must be an integer, got {index!r}")
+        i = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record index {index} outside [0, {len(self)})")
+        b = bisect.bisect_right(self._starts, i) - 1
+        j, views = i - self._starts[b], self._batches[b]
+        out = {}
+        for f in self.schema.fields:  # the same arrays (writable copies, dtypes, order) as from_batch gives
+            if f.dtype == "string":
+                out[f.name] = np.array(_leaf(views[f.name].slice(j, 1)).to_pylist(), dtype=object).reshape(
+                    self.schema.shape(f))
+            else:
+                out[f.name] = views[f.name][j].copy()
+        return out
+
+    def close(self) -> None:
+        self._batches, self._starts = [], [0]
+
+    def __enter__(self) -> "IpcRandomAccess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_parquet(path: str, schema: Schema, full_validation: bool, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

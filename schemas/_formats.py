@@ -46,7 +46,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            encode=lambda record, schema: _tfrecord.tfrecord_frame(_tfrecord.encode_example(record, schema)),
            write_encoded=_tfrecord.write_frames),
     Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
-           checks_records=False),
+           checks_records=False, random_access=_arrow.IpcRandomAccess),
     Format("parquet", "parquet",
            lambda path, batches, schema: _arrow.write_parquet(path, batches, schema, BATCH),
            lambda path, schema, full: _arrow.read_parquet(path, schema, full, BATCH),

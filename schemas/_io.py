@@ -15,6 +15,7 @@ from . import _formats
 from ._formats import BATCH
 from ._owner import LOCK, OutputClaim, check_owner, take_lock
 from ._schema import META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
+from ._split import check_split, file_ranges
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -320,22 +321,33 @@ def shard_paths(directory: str, manifest: Mapping[str, Any]) -> list[str]:
     return [os.path.join(directory, s["file"]) for s in manifest["shards"]]
 
 
-def read(directory: str, *, check_sha256: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def read(directory: str, *, shard_index: int = 0, shard_count: int = 1,
+         check_sha256: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Every record of a packed dataset as numpy dicts (packer dtypes; image_keys/meta as str object
     arrays), shards in manifest order. Each shard's sha256 is checked before its records are returned,
-    and its record count after, so a corrupt or truncated shard raises CorruptShard naming it."""
+    and its record count after, so a corrupt or truncated shard raises CorruptShard naming it.
+
+    With shard_count > 1, only reader `shard_index`'s contiguous share of the records (schemas._split:
+    global records [k·N // C, (k+1)·N // C)); files holding none of it are neither opened nor hashed, and
+    a file left before its end has its count checked only by its sha256."""
+    shard_index, shard_count = check_split(shard_index, shard_count)
     manifest = read_manifest(directory)
     schema = Schema.from_manifest(manifest)
     fmt = manifest["format"]
+    shards = manifest["shards"]
 
     def records() -> Iterator[dict[str, np.ndarray]]:
-        for shard in manifest["shards"]:
+        for i, first, end in file_ranges([int(s["num_sequences"]) for s in shards], shard_index, shard_count):
+            shard = shards[i]
             path = _check_sha(directory, shard) if check_sha256 else os.path.join(directory, shard["file"])
             n = 0
             for r in iter_shard(path, fmt, schema):
+                if n >= first:
+                    yield r
                 n += 1
-                yield r
-            if n != shard["num_sequences"]:
+                if n == end < shard["num_sequences"]:
+                    break
+            if n != end:
                 raise CorruptShard(shard["file"], f"holds {n} records, the manifest says {shard['num_sequences']}")
 
     return records()

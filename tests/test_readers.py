@@ -390,7 +390,7 @@ def test_the_registry_names_every_format_once():
                                "array_record": "array_record"}
     assert list(schemas.FORMATS) == list(_formats.REGISTRY)
     assert {f.name for f in _formats.REGISTRY.values() if f.checks_records} == {"tfrecord", "array_record"}
-    assert [f.name for f in _formats.REGISTRY.values() if f.random_access] == ["array_record"]
+    assert [f.name for f in _formats.REGISTRY.values() if f.random_access] == ["arrow", "array_record"]
     for bad in ("csv", None, ["arrow"]):
         with pytest.raises(schemas.SchemaError, match="unknown format"):
             _formats.get(bad)
