@@ -13,7 +13,8 @@ Sharding (the `processing_mode` readers pass):
   - "dynamic" (ShardingPolicy.DYNAMIC, the default here): the dispatcher hands the range's elements
     (source units) to the workers one split at a time, so every unit of every epoch goes to exactly one
     worker: each image is packed exactly once per epoch while no worker fails, at most once if one does
-    (its unfinished splits are not re-sent). Which worker packs which unit, and so the sequence order,
+    (its unfinished splits are not re-sent, and the job would wait for it for good: read_service's
+    watch fails the reader with ServiceWorkerLost instead, see pipelines.service_health). Which worker packs which unit, and so the sequence order,
     depends on timing.
   - "off": every worker runs the whole pipeline, so each image is packed once per worker per epoch
     (identical sequences from every worker; use it only with one worker or to test).
@@ -235,7 +236,8 @@ def _watched(dataset, where: tuple, service: str, poll_s: float = 1.0) -> Iterat
                     names = ", ".join(f"{n} ({s:.0f} s ago)" for n, s in sorted(lost.items()))
                     raise ServiceWorkerLost(
                         f"tf.data service worker(s) of {service} lost: {names}; the units they were "
-                        "packing are not re-sent, and the job would wait for them for good")
+                        "packing are not re-sent, and the job would wait for them for good (restart the dispatcher and its "
+                        "workers to serve again)")
                 checked = time.monotonic()
             try:
                 element = items.get(timeout=poll_s)
@@ -319,8 +321,7 @@ class LocalService:
             self.dispatcher = None
         else:
             self.registry = service_health.Registry(lost_after)
-            timeout_ms = int(service_health.DISPATCHER_WORKER_TIMEOUT_S * 1000)
-            self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=port, worker_timeout_ms=timeout_ms))
+            self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=port))
         self.dispatcher_address = dispatcher or f"{host}:{self.dispatcher.target.rsplit(':', 1)[1]}"
         self.target = f"grpc://{self.dispatcher_address}"
         if self.registry is not None:

@@ -11,8 +11,10 @@ lost (dynamic sharding is at most once). tf.data tells the reader nothing, so na
 - `report(dispatcher, names)`, in each worker process: one connection to the registry that names the
   process's tf.data worker addresses and sends a heartbeat byte every HEARTBEAT_S seconds. The
   registry marks the names lost when the connection closes (the process died: at once) or stays silent
-  for `lost_after` seconds (frozen, or its host unreachable), and remembers them for `remember_s`
-  (the dispatcher's own worker timeout, during which it still hands the worker tasks of new jobs).
+  for `lost_after` seconds (frozen, or its host unreachable), and remembers them while it lives: the
+  dispatcher keeps giving new jobs tasks on a dead worker (seen for 75 s and more with
+  worker_timeout_ms=5000), so a later reader would stall too. A worker process that comes back on the
+  same address clears its names.
 - `lost(dispatcher)`, in readers: the names the registry lists as lost (pipelines.service.read_service
   asks once a second and fails the reader with ServiceWorkerLost).
 
@@ -32,16 +34,15 @@ from typing import Optional
 HEALTH_ID = "navit-pack.health"  # marker dataset id; its cardinality is the registry's port
 HEARTBEAT_S = 1.0
 DEFAULT_LOST_AFTER = 30.0  # seconds of silence after which a worker is lost
-DISPATCHER_WORKER_TIMEOUT_S = 600.0  # set explicitly on navit-pack's dispatchers (TF's default too)
 
 
 class Registry:
     """Which worker processes are connected, and which were lost (and when); see the module doc."""
 
-    def __init__(self, lost_after: float = DEFAULT_LOST_AFTER, remember_s: float = DISPATCHER_WORKER_TIMEOUT_S):
+    def __init__(self, lost_after: float = DEFAULT_LOST_AFTER):
         if lost_after < 2 * HEARTBEAT_S:
             raise ValueError(f"lost_after must be >= {2 * HEARTBEAT_S:g} s, got {lost_after!r}")
-        self.lost_after, self.remember_s = lost_after, remember_s
+        self.lost_after = lost_after
         self._lost: dict[str, float] = {}  # name -> monotonic time it was lost
         self._lock = threading.Lock()
         self._sock = socket.create_server(("", 0))
@@ -84,11 +85,9 @@ class Registry:
                     self._lost[n] = time.monotonic()
 
     def lost(self) -> dict[str, float]:
-        """{name: seconds since it was lost}, for the losses of the last remember_s seconds."""
+        """{name: seconds since it was lost}."""
         now = time.monotonic()
         with self._lock:
-            for n in [n for n, t in self._lost.items() if now - t > self.remember_s]:
-                del self._lost[n]
             return {n: round(now - t, 1) for n, t in self._lost.items()}
 
     def publish(self, service: str) -> None:
