@@ -5,7 +5,9 @@ the caller's __main__), with SIGINT ignored (the parent decides) and single-thre
 to a pool (config, reader, and three anonymous shared-memory files passed by descriptor: input ring,
 output slots, heartbeat), fills the tasks it is sent straight into the output slots, replies (task id,
 failed slots), runs the pool's map() calls (fn(reader, item), answered in turn), and on "detach" waits for the next pool of the same parent. It exits when its socket
-closes (the parent is gone: quietly), on None, or when a reply cannot be sent.
+closes (the parent is gone: quietly), on None, or when a reply cannot be sent; and, quietly too, within
+a second of its parent's death even mid-fill or when the socket's other end lives on in another
+process (a thread watches os.getppid()).
 
 Test hook: a worker SIGKILLs itself before filling the key named by the environment variable
 NAVIT_PACK_TEST_CRASH_KEY (read by the pool when it attaches its workers).
@@ -56,9 +58,18 @@ def _fill_job(config: PackConfig, plans: list, spans: list, ring, reader: Option
     return assemble_into(rows, plans, filled, config)
 
 
-def worker_main(fd: int) -> None:
-    """A fill worker: attach to a pool, serve its tasks, detach, wait for the next; exit on None or EOF."""
+def _exit_with_parent(parent: int) -> None:
+    """End this process, without a traceback, once `parent` is gone (this process is re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def worker_main(fd: int, parent: Optional[int] = None) -> None:
+    """A fill worker: attach to a pool, serve its tasks, detach, wait for the next; exit on None or EOF,
+    or when `parent` (the pid that started it) is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), name="parent-watch", daemon=True).start()
     conn = Connection(fd)
     while True:
         try:
@@ -165,7 +176,7 @@ def start_worker() -> tuple[subprocess.Popen, Connection]:
     parent, child = Pipe(duplex=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (f"import sys; sys.path.insert(0, {root!r}); "
-            f"from packer._worker import worker_main; worker_main({child.fileno()})")
+            f"from packer._worker import worker_main; worker_main({child.fileno()}, {os.getpid()})")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
     child.close()

@@ -13,7 +13,8 @@ Sharding (the `processing_mode` readers pass):
   - "dynamic" (ShardingPolicy.DYNAMIC, the default here): the dispatcher hands the range's elements
     (source units) to the workers one split at a time, so every unit of every epoch goes to exactly one
     worker: each image is packed exactly once per epoch while no worker fails, at most once if one does
-    (its unfinished splits are not re-sent). Which worker packs which unit, and so the sequence order,
+    (its unfinished splits are not re-sent, and the job would wait for it for good: read_service's
+    watch fails the reader with ServiceWorkerLost instead, see pipelines.service_health). Which worker packs which unit, and so the sequence order,
     depends on timing.
   - "off": every worker runs the whole pipeline, so each image is packed once per worker per epoch
     (identical sequences from every worker; use it only with one worker or to test).
@@ -35,7 +36,9 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import queue
 import threading
+import time
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -43,6 +46,7 @@ import numpy as np
 import packer
 from packer import ImageRejected, PackConfig
 
+from . import service_health
 from .stream import _epoch_units, _tf_ready, element_spec, resolve_source
 
 SHARDING_MODES = ("dynamic", "off")
@@ -178,13 +182,78 @@ def register(dataset, service: str, dataset_id: str = DEFAULT_DATASET_ID) -> str
 
 
 def read_service(service: str, config: PackConfig, *, dataset_id: str = DEFAULT_DATASET_ID,
-                 processing_mode: str = "dynamic", meta_fields: Sequence[str] = (), job_name: Optional[str] = None):
-    """What a trainer calls: the packed records of a registered dataset, from the workers."""
+                 processing_mode: str = "dynamic", meta_fields: Sequence[str] = (), job_name: Optional[str] = None,
+                 watch: bool = True):
+    """What a trainer calls: the packed records of a registered dataset, from the workers.
+
+    watch (default): when the dispatcher has navit-pack's health registry (pipelines.service_health),
+    the records pass through a Python generator that asks it once a second which workers were lost, and
+    fails the reader with ServiceWorkerLost, naming the lost workers' addresses, instead of waiting for
+    them for good (tf.data carries no Python exception types: iterating the dataset raises
+    tf.errors.UnknownError whose message holds "ServiceWorkerLost: ... lost: HOST:PORT ..."). watch=False: the plain tf.data service
+    dataset (no Python in the path; a lost worker stalls it)."""
     import tensorflow as tf
 
-    return tf.data.experimental.service.from_dataset_id(
+    spec = element_spec(config, meta_fields)
+    dataset = tf.data.experimental.service.from_dataset_id(
         processing_mode=_policy(processing_mode), service=service, dataset_id=dataset_id,
-        element_spec=element_spec(config, meta_fields), job_name=job_name)
+        element_spec=spec, job_name=job_name)
+    where = service_health.registry_address(service) if watch else None
+    if where is None:
+        return dataset
+    return tf.data.Dataset.from_generator(lambda: _watched(dataset, where, service), output_signature=spec)
+
+
+def _watched(dataset, where: tuple, service: str, poll_s: float = 1.0) -> Iterator:
+    """`dataset`'s elements, read by a helper thread, while the registry at `where` lists no lost worker;
+    else ServiceWorkerLost naming them. The check runs every poll_s, whether or not elements come."""
+    items: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+    stop = threading.Event()
+
+    def pull() -> None:
+        try:
+            for element in dataset:
+                while not stop.is_set():
+                    try:
+                        items.put(element, timeout=poll_s)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            items.put(e)
+
+    threading.Thread(target=pull, name="navit-pack-service-read", daemon=True).start()
+    checked = 0.0
+    try:
+        while True:
+            if time.monotonic() - checked >= poll_s:
+                lost = service_health.lost(where)
+                if lost:
+                    names = ", ".join(f"{n} ({s:.0f} s ago)" for n, s in sorted(lost.items()))
+                    raise ServiceWorkerLost(
+                        f"tf.data service worker(s) of {service} lost: {names}; the units they were "
+                        "packing are not re-sent, and the job would wait for them for good (restart the dispatcher and its "
+                        "workers to serve again)")
+                checked = time.monotonic()
+            try:
+                element = items.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            if element is done:
+                return
+            if isinstance(element, BaseException):
+                raise element
+            yield element
+    finally:
+        stop.set()
+
+
+class ServiceWorkerLost(RuntimeError):
+    """A tf.data service worker of the reader's job was lost: its share of the epoch will not come."""
 
 
 class OptionsMismatch(ValueError):
@@ -241,18 +310,28 @@ class LocalService:
     readers still attached exits instead (`navit-pack serve` does), which closes the servers' sockets."""
 
     def __init__(self, num_workers: int = 2, port: int = 0, host: str = "127.0.0.1",
-                 dispatcher: Optional[str] = None):
+                 dispatcher: Optional[str] = None, lost_after: float = service_health.DEFAULT_LOST_AFTER):
         import tensorflow as tf
 
         svc = tf.data.experimental.service
         if num_workers < 0 or (dispatcher and num_workers < 1):
             raise ValueError(f"num_workers must be >= 0 (>= 1 with a dispatcher elsewhere), got {num_workers}")
-        self.dispatcher = None if dispatcher else svc.DispatchServer(svc.DispatcherConfig(port=port))
+        self.registry = None
+        if dispatcher:
+            self.dispatcher = None
+        else:
+            self.registry = service_health.Registry(lost_after)
+            self.dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=port))
         self.dispatcher_address = dispatcher or f"{host}:{self.dispatcher.target.rsplit(':', 1)[1]}"
+        self.target = f"grpc://{self.dispatcher_address}"
+        if self.registry is not None:
+            self.registry.publish(self.target)
         self.workers = [svc.WorkerServer(svc.WorkerConfig(dispatcher_address=self.dispatcher_address,
                                                           worker_address=f"{host}:%port%"))
                         for _ in range(num_workers)]
-        self.target = f"grpc://{self.dispatcher_address}"
+        self.worker_addresses = [f"{host}:{w._server.bound_port()}" for w in self.workers]  # noqa: SLF001
+        # False when the dispatcher elsewhere has no health registry (not started by navit-pack).
+        self.reporting = bool(self.workers) and service_health.report(self.target, self.worker_addresses)
 
     def stop(self) -> None:
         """Stop the workers, then the dispatcher (see the class docstring for when this can block)."""
@@ -260,6 +339,8 @@ class LocalService:
             w._stop()  # noqa: SLF001 - the only way TF offers to stop an in-process server
         if self.dispatcher is not None:
             self.dispatcher._stop()  # noqa: SLF001
+        if self.registry is not None:
+            self.registry.close()
 
     def __enter__(self) -> "LocalService":
         return self

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +122,55 @@ def test_a_second_claim_with_other_options_is_refused(local_service):
     service.claim_options(local_service.target, "claims", 12345)  # the same options: accepted again
     with pytest.raises(service.OptionsMismatch, match="other input or packing options"):
         service.claim_options(local_service.target, "claims", 12346)
+
+
+def _until(predicate, bound: float = 20.0) -> bool:
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_health_registry_marks_a_closed_or_silent_worker_lost():
+    from pipelines import service_health
+
+    registry = service_health.Registry(lost_after=2)
+    where = ("127.0.0.1", registry.port)
+    try:
+        closed, silent = (socket.create_connection(where) for _ in range(2))
+        closed.sendall(b"worker 10.0.0.1:1,10.0.0.1:2\n")
+        silent.sendall(b"worker 10.0.0.2:1\n")
+        time.sleep(0.5)
+        assert service_health.lost(where) == {}
+        closed.close()  # a process that died: its socket closes
+        assert _until(lambda: set(service_health.lost(where)) == {"10.0.0.1:1", "10.0.0.1:2"})
+        assert _until(lambda: "10.0.0.2:1" in service_health.lost(where))  # no heartbeat for lost_after
+        again = socket.create_connection(where)
+        again.sendall(b"worker 10.0.0.2:1\n")  # back on the same address
+        assert _until(lambda: "10.0.0.2:1" not in service_health.lost(where))
+        again.close()
+        silent.close()
+    finally:
+        registry.close()
+
+
+def test_the_watch_reads_everything_while_no_worker_is_lost_and_fails_naming_one_that_is(local_service, records):
+    from pipelines import service_health
+
+    assert local_service.registry is not None and local_service.reporting
+    dataset_id = service.register(dataset(records), local_service.target, "navit-watch")
+    where = service_health.registry_address(local_service.target)
+    assert where == ("127.0.0.1", local_service.registry.port)
+    ds = service.read_service(local_service.target, CONFIG, dataset_id="navit-watch", processing_mode="dynamic")
+    assert sum(occurrences(list(ds.as_numpy_iterator()), records).values()) == (len(records) - 1) * EPOCHS
+    fake = socket.create_connection(where)
+    fake.sendall(b"worker 127.0.0.1:9\n")
+    fake.close()
+    try:
+        with pytest.raises(tf.errors.UnknownError, match=r"ServiceWorkerLost: .* lost: 127\.0\.0\.1:9 "):
+            list(ds.as_numpy_iterator())
+    finally:
+        local_service.registry._lost.clear()  # noqa: SLF001 - the module's other readers share this registry
+    assert dataset_id.numpy() == b"navit-watch"

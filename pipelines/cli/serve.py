@@ -12,12 +12,18 @@ Trainers read it with
     pipelines.service.read_service("grpc://HOST:PORT", config, dataset_id=ID, processing_mode="dynamic")
 With processing_mode "dynamic" each image is packed exactly once per epoch while no worker fails (at
 most once if one does); with "off" every worker packs everything (once per worker per epoch).
+A worker process that dies or goes silent for --worker-timeout seconds fails the trainers reading from
+it with ServiceWorkerLost naming its address (they would otherwise wait for it for good); its
+unfinished units are not re-sent.
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or the end of --duration stops the servers within 10 s and exits 0;
 a second signal kills them and exits at once with status 128 + the signal number. The servers run in a child process: TensorFlow cannot stop a worker that
 a trainer has read from without deadlocking (its stop waits, holding the GIL, for a task that needs it),
 so the child exits without stopping them, and the parent kills it if that takes longer than 10 s.
-The servers bind every network interface and have no authentication: see docs/streaming.md.
+Exposure: the servers listen on every network interface whatever --host says, with no
+authentication, and anyone who can reach their ports can run code as this user (a client may register
+its own tf.data graph). --host 127.0.0.1 (the default) runs with a warning; any other --host also needs
+--i-understand-remote-code-execution. Firewall the ports to the trainers' hosts: see docs/streaming.md.
 """
 from __future__ import annotations
 
@@ -55,8 +61,15 @@ def register(subparsers) -> None:
     p.add_argument("--port", default="0", metavar="PORT",
                    help="port of the dispatcher started here (default 0: any free port, printed)")
     p.add_argument("--host", default="127.0.0.1", metavar="NAME",
-                   help="the name or address of this host that trainers and workers elsewhere use to reach its "
-                        "servers (default 127.0.0.1: this host only), e.g. --host $(hostname)")
+                   help="the name or address of this host that its servers advertise to trainers and workers elsewhere "
+                        "(default 127.0.0.1). It does not limit what they bind: they listen on every interface. A host "
+                        "other than 127.0.0.1/localhost needs --i-understand-remote-code-execution, e.g. --host $(hostname)")
+    p.add_argument("--i-understand-remote-code-execution", dest="remote_ok", action="store_true",
+                   help="allow a --host other than 127.0.0.1: anyone who can reach the ports can run code as this user, "
+                        "so firewall them to the trainers' hosts or use a private network")
+    p.add_argument("--worker-timeout", default="30", metavar="S",
+                   help="with a dispatcher here: a worker process silent for S seconds is lost, and trainers reading "
+                        "from it fail naming it (default 30; one that exits is lost at once), e.g. --worker-timeout 10")
     p.add_argument("--epochs", default="1", metavar="N", help="passes over the input (reshuffled, resampled each; default 1), e.g. --epochs 10")
     p.add_argument("--group-units", default="64", metavar="N",
                    help="source units (files or shards) packed together by one worker before its packer is flushed (default 64)")
@@ -79,6 +92,7 @@ def _check(args: argparse.Namespace) -> dict:
         group_units=options.parse_int(args.group_units, "--group-units", 1),
         threads=options.parse_int(args.threads, "--threads", 0, allow_none=True),
         duration=options.parse_float(args.duration, "--duration", 0.0, 1e9),
+        worker_timeout=options.parse_float(args.worker_timeout, "--worker-timeout", 2.0, 60.0),
         meta_fields=options.parse_meta_fields(args.meta_fields),
     )
     if values["workers"] and not args.input:
@@ -89,7 +103,15 @@ def _check(args: argparse.Namespace) -> dict:
             raise options.OptionError("--dispatcher", f"must be HOST:PORT, got {args.dispatcher!r}")
         if not values["workers"]:
             raise options.OptionError("--workers", "must be >= 1 with --dispatcher (there is nothing else to run)")
+    if not _loopback(args.host) and not args.remote_ok:
+        raise options.OptionError("--host", f"{args.host!r} exposes the servers to other hosts, and anyone who can reach "
+                                  "their ports can run code as this user: add --i-understand-remote-code-execution "
+                                  "(and firewall the ports), or use --host 127.0.0.1")
     return values
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         duration = _check(args)["duration"]
     except options.OptionError as e:
         options.fail(e)
+    if _loopback(args.host):
+        print("navit-pack serve: warning: the tf.data service ports listen on every network interface, not only "
+              f"{args.host}; anyone who can reach them can run code as this user (firewall them)", file=sys.stderr)
     import multiprocessing
 
     stop = threading.Event()
@@ -175,7 +200,7 @@ def serve(args: argparse.Namespace, ready) -> None:
     if fingerprint is not None and args.dispatcher:  # before this process's workers join it
         _claim(service, f"grpc://{args.dispatcher}", args.dataset_id, fingerprint)
     local = service.LocalService(num_workers=values["workers"], port=values["port"], host=args.host,
-                                 dispatcher=args.dispatcher)
+                                 dispatcher=args.dispatcher, lost_after=values["worker_timeout"])
     if fingerprint is not None and not args.dispatcher:
         _claim(service, local.target, args.dataset_id, fingerprint)
     if source is None:
@@ -188,8 +213,11 @@ def serve(args: argparse.Namespace, ready) -> None:
         service.register(dataset, local.target, args.dataset_id)
         meta = values["meta_fields"]
         joined = "joined dispatcher" if args.dispatcher else "and dispatcher"
-        print(f"navit-pack serve: {len(local.workers)} workers {joined} {local.target}, dataset id {args.dataset_id!r}",
-              flush=True)
+        print(f"navit-pack serve: {len(local.workers)} workers ({', '.join(local.worker_addresses)}) {joined} "
+              f"{local.target}, dataset id {args.dataset_id!r}", flush=True)
+        if not local.reporting:
+            print(f"navit-pack serve: note: the dispatcher {local.target} has no navit-pack health registry: trainers "
+                  "will not hear of a lost worker", file=sys.stderr, flush=True)
         print(f"  read with: pipelines.service.read_service({local.target!r}, config, dataset_id={args.dataset_id!r}, "
               f"processing_mode='dynamic'{', meta_fields=' + repr(meta) if meta else ''})", flush=True)
     ready.set()
