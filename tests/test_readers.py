@@ -20,30 +20,10 @@ import schemas
 from schemas import _example, _formats
 from schemas._schema import RecordError, Schema
 from schemas._tfrecord import _varint, encode_example
+from conftest import random_record
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FORMATS = ["tfrecord", "array_record"]
-
-
-def random_record(schema: Schema, rng: np.random.Generator) -> dict:
-    """Values covering every varint length, negatives, NaN/inf/-0.0 floats, empty and non-ASCII strings."""
-    rec = {}
-    for f in schema.fields:
-        shape = schema.shape(f)
-        if f.dtype == "uint8":
-            rec[f.name] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif f.dtype == "int32":
-            scale = 2 ** int(rng.integers(0, 32))
-            rec[f.name] = rng.integers(-scale, scale, shape, dtype=np.int64).clip(-2**31, 2**31 - 1).astype(np.int32)
-        elif f.dtype == "float32":
-            v = rng.standard_normal(shape).astype(np.float32)
-            v.reshape(-1)[:3] = [np.inf, -0.0, np.nan][: v.size]
-            rec[f.name] = v
-        else:
-            words = ["", "a", "nº ✓", "x" * 200, "日本"]
-            rec[f.name] = np.array([words[i] for i in rng.integers(0, len(words), shape).reshape(-1)],
-                                   dtype=object).reshape(shape)
-    return rec
 
 
 def tf_parse(serialized: list[bytes], schema: Schema) -> dict[str, np.ndarray]:
