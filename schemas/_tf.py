@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _array_record, _formats
 from ._io import CorruptShard, _check_sha, iter_shard, read_manifest
+from ._io import open_shard as _open_shard
 from ._schema import Schema
 
 
@@ -18,9 +19,12 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
 
     Shards are read `cycle_length` at a time (default min(#shards, 8)) with parallel interleave.
     TFRecord CRCs and ArrayRecord chunk hashes are always checked by the reader, and every shard's record
-    count against the manifest; check_sha256 also hashes each shard once up front. Its default (None) is
-    on for Arrow and Parquet, whose readers have no per-record checksum (a flipped byte would otherwise
-    come back as wrong data), off for TFRecord and ArrayRecord.
+    count against the manifest; check_sha256 also hashes each shard. Its default (None) is on for Arrow
+    and Parquet, whose readers have no per-record checksum (a flipped byte would otherwise come back as
+    wrong data), off for TFRecord. Arrow, Parquet and ArrayRecord shards are hashed and read from one open
+    file (schemas._io.open_shard) when the dataset reaches them; TFRecord shards (read by TensorFlow, by
+    name) are hashed up front. A run never writes a name its manifest lists, so a shard replaced meanwhile
+    is a missing file, never new data.
     """
     import tensorflow as tf
 
@@ -29,10 +33,17 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     fmt = manifest["format"]
     if check_sha256 is None:
         check_sha256 = not _formats.get(fmt).checks_records
-    paths = [_check_sha(directory, s) if check_sha256 else os.path.join(directory, s["file"]) for s in manifest["shards"]]
+    by_name = {s["file"]: s for s in manifest["shards"]}
+    up_front = check_sha256 and fmt == "tfrecord"
+    paths = [_check_sha(directory, s) if up_front else os.path.join(directory, s["file"]) for s in manifest["shards"]]
     counts = [int(s["num_sequences"]) for s in manifest["shards"]]
     files = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]),
                                                 tf.constant(counts, tf.int64, shape=[len(counts)])))
+
+    def opened(path: Any):
+        """The shard at `path` opened once (hashed on that open file when check_sha256)."""
+        path = path.decode() if isinstance(path, bytes) else path
+        return _open_shard(directory, by_name[os.path.basename(path)], bool(check_sha256))
     if shuffle_shards:
         files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
     cycle = cycle_length or max(1, min(len(paths), 8))
@@ -47,16 +58,16 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
 
     if fmt == "array_record":
         def serialized(path, expected):
-            path = path.decode() if isinstance(path, bytes) else path
             n = 0
-            try:
-                for batch in _array_record.serialized_batches(path, 64):
-                    n += len(batch)
-                    yield np.array(batch, dtype=object)
-            except Exception as e:  # noqa: BLE001 - any reader error means a bad shard
-                raise CorruptShard(os.path.basename(path), f"{type(e).__name__}: {e}") from e
-            if n != expected:
-                raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
+            with opened(path) as shard:
+                try:
+                    for batch in _array_record.serialized_batches(shard.path, 64):
+                        n += len(batch)
+                        yield np.array(batch, dtype=object)
+                except Exception as e:  # noqa: BLE001 - any reader error means a bad shard
+                    raise CorruptShard(shard.name, f"{type(e).__name__}: {e}") from e
+                if n != expected:
+                    raise CorruptShard(shard.name, f"holds {n} records, the manifest says {expected}")
 
         def open_array_record(path, expected):
             return tf.data.Dataset.from_generator(serialized, output_signature=tf.TensorSpec([None], tf.string),
@@ -71,13 +82,13 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     signature = {f.name: tf.TensorSpec(schema.shape(f), dtypes[f.dtype]) for f in schema.fields}
 
     def generate(path, expected):
-        path = path.decode() if isinstance(path, bytes) else path
         n = 0
-        for r in iter_shard(path, fmt, schema):
-            n += 1
-            yield {k: _encode(v) for k, v in r.items()}
-        if n != expected:
-            raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
+        with opened(path) as shard:
+            for r in iter_shard(shard.path, fmt, schema, name=shard.name):
+                n += 1
+                yield {k: _encode(v) for k, v in r.items()}
+            if n != expected:
+                raise CorruptShard(shard.name, f"holds {n} records, the manifest says {expected}")
 
     def open_shard(path, expected):
         return tf.data.Dataset.from_generator(generate, output_signature=signature, args=(path, expected))

@@ -109,17 +109,24 @@ def tfrecord_frame(payload: bytes) -> bytes:
     return length + _masked_crc(length) + payload + _masked_crc(payload)
 
 
-def write_tfrecord(path: str, payloads: Iterable[bytes]) -> int:
-    """Write `payloads` as an uncompressed TFRecord file at `path`; returns the record count."""
-    n = 0
+def write_tfrecord(path: Any, payloads: Iterable[bytes]) -> int:
+    """Write `payloads` as an uncompressed TFRecord file at `path` (or to binary file object `path`);
+    returns the record count."""
+    if not isinstance(path, (str, os.PathLike)):
+        return _write_frames(path, payloads)
     with open(path, "wb") as f:
-        for p in payloads:
-            f.write(tfrecord_frame(p))
-            n += 1
+        return _write_frames(f, payloads)
+
+
+def _write_frames(f: Any, payloads: Iterable[bytes]) -> int:
+    n = 0
+    for p in payloads:
+        f.write(tfrecord_frame(p))
+        n += 1
     return n
 
 
-def write_records(path: str, batches: Iterable[list], schema: Schema) -> int:
+def write_records(path: Any, batches: Iterable[list], schema: Schema) -> int:
     """Validated record batches -> a TFRecord shard of serialized Examples; returns the record count."""
     return write_tfrecord(path, (encode_example(r, schema) for batch in batches for r in batch))
 

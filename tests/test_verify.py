@@ -16,7 +16,8 @@ import schemas
 from pipelines import cli
 
 FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
-BAD = "packed-00001-of-00002"
+RUN = "t0"  # the run id the clean datasets are written under
+BAD = f"packed-{RUN}-00001-of-00002"
 CLEAN: dict[str, str] = {}  # format -> the undamaged dataset (set by the `clean` fixture)
 
 
@@ -39,7 +40,7 @@ def clean(packed, tmp_path_factory):
     dirs = {}
     for fmt in FORMATS:
         d = str(tmp_path_factory.mktemp(f"clean-{fmt}"))
-        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",), run_id=RUN)
         dirs[fmt] = d
     CLEAN.update(dirs)
     return dirs
@@ -210,7 +211,8 @@ def test_inconsistent_record_is_reported(packed, tmp_path):
     bad = {k: np.array(v, copy=True) for k, v in records[0].items()}
     bad["num_tokens"][0] += 1
     d = str(tmp_path)
-    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images_per_seq=4, meta_fields=("id",))
+    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images_per_seq=4,
+                                  meta_fields=("id",), run_id=RUN)
               for i, recs in enumerate([records[1:], [bad]])]
     schemas.write_manifest(d, fmt="arrow", config=config, num_images_in=0, num_images_packed=0, num_rejected=0,
                            num_sequences=len(records), tokens_real=0, tokens_padding=0, shards=shards)
@@ -221,7 +223,7 @@ def test_inconsistent_record_is_reported(packed, tmp_path):
 
 def test_leftover_temporary_file_is_a_warning(clean, tmp_path):
     d, _ = copy_of(clean, "arrow", tmp_path)
-    open(os.path.join(d, ".packed-00000-of-00002.arrow.abc.tmp"), "w").close()
+    open(os.path.join(d, f".packed-{RUN}-00000-of-00002.arrow.abc.tmp"), "w").close()
     assert any("temporary" in w for w in schemas.verify(d).warnings)
 
 
