@@ -45,6 +45,7 @@ def image_dir(tmp_path_factory):
 
 def _job(src, out, **kw) -> bp.PackJob:
     cfg = packer.PackConfig(seq_len=96, resolution="uniform:24:128", token_drop="beta:0.2:0.5")
+    kw.setdefault("run_id", "t0")  # one run id, so that two runs' folders compare file by file
     return bp.PackJob(input=src, output=str(out), config=cfg, **kw)
 
 
@@ -64,7 +65,7 @@ def test_local_path_and_beam_direct_runner_write_identical_bytes(image_dir, tmp_
     assert a.keys() == b.keys()
     for name in a:
         assert a[name] == b[name], f"{name} differs between the local path and Beam"
-    reasons = {json.loads(line)["reason"] for line in a["rejects.jsonl"].decode().splitlines()}
+    reasons = {json.loads(line)["reason"] for line in a["rejects-t0.jsonl"].decode().splitlines()}
     assert {"undecodable", "empty"} <= reasons
 
 
@@ -84,7 +85,7 @@ def test_crashed_worker_costs_only_its_image(image_dir, tmp_path, monkeypatch):
     for run in range(2):
         job = _job(image_dir, tmp_path / f"run{run}", num_shards=2)
         manifest = bp.run_pack(job, workers=2)
-        rejects = [json.loads(line) for line in open(os.path.join(job.output, "rejects.jsonl"))]
+        rejects = [json.loads(line) for line in open(schemas.rejects_path(job.output))]
         assert [r["reason"] for r in rejects if r["key"] == victim] == ["worker_crashed"]
         assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"] == 39
         keys = {k for rec in schemas.read(job.output) for k in rec["image_keys"] if k}
