@@ -92,9 +92,11 @@ def check_options(state: dict, job) -> None:
 def check_inputs(state: dict, digest: str, count: int) -> None:
     """ResumeRefused when the input's listing differs from the interrupted run's."""
     if state.get("inputs") != digest:
-        raise ResumeRefused(f"--resume: the input changed since the interrupted run ({state.get('num_images')} "
-                            f"records listed then, {count} now, or their names, sizes or labels differ); rerun "
-                            "without --resume (with --overwrite) to start again")
+        then = state.get("num_images")
+        how = (f"{then} records listed then, {count} now" if then != count else
+               f"the names, sizes, labels or metadata of its {count} records differ")
+        raise ResumeRefused(f"--resume: the input changed since the interrupted run ({how}); rerun without "
+                            "--resume (with --overwrite) to start again")
 
 
 def start(output: str, run_id: str, job, digest: str, count: int, num_shards: int) -> dict:
