@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -371,3 +372,50 @@ def test_the_array_record_writer_raises_oserror_enospc(full_disk, record_bytes):
         _array_record.write(str(full_disk.path / "x.array_record"), payloads)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(full_disk.path / "x.array_record")
     assert not isinstance(e.value, RuntimeError)
+
+
+def test_inputs_changed_between_listing_and_filling_spilled_bytes_are_kept(tmp_path, monkeypatch):
+    """The local runner's two read paths, with the input changed after the listing and before the fill: an
+    image read whole for its size (PNG) is filled from the bytes the listing kept (its spill file), so a
+    later change to the file does not reach the output; a plain JPEG is read again by reference, so one
+    gone or replaced by a folder is rejected missing / unreadable, and the rest pack as from the unchanged input."""
+    from pipelines.batch import PackJob, local, run_pack
+
+    rng = np.random.default_rng(4)
+    src, unchanged = tmp_path / "src", tmp_path / "unchanged"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(src / f"j{i}.jpg", quality=90)
+    shutil.copytree(src, unchanged)
+    config = packer.PackConfig(seq_len=64, resolution="uniform:32:64")
+
+    listed, spilled = local._list, []
+
+    def list_then_change(*args, **kwargs):
+        listing = listed(*args, **kwargs)
+        for i in range(3):  # same size, other pixels
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+        (src / "j1.jpg").unlink()
+        (src / "j2.jpg").unlink()
+        (src / "j2.jpg").mkdir()
+        spilled.extend(ref for ref in listing.refs if isinstance(ref, tuple) and ref[0] == "spill")
+        return listing
+
+    monkeypatch.setattr(local, "_list", list_then_change)
+    out = tmp_path / "out"
+    run_pack(PackJob(input=str(src), output=str(out), config=config, labels="none"), workers=0)
+    monkeypatch.undo()
+    reference = tmp_path / "reference"
+    run_pack(PackJob(input=str(unchanged), output=str(reference), config=config, labels="none"), workers=0)
+    assert len(spilled) == 3  # the three PNGs took the spill path
+
+    def images(d):
+        return {k: rec["patches"][rec["segment_ids"] == i + 1].tobytes()
+                for rec in schemas.read(str(d)) for i, k in enumerate(rec["image_keys"][: int(rec["num_images"])])}
+
+    got, want = images(out), images(reference)
+    assert {r["key"]: r["reason"] for r in map(json.loads, open(schemas.rejects_path(str(out))))} == \
+        {"j1.jpg": "missing", "j2.jpg": "unreadable"}
+    assert sorted(got) == ["j0.jpg", "p0.png", "p1.png", "p2.png"]
+    assert got == {k: want[k] for k in got}  # as listed, not as changed

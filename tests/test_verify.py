@@ -243,3 +243,42 @@ def test_cli_exit_codes(clean, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("navit-pack: error: ") and "manifest" in err
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory):
+    """One shard per format of several MiB (12 sequences of 1024 tokens x 768 bytes of patches, random
+    pixels: nothing compresses), so damage can sit past the first MiB."""
+    rng = np.random.default_rng(5)
+    config = packer.PackConfig(seq_len=1024, patch_size=16, max_images_per_seq=8, resolution="native")
+    images = []
+    for i in range(48):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=0)
+        images.append(packer.prepare_image(buf.getvalue(), f"{i}.png", config, label=i))
+    records = list(packer.pack_patched(images, config, ()))
+    dirs = {}
+    for fmt in FORMATS:
+        d = str(tmp_path_factory.mktemp(f"big-{fmt}"))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=1, run_id=RUN)
+        dirs[fmt] = d
+    return dirs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_flipped_byte_deep_inside_a_multi_mib_shard_fails_read_and_verify(big_shards, tmp_path, fmt):
+    name = f"packed-{RUN}-00000-of-00001.{fmt}"
+    size = os.path.getsize(os.path.join(big_shards[fmt], name))
+    assert size > 8 << 20, size
+    for i, off in enumerate([(1 << 20) + 4097, size // 2 + 13, size - (1 << 20) - 5]):  # all past the first MiB
+        d = str(tmp_path / str(i))
+        shutil.copytree(big_shards[fmt], d)
+        flip(os.path.join(d, name), off)
+        with pytest.raises(schemas.VerificationError) as e:
+            schemas.verify(d)
+        assert e.value.shards == [name], off
+        with pytest.raises(schemas.CorruptShard, match=name):
+            list(schemas.read(d))
+        if fmt == "tfrecord":  # without the sha256 the CRCs see it too
+            with pytest.raises(schemas.CorruptShard, match="CRC32C"):
+                list(schemas.read(d, check_sha256=False))
