@@ -270,6 +270,7 @@ def test_a_flipped_byte_deep_inside_a_multi_mib_shard_fails_read_and_verify(big_
     name = f"packed-{RUN}-00000-of-00001.{fmt}"
     size = os.path.getsize(os.path.join(big_shards[fmt], name))
     assert size > 8 << 20, size
+    schemas.verify(big_shards[fmt])  # clean, it reads
     for i, off in enumerate([(1 << 20) + 4097, size // 2 + 13, size - (1 << 20) - 5]):  # all past the first MiB
         d = str(tmp_path / str(i))
         shutil.copytree(big_shards[fmt], d)
