@@ -9,7 +9,7 @@ from ._datasets import hf_dataset
 from ._hf import siglip2_inputs, timm_naflex_inputs
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
                   claim_output, new_run_id, prepare_output_dir, read, read_manifest, rejects_path, remove_unlisted,
-                  shard_paths, write_dataset, write_manifest, write_rejects, write_shard)
+                  sha256_file, shard_paths, write_dataset, write_manifest, write_rejects, write_shard)
 from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._formats import FORMATS
@@ -28,7 +28,7 @@ __all__ = [
     "ManifestError", "ManifestMissing", "CorruptShard",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
     "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "remove_unlisted",
-    "new_run_id", "OutputDirError",
+    "new_run_id", "sha256_file", "OutputDirError",
     "OutputWriteError", "MANIFEST", "REJECTS",
     # one writer per output folder: the lock a run holds while it writes
     "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",

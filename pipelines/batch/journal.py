@@ -52,7 +52,7 @@ def _dir(output: str) -> str:
 
 def _write(output: str, name: str, value: Any) -> None:
     """Write one journal file whole (temporary name, then rename); OutputWriteError when that fails."""
-    from schemas._io import _remove_quietly, _write_failed
+    import schemas
 
     path = os.path.join(_dir(output), name)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
@@ -63,9 +63,12 @@ def _write(output: str, name: str, value: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        _remove_quietly(tmp)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
         if isinstance(e, OSError):
-            raise _write_failed(output, e) from e
+            raise schemas.OutputWriteError(f"cannot write the output {output}: {e.strerror or e} ({JOURNAL})") from e
         raise
 
 
@@ -121,7 +124,7 @@ def record_group(output: str, summary: dict, rejects: list) -> None:
 def finished_group(output: str, epoch: int, group: int) -> Optional[tuple[dict, list]]:
     """(summary, rejects) of a group the journal records as finished and whose shards are all still there
     with their recorded sha256; None otherwise (the group is filled again)."""
-    from schemas._io import sha256_file
+    from schemas import sha256_file
 
     try:
         with open(os.path.join(_dir(output), _group_name(epoch, group)), encoding="utf-8") as f:
