@@ -10,8 +10,8 @@ from ._dataset import NoRandomAccess, PackedDataset
 from ._datasets import hf_dataset
 from ._hf import siglip2_inputs, timm_naflex_inputs
 from ._io import (MANIFEST, REJECTS, CorruptShard, ManifestError, ManifestMissing, OutputDirError, OutputWriteError,
-                  claim_output, prepare_output_dir, read, read_manifest, shard_paths, write_dataset, write_manifest,
-                  write_rejects, write_shard)
+                  claim_output, new_run_id, prepare_output_dir, read, read_manifest, rejects_path, remove_unlisted,
+                  sha256_file, shard_paths, write_dataset, write_manifest, write_rejects, write_shard)
 from ._owner import LOCK, OutputClaim, OutputLocked, OwnershipLost
 from ._masks import attention_mask, cu_seqlens, flex_block_mask, pooling_matrix, tf_attention_mask, tf_pooling_matrix
 from ._formats import FORMATS, record_encoder
@@ -25,14 +25,16 @@ __all__ = [
     # the record schema and the formats it is written in
     "Schema", "SCHEMA_VERSION", "FORMATS", "SchemaError", "RecordError",
     # reading packed output: records, tf.data, the manifest, verification
-    "read", "tf_dataset", "hf_dataset", "decode_example", "read_manifest", "shard_paths", "verify", "VerifyReport",
+    "read", "tf_dataset", "hf_dataset", "decode_example", "read_manifest", "shard_paths", "rejects_path", "verify",
+    "VerifyReport",
     "VerificationError",
     "ManifestError", "ManifestMissing", "CorruptShard", "ShardArgumentError",
     # random access by record index (Arrow, ArrayRecord): DataLoader / DistributedSampler / Grain
     "PackedDataset", "NoRandomAccess",
     # writing packed output (atomic, sharded), as the Beam job and the examples do
-    "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "OutputDirError",
-    "OutputWriteError", "MANIFEST", "REJECTS", "record_encoder",
+    "prepare_output_dir", "write_shard", "write_dataset", "write_manifest", "write_rejects", "remove_unlisted",
+    "new_run_id", "sha256_file", "record_encoder", "OutputDirError",
+    "OutputWriteError", "MANIFEST", "REJECTS",
     # one writer per output folder: the lock a run holds while it writes
     "claim_output", "OutputClaim", "OutputLocked", "OwnershipLost", "LOCK",
     # from a record to a model's inputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -114,19 +115,21 @@ def check_batch(batch: Any, schema: Schema) -> None:
                 c = c.flatten()
 
 
-def write_ipc(path: str, batches: Iterable[list], schema: Schema) -> int:
-    """Validated record batches -> an Arrow IPC file (one record batch each); returns the record count."""
+def write_ipc(path: Any, batches: Iterable[list], schema: Schema) -> int:
+    """Validated record batches -> an Arrow IPC file (one record batch each) at `path` (or into binary file
+    object `path`); returns the record count."""
     import pyarrow as pa
 
     n = 0
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
+    opened = pa.OSFile(path, "wb") if isinstance(path, (str, os.PathLike)) else pa.PythonFile(path, mode="w")
+    with opened as sink, pa.ipc.new_file(sink, arrow_schema(schema)) as w:
         for batch in batches:
             w.write_batch(to_batch(batch, schema))
             n += len(batch)
     return n
 
 
-def write_parquet(path: str, batches: Iterable[list], schema: Schema, row_group_size: int) -> int:
+def write_parquet(path: Any, batches: Iterable[list], schema: Schema, row_group_size: int) -> int:
     """Validated record batches -> a Parquet file (snappy, page checksums, no dictionary); returns the count."""
     import pyarrow.parquet as pq
 

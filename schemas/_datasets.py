@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Optional
 
 from . import _arrow, _formats
-from ._io import CorruptShard, _check_sha, read_manifest
+from ._io import CorruptShard, open_shard, read_manifest
 from ._schema import Schema
 
 TENSOR_FORMATS = ("numpy", "np", "torch", "pt", "jax")
@@ -44,15 +43,13 @@ def hf_dataset(directory: str, *, format: Optional[str] = None, check_sha256: bo
     fmt = manifest["format"]
     tables = []
     for shard in manifest["shards"]:
-        path = _check_sha(directory, shard) if check_sha256 else os.path.join(directory, shard["file"])
-        if not os.path.isfile(path):
-            raise CorruptShard(shard["file"], "file is missing")
-        try:
-            table = _formats.get(fmt).table(path, schema)
-        except CorruptShard:
-            raise
-        except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard
-            raise CorruptShard(shard["file"], f"{type(e).__name__}: {e}") from e
+        with open_shard(directory, shard, check_sha256) as opened:  # hashed and read from one open file
+            try:
+                table = _formats.get(fmt).table(opened.path, schema)
+            except CorruptShard:
+                raise
+            except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard
+                raise CorruptShard(shard["file"], f"{type(e).__name__}: {e}") from e
         if table.num_rows != shard["num_sequences"]:
             raise CorruptShard(shard["file"], f"holds {table.num_rows} records, the manifest says {shard['num_sequences']}")
         tables.append(_arrow.patches_as_uint8(table, schema))

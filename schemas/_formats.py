@@ -3,7 +3,7 @@ writer, its reader, the sniffer of the field names stored in a shard, whether it
 record it decodes, and its random access by record index where it has one. schemas._io, _tf and
 _verify look formats up here instead of testing names; a new format is one entry.
 
-Every writer takes (path, batches of validated records, schema) and returns the record count; every
+Every writer takes (path, or a binary file object where `streams`, batches of validated records, schema) and returns the record count; every
 reader takes (path, schema, full_validation) and yields numpy record dicts, raising any exception on a
 bad shard (schemas._io.iter_shard turns it into CorruptShard). The format modules import their heavy
 library (pyarrow, array_record) inside these functions, so the registry itself costs nothing to import.
@@ -35,6 +35,7 @@ class Format:
     # run: RecordEncoder), and the writer of such bytes in order (`write_encoded`, path -> record count).
     encode: Optional[Callable[[Mapping[str, Any], Schema], bytes]] = None
     write_encoded: Optional[Callable[[str, Iterable[Any]], int]] = None
+    streams: bool = False  # its writer also takes a binary file object instead of a path (hashed while written)
 
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (
@@ -42,15 +43,15 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            lambda path, schema, full: _tfrecord.read_records(path, schema, BATCH),
            _tfrecord.field_names,
            lambda path, schema: _arrow.records_table(_tfrecord.read_records(path, schema, BATCH), schema, BATCH),
-           checks_records=True,
+           checks_records=True, streams=True,
            encode=lambda record, schema: _tfrecord.tfrecord_frame(_tfrecord.encode_example(record, schema)),
            write_encoded=_tfrecord.write_frames),
     Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
-           checks_records=False, random_access=_arrow.IpcRandomAccess),
+           checks_records=False, random_access=_arrow.IpcRandomAccess, streams=True),
     Format("parquet", "parquet",
            lambda path, batches, schema: _arrow.write_parquet(path, batches, schema, BATCH),
            lambda path, schema, full: _arrow.read_parquet(path, schema, full, BATCH),
-           _arrow.parquet_field_names, _arrow.parquet_table, checks_records=False),
+           _arrow.parquet_field_names, _arrow.parquet_table, checks_records=False, streams=True),
     Format("array_record", "array_record", _array_record.write_records,
            lambda path, schema, full: _array_record.read_records(path, schema, BATCH),
            _array_record.field_names,

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _array_record, _formats
 from ._io import CorruptShard, _check_sha, iter_shard, read_manifest
+from ._io import open_shard as _open_shard
 from ._schema import Schema
 from ._split import check_split, file_ranges
 
@@ -20,9 +21,12 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
 
     Shards are read `cycle_length` at a time (default min(#shards, 8)) with parallel interleave.
     TFRecord CRCs and ArrayRecord chunk hashes are always checked by the reader, and every shard's record
-    count against the manifest; check_sha256 also hashes each shard once up front. Its default (None) is
-    on for Arrow and Parquet, whose readers have no per-record checksum (a flipped byte would otherwise
-    come back as wrong data), off for TFRecord and ArrayRecord.
+    count against the manifest; check_sha256 also hashes each shard. Its default (None) is on for Arrow
+    and Parquet, whose readers have no per-record checksum (a flipped byte would otherwise come back as
+    wrong data), off for TFRecord and ArrayRecord. Arrow, Parquet and ArrayRecord shards are hashed and read
+    from one open file (schemas._io.open_shard) when the dataset reaches them; TFRecord shards (read by
+    TensorFlow, by name) are hashed up front. A run never writes a name its manifest lists, so a shard
+    replaced meanwhile is a missing file, never new data.
 
     shard_index / shard_count: this reader's contiguous share of the records, as schemas.read splits them
     (schemas._split); files holding none of it are left out, and a file left before its end has its
@@ -37,13 +41,20 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     if check_sha256 is None:
         check_sha256 = not _formats.get(fmt).checks_records
     shards = manifest["shards"]
+    by_name = {s["file"]: s for s in shards}
     ranges = file_ranges([int(s["num_sequences"]) for s in shards], shard_index, shard_count)
-    paths = [_check_sha(directory, shards[i]) if check_sha256 else os.path.join(directory, shards[i]["file"])
+    up_front = check_sha256 and fmt == "tfrecord"
+    paths = [_check_sha(directory, shards[i]) if up_front else os.path.join(directory, shards[i]["file"])
              for i, _, _ in ranges]
     counts = [int(shards[i]["num_sequences"]) for i, _, _ in ranges]
     # (path, records in the file, first and end record of this reader's share of it)
     files = tf.data.Dataset.from_tensor_slices(tuple(tf.constant(c, t, shape=[len(ranges)]) for c, t in (
         (paths, tf.string), (counts, tf.int64), ([r[1] for r in ranges], tf.int64), ([r[2] for r in ranges], tf.int64))))
+
+    def opened(path: Any):
+        """The shard at `path` opened once (hashed on that open file when check_sha256)."""
+        path = path.decode() if isinstance(path, bytes) else path
+        return _open_shard(directory, by_name[os.path.basename(path)], bool(check_sha256))
     if shuffle_shards:
         files = files.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
     cycle = cycle_length or max(1, min(len(paths), 8))
@@ -58,20 +69,20 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
 
     if fmt == "array_record":
         def serialized(path, expected, first, end):
-            path = path.decode() if isinstance(path, bytes) else path
             n = 0
-            try:
-                for batch in _array_record.serialized_batches(path, 64):
-                    share = batch[max(first - n, 0):max(end - n, 0)]
-                    n += len(batch)
-                    if share:
-                        yield np.array(share, dtype=object)
-                    if n >= end and end < expected:
-                        return
-            except Exception as e:  # noqa: BLE001 - any reader error means a bad shard
-                raise CorruptShard(os.path.basename(path), f"{type(e).__name__}: {e}") from e
-            if n != expected:
-                raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
+            with opened(path) as shard:
+                try:
+                    for batch in _array_record.serialized_batches(shard.path, 64):
+                        share = batch[max(first - n, 0):max(end - n, 0)]
+                        n += len(batch)
+                        if share:
+                            yield np.array(share, dtype=object)
+                        if n >= end and end < expected:
+                            return
+                except Exception as e:  # noqa: BLE001 - any reader error means a bad shard
+                    raise CorruptShard(shard.name, f"{type(e).__name__}: {e}") from e
+                if n != expected:
+                    raise CorruptShard(shard.name, f"holds {n} records, the manifest says {expected}")
 
         def open_array_record(path, expected, first, end):
             return tf.data.Dataset.from_generator(serialized, output_signature=tf.TensorSpec([None], tf.string),
@@ -86,16 +97,16 @@ def tf_dataset(directory: str, *, cycle_length: int | None = None, shuffle_shard
     signature = {f.name: tf.TensorSpec(schema.shape(f), dtypes[f.dtype]) for f in schema.fields}
 
     def generate(path, expected, first, end):
-        path = path.decode() if isinstance(path, bytes) else path
         n = 0
-        for r in iter_shard(path, fmt, schema):
-            if n >= first:
-                yield {k: _encode(v) for k, v in r.items()}
-            n += 1
-            if n == end < expected:
-                return
-        if n != expected:
-            raise CorruptShard(os.path.basename(path), f"holds {n} records, the manifest says {expected}")
+        with opened(path) as shard:
+            for r in iter_shard(shard.path, fmt, schema, name=shard.name):
+                if n >= first:
+                    yield {k: _encode(v) for k, v in r.items()}
+                n += 1
+                if n == end < expected:
+                    return
+            if n != expected:
+                raise CorruptShard(shard.name, f"holds {n} records, the manifest says {expected}")
 
     def open_shard(path, expected, first, end):
         return tf.data.Dataset.from_generator(generate, output_signature=signature, args=(path, expected, first, end))

@@ -109,27 +109,27 @@ def tfrecord_frame(payload: bytes) -> bytes:
     return length + _masked_crc(length) + payload + _masked_crc(payload)
 
 
-def write_tfrecord(path: str, payloads: Iterable[bytes]) -> int:
-    """Write `payloads` as an uncompressed TFRecord file at `path`; returns the record count."""
+def write_tfrecord(path: Any, payloads: Iterable[bytes]) -> int:
+    """Write `payloads` as an uncompressed TFRecord file at `path` (or to binary file object `path`);
+    returns the record count."""
+    return write_frames(path, (tfrecord_frame(p) for p in payloads))
+
+
+
+def write_frames(target: Any, frames: Iterable[Any]) -> int:
+    """Write TFRecord records already framed (tfrecord_frame's bytes, or buffers) to `target`, a path or a
+    binary file object; returns their count."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "wb") as f:
+            return write_frames(f, frames)
     n = 0
-    with open(path, "wb") as f:
-        for p in payloads:
-            f.write(tfrecord_frame(p))
-            n += 1
+    for frame in frames:
+        target.write(frame)
+        n += 1
     return n
 
 
-def write_frames(path: str, frames: Iterable[Any]) -> int:
-    """Write TFRecord records already framed (tfrecord_frame: bytes or buffers) at `path`; returns their count."""
-    n = 0
-    with open(path, "wb") as f:
-        for frame in frames:
-            f.write(frame)
-            n += 1
-    return n
-
-
-def write_records(path: str, batches: Iterable[list], schema: Schema) -> int:
+def write_records(path: Any, batches: Iterable[list], schema: Schema) -> int:
     """Validated record batches -> a TFRecord shard of serialized Examples; returns the record count."""
     return write_tfrecord(path, (encode_example(r, schema) for batch in batches for r in batch))
 

@@ -8,10 +8,10 @@ import json
 import os
 import re
 
-from ._io import MANIFEST, REJECTS, CorruptShard, _check_sha, iter_shard, read_manifest
+from ._io import MANIFEST, CorruptShard, iter_shard, open_shard, read_manifest, rejects_path
 from ._schema import RecordError, Schema, SchemaError, check_consistency
 
-_SHARD = re.compile(r"^packed-\d{5}-of-\d{5}\.\w+$")
+_SHARD = re.compile(r"^packed-([0-9a-z]+-)?\d{5}-of-\d{5}\.\w+$")
 
 
 class VerificationError(SchemaError):
@@ -46,20 +46,20 @@ def verify(directory: str, *, deep: bool = True) -> VerifyReport:
     for shard in manifest["shards"]:
         name = shard["file"]
         try:
-            path = _check_sha(directory, shard)
-            if not deep:
-                seqs += shard["num_sequences"]
-                continue
-            n = 0
-            for record in iter_shard(path, fmt, schema, full_validation=True):
-                try:
-                    schema.validate(record)
-                    check_consistency(record, schema)
-                except RecordError as e:
-                    raise CorruptShard(name, f"record {n}: {e}") from e
-                n += 1
-                images += int(record["num_images"])
-                real += int((record["segment_ids"] > 0).sum())
+            with open_shard(directory, shard) as opened:  # the hash and the records from one open file
+                if not deep:
+                    seqs += shard["num_sequences"]
+                    continue
+                n = 0
+                for record in iter_shard(opened.path, fmt, schema, full_validation=True, name=name):
+                    try:
+                        schema.validate(record)
+                        check_consistency(record, schema)
+                    except RecordError as e:
+                        raise CorruptShard(name, f"record {n}: {e}") from e
+                    n += 1
+                    images += int(record["num_images"])
+                    real += int((record["segment_ids"] > 0).sum())
             if n != shard["num_sequences"]:
                 raise CorruptShard(name, f"holds {n} records, the manifest says {shard['num_sequences']}")
             seqs += n
@@ -72,16 +72,19 @@ def verify(directory: str, *, deep: bool = True) -> VerifyReport:
             for key, got in (("num_images_packed", images), ("tokens_real", real)):
                 if key in manifest and manifest[key] != got:
                     problems.append((MANIFEST, f"records hold {key}={got}, the manifest says {manifest[key]}"))
-    rejects = os.path.join(directory, REJECTS)
-    if os.path.isfile(rejects) and "num_rejected" in manifest:
+    rejects = rejects_path(directory, manifest)
+    rejects_file = os.path.basename(rejects)
+    if "rejects" in manifest and not os.path.isfile(rejects):
+        problems.append((rejects_file, "missing (the manifest names it)"))
+    elif os.path.isfile(rejects) and "num_rejected" in manifest:
         try:
             with open(rejects, encoding="utf-8") as f:
                 entries = [json.loads(line) for line in f if line.strip()]
             if len(entries) != manifest["num_rejected"] or not all("key" in e and "reason" in e for e in entries):
-                problems.append((REJECTS, f"{len(entries)} entries (each needs key and reason); num_rejected is "
+                problems.append((rejects_file, f"{len(entries)} entries (each needs key and reason); num_rejected is "
                                           f"{manifest['num_rejected']}"))
         except ValueError as e:
-            problems.append((REJECTS, f"not valid JSON lines: {e}"))
+            problems.append((rejects_file, f"not valid JSON lines: {e}"))
     if problems:
         raise VerificationError(directory, problems)
     listed = {s["file"] for s in manifest["shards"]}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import packer
 import schemas
@@ -31,6 +32,7 @@ def image_dir(tmp_path_factory):
 
 def _job(src, out, **kw) -> bp.PackJob:
     cfg = packer.PackConfig(seq_len=96, resolution="uniform:24:128", token_drop="beta:0.2:0.5")
+    kw.setdefault("run_id", "t0")  # one run id, so that two runs' folders compare file by file
     return bp.PackJob(input=src, output=str(out), config=cfg, **kw)
 
 
@@ -50,7 +52,7 @@ def test_local_path_and_beam_direct_runner_write_identical_bytes(image_dir, tmp_
     assert a.keys() == b.keys()
     for name in a:
         assert a[name] == b[name], f"{name} differs between the local path and Beam"
-    reasons = {json.loads(line)["reason"] for line in a["rejects.jsonl"].decode().splitlines()}
+    reasons = {json.loads(line)["reason"] for line in a["rejects-t0.jsonl"].decode().splitlines()}
     assert {"undecodable", "empty"} <= reasons
 
 
@@ -84,18 +86,34 @@ def test_worker_encoded_records_equal_the_writers_own(image_dir, tmp_path, fmt):
     assert any(len(k) > 400 for r in schemas.read(str(tmp_path / "w2")) for k in r["image_keys"])
 
 
+def _decodes(path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any failure: not a usable image
+        return False
+
+
 def test_crashed_worker_costs_only_its_image(image_dir, tmp_path, monkeypatch):
+    """The expectation comes from the images: the key whose worker crashes is rejected worker_crashed, the
+    images that do not decode are rejected for their own reasons, and every other image is packed once."""
     victim = "class1/img04.jpg"
+    files = sorted(os.path.relpath(os.path.join(d, f), image_dir) for d, _, fs in os.walk(image_dir) for f in fs)
+    good = {k for k in files if _decodes(os.path.join(image_dir, k))}
+    assert victim in good and len(good) < len(files)  # the fixture has bad images, and the victim is not one
     monkeypatch.setenv(packer._worker.CRASH_KEY_ENV, victim)
     outs = []
     for run in range(2):
         job = _job(image_dir, tmp_path / f"run{run}", num_shards=2)
         manifest = bp.run_pack(job, workers=2)
-        rejects = [json.loads(line) for line in open(os.path.join(job.output, "rejects.jsonl"))]
-        assert [r["reason"] for r in rejects if r["key"] == victim] == ["worker_crashed"]
-        assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"] == 39
-        keys = {k for rec in schemas.read(job.output) for k in rec["image_keys"] if k}
-        assert victim not in keys and len(keys) == 39 - len(rejects)
+        rejects = {r["key"]: r["reason"] for r in map(json.loads, open(schemas.rejects_path(job.output)))}
+        assert rejects[victim] == "worker_crashed"
+        assert set(rejects) == set(files) - good | {victim}
+        assert all(reason != "worker_crashed" for key, reason in rejects.items() if key != victim)
+        keys = [k for rec in schemas.read(job.output) for k in rec["image_keys"][: int(rec["num_images"])]]
+        assert sorted(keys) == sorted(good - {victim})  # every other image, once
+        assert manifest["num_images_in"] == len(files) and manifest["num_rejected"] == len(rejects)
         outs.append(_files(job.output))
     assert outs[0] == outs[1]  # deterministic despite the crash
 

@@ -28,6 +28,7 @@ def image_dir(tmp_path_factory):
 
 def _job(image_dir, out, **kw) -> bp.PackJob:
     cfg = kw.pop("config", packer.PackConfig(seq_len=128, resolution="uniform:32:160", token_drop="beta:0.2:0.5"))
+    kw.setdefault("run_id", "t0")  # one run id, so that two runs' folders compare file by file
     return bp.PackJob(input=image_dir, output=str(out), config=cfg, **kw)
 
 
@@ -56,7 +57,7 @@ def test_rejects_reconcile_and_nothing_is_lost(image_dir, tmp_path):
     assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"]
     written = json.load(open(tmp_path / "out" / "manifest.json"))
     assert written["libraries"] == packer.library_versions()  # pixel bytes depend on these versions
-    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects-t0.jsonl")]
     assert {(r["key"], r["reason"]) for r in rejects} == {("class0/broken.jpg", "undecodable"),
                                                           ("class1/empty.jpg", "empty")}
     records = list(schemas.read(job.output))
@@ -74,9 +75,9 @@ def test_duplicate_keys_across_units_are_rejected(tmp_path):
                           "label": [part, part, part]})
         pq.write_table(table, tmp_path / f"part{part}.parquet")
     job = bp.PackJob(input=f"parquet:{tmp_path}/*.parquet", output=str(tmp_path / "out"),
-                     config=packer.PackConfig(seq_len=64, resolution="budget:32"))
+                     config=packer.PackConfig(seq_len=64, resolution="budget:32"), run_id="t0")
     manifest = bp.run_pack(job)
-    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl")]
+    rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects-t0.jsonl")]
     assert [(r["key"], r["reason"]) for r in rejects] == [("dup", "duplicate_key")]
     assert (manifest["num_images_in"], manifest["num_images_packed"], manifest["num_rejected"]) == (6, 5, 1)
 
@@ -119,7 +120,7 @@ def test_reject_budget_fails_after_writing_rejects(image_dir, tmp_path):
     job = _job(image_dir, tmp_path / "out", max_reject_fraction=0.01)
     with pytest.raises(packer.RejectBudgetExceeded, match="max-reject-fraction"):
         bp.run_pack(job)
-    assert (tmp_path / "out" / "rejects.jsonl").exists()
+    assert (tmp_path / "out" / "rejects-t0.jsonl").exists()
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

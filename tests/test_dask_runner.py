@@ -38,7 +38,8 @@ def _files(directory) -> dict[str, bytes]:
 
 def test_dask_runner_writes_the_same_bytes_as_the_local_path(cluster, image_dir, tmp_path):
     cfg = packer.PackConfig(seq_len=80, resolution="uniform:24:112")
-    jobs = [bp.PackJob(input=image_dir, output=str(tmp_path / name), config=cfg, num_shards=2, group_size=4)
+    jobs = [bp.PackJob(input=image_dir, output=str(tmp_path / name), config=cfg, num_shards=2, group_size=4,
+                         run_id="t0")
             for name in ("local", "dask")]
     bp.run_pack(jobs[0], workers=2)
     manifest = bp.run_pack(jobs[1], beam_args=["--runner", DASK_RUNNER, "--dask_client_address", cluster])

@@ -56,15 +56,24 @@ def check(name: str, digest: str) -> None:
 
 
 def dir_digest(directory: Path) -> str:
-    """Every output file's bytes; the manifest without `input` (the folder's path differs per run)."""
+    """Every output file's bytes; the manifest without `input` (the folder's path differs per run) and
+    without what names the run (`run_id`, `rejects`), the run id taken out of every file name (so the
+    digests pinned before run ids existed still hold: shard bytes never carry the run id)."""
+    run_id = json.loads((directory / schemas.MANIFEST).read_text())["run_id"]
+
+    def unrun(name: str) -> str:
+        return name.replace(f"packed-{run_id}-", "packed-").replace(f"rejects-{run_id}.jsonl", schemas.REJECTS)
+
     h = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
+    for path in sorted(directory.iterdir(), key=lambda p: unrun(p.name)):
         data = path.read_bytes()
         if path.name == schemas.MANIFEST:
             manifest = json.loads(data)
-            manifest.pop("input")
+            for key in ("input", "run_id", "rejects"):
+                manifest.pop(key)
+            manifest["shards"] = [dict(s, file=unrun(s["file"])) for s in manifest["shards"]]
             data = json.dumps(manifest, sort_keys=True).encode()
-        h.update(path.name.encode() + b"\0" + data + b"\0")
+        h.update(unrun(path.name).encode() + b"\0" + data + b"\0")
     return h.hexdigest()
 
 

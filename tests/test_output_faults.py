@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -21,6 +22,7 @@ from PIL import Image
 
 import packer
 import schemas
+from pipelines.batch.journal import JOURNAL
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 SMALL = ["--input", "synthetic:24", "--resolution", "uniform:32:96", "--workers", "1"]
@@ -29,6 +31,13 @@ SMALL = ["--input", "synthetic:24", "--resolution", "uniform:32:96", "--workers"
 def pack(*args: str, preexec_fn=None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(CLI + ["pack", "--no-progress", *args], capture_output=True, text=True, timeout=timeout,
                           preexec_fn=preexec_fn)
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    """Two outputs hold the same shards: counts, sha256 and bytes, in order (their names carry each run's id)."""
+    shards = [schemas.read_manifest(str(d))["shards"] for d in (a, b)]
+    return ([(s["num_sequences"], s["sha256"]) for s in shards[0]] == [(s["num_sequences"], s["sha256"]) for s in shards[1]]
+            and all((a / s["file"]).read_bytes() == (b / t["file"]).read_bytes() for s, t in zip(*shards)))
 
 
 def one_line(stderr: str) -> str:
@@ -43,7 +52,9 @@ def test_output_files_and_folders_get_the_umask_mode(tmp_path, umask):
     result = pack(*SMALL, "--output", str(out), "--num-shards", "2", preexec_fn=lambda: os.umask(umask))
     assert result.returncode == 0, result.stderr
     files = [p for p in out.iterdir()]
-    assert {p.name for p in files} >= {"manifest.json", "rejects.jsonl", "packed-00000-of-00002.tfrecord"}
+    run = schemas.read_manifest(str(out))["run_id"]
+    assert {p.name for p in files} == {"manifest.json", f"rejects-{run}.jsonl", f"packed-{run}-00000-of-00002.tfrecord",
+                                       f"packed-{run}-00001-of-00002.tfrecord"}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
     for d in (out, out.parent):
@@ -129,10 +140,10 @@ def test_ownership_lost_before_finalize_fails_and_writes_no_manifest(tmp_path, m
     out = tmp_path / "out"
     real_write_rejects = schemas.write_rejects
 
-    def steal_then_write(directory, rejects):  # another run takes the folder just before finalize
+    def steal_then_write(directory, rejects, *args):  # another run takes the folder just before finalize
         (Path(directory) / schemas.LOCK).write_text(json.dumps(
             {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": "thief"}))
-        return real_write_rejects(directory, rejects)
+        return real_write_rejects(directory, rejects, *args)
 
     monkeypatch.setattr(schemas, "write_rejects", steal_then_write)
     job = PackJob(input="synthetic:12", output=str(out), config=packer.PackConfig(resolution="uniform:32:96"))
@@ -181,15 +192,14 @@ def test_a_write_error_mid_run_fails_in_one_line_leaves_nothing_readable_and_rer
     line = one_line(failed.stderr)
     assert str(out) in line and os.strerror(27) in line  # EFBIG: "File too large"
     assert not (out / "manifest.json").exists()
-    assert [e for e in os.listdir(out) if e.startswith(".")] == []  # no temporary file, no lock left
+    # no temporary file, no lock left; the run journal stays, for --resume once space is freed
+    assert [e for e in os.listdir(out) if e.startswith(".")] == [JOURNAL]
     with pytest.raises(schemas.ManifestMissing):
         next(iter(schemas.read(str(out))))
     assert subprocess.run(CLI + ["verify", str(out)], capture_output=True).returncode != 0
     rerun = pack(*args, "--output", str(out), "--overwrite")  # space freed
     assert rerun.returncode == 0, rerun.stderr
-    assert schemas.read_manifest(str(out))["shards"] == schemas.read_manifest(str(reference))["shards"]
-    for shard in schemas.read_manifest(str(reference))["shards"]:
-        assert (out / shard["file"]).read_bytes() == (reference / shard["file"]).read_bytes()
+    assert same_shards(out, reference)
 
 
 LIMIT_BEFORE_START = """
@@ -263,7 +273,7 @@ def test_inputs_changed_after_listing_are_rejected_through_the_cli(tmp_path):
     script = CHANGE_AFTER_LISTING.format(tests=str(Path(__file__).parent), root=str(root), argv=argv)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rejects = {r["key"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    rejects = {r["key"]: r["reason"] for r in map(json.loads, open(schemas.rejects_path(str(out))).read().splitlines())}
     assert rejects == EXPECTED_REJECTS
     packed = sorted(k for rec in schemas.read(str(out)) for k in rec["image_keys"][: int(rec["num_images"])])
     assert packed == ["keep.png", "target.png"]
@@ -337,7 +347,7 @@ def test_a_full_disk_fails_in_one_line_for_every_format(full_disk, tmp_path, fmt
     line = one_line(failed.stderr)
     assert line.startswith("navit-pack: error: cannot write the output ") and str(out) in line, line
     assert os.strerror(28) in line, line  # ENOSPC: "No space left on device"
-    assert os.listdir(out) == []  # no shard, no temporary file, no manifest, no lock
+    assert [e for e in os.listdir(out) if e != JOURNAL] == []  # no shard, no temporary, no manifest, no lock
     with pytest.raises(schemas.ManifestMissing):
         next(iter(schemas.read(str(out))))
     full_disk.grow()  # space freed: the same folder is usable and gets the same output as elsewhere
@@ -345,7 +355,7 @@ def test_a_full_disk_fails_in_one_line_for_every_format(full_disk, tmp_path, fmt
     assert pack(*FULL_DISK, "--format", fmt, "--output", str(reference)).returncode == 0
     rerun = pack(*FULL_DISK, "--format", fmt, "--output", str(out), "--overwrite")
     assert rerun.returncode == 0, rerun.stderr
-    assert schemas.read_manifest(str(out))["shards"] == schemas.read_manifest(str(reference))["shards"]
+    assert same_shards(out, reference)
 
 
 @pytest.mark.parametrize("record_bytes", [300_000, 20_000], ids=["fails-while-writing", "fails-at-close"])
@@ -362,3 +372,50 @@ def test_the_array_record_writer_raises_oserror_enospc(full_disk, record_bytes):
         _array_record.write(str(full_disk.path / "x.array_record"), payloads)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(full_disk.path / "x.array_record")
     assert not isinstance(e.value, RuntimeError)
+
+
+def test_inputs_changed_between_listing_and_filling_spilled_bytes_are_kept(tmp_path, monkeypatch):
+    """The local runner's two read paths, with the input changed after the listing and before the fill: an
+    image read whole for its size (PNG) is filled from the bytes the listing kept (its spill file), so a
+    later change to the file does not reach the output; a plain JPEG is read again by reference, so one
+    gone or replaced by a folder is rejected missing / unreadable, and the rest pack as from the unchanged input."""
+    from pipelines.batch import PackJob, local, run_pack
+
+    rng = np.random.default_rng(4)
+    src, unchanged = tmp_path / "src", tmp_path / "unchanged"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(src / f"j{i}.jpg", quality=90)
+    shutil.copytree(src, unchanged)
+    config = packer.PackConfig(seq_len=64, resolution="uniform:32:64")
+
+    listed, spilled = local._list, []
+
+    def list_then_change(*args, **kwargs):
+        listing = listed(*args, **kwargs)
+        for i in range(3):  # same size, other pixels
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+        (src / "j1.jpg").unlink()
+        (src / "j2.jpg").unlink()
+        (src / "j2.jpg").mkdir()
+        spilled.extend(ref for ref in listing.refs if isinstance(ref, tuple) and ref[0] == "spill")
+        return listing
+
+    monkeypatch.setattr(local, "_list", list_then_change)
+    out = tmp_path / "out"
+    run_pack(PackJob(input=str(src), output=str(out), config=config, labels="none"), workers=0)
+    monkeypatch.undo()
+    reference = tmp_path / "reference"
+    run_pack(PackJob(input=str(unchanged), output=str(reference), config=config, labels="none"), workers=0)
+    assert len(spilled) == 3  # the three PNGs took the spill path
+
+    def images(d):
+        return {k: rec["patches"][rec["segment_ids"] == i + 1].tobytes()
+                for rec in schemas.read(str(d)) for i, k in enumerate(rec["image_keys"][: int(rec["num_images"])])}
+
+    got, want = images(out), images(reference)
+    assert {r["key"]: r["reason"] for r in map(json.loads, open(schemas.rejects_path(str(out))))} == \
+        {"j1.jpg": "missing", "j2.jpg": "unreadable"}
+    assert sorted(got) == ["j0.jpg", "p0.png", "p1.png", "p2.png"]
+    assert got == {k: want[k] for k in got}  # as listed, not as changed

@@ -329,8 +329,8 @@ def test_tfrecord_damage_at_every_offset_raises_corrupt_shard(tmp_path):
     """With check_sha256=False only the framing CRCs (and the record count) stand between damage and the
     records: a flipped byte anywhere and a cut at any length of a shard must raise CorruptShard."""
     config, records = small_records(6, seed=1, seq_len=16)
-    schemas.write_dataset(tmp_path, records[:3], config=config, fmt="tfrecord", meta_fields=("id",))
-    path = tmp_path / "packed-00000-of-00001.tfrecord"
+    schemas.write_dataset(tmp_path, records[:3], config=config, fmt="tfrecord", meta_fields=("id",), run_id="t0")
+    path = tmp_path / "packed-t0-00000-of-00001.tfrecord"
     clean = path.read_bytes()
     for offset in range(len(clean)):
         path.write_bytes(clean[:offset] + bytes([clean[offset] ^ 0x5A]) + clean[offset + 1:])
@@ -348,8 +348,8 @@ def test_tfrecord_damage_at_every_offset_raises_corrupt_shard(tmp_path):
 
 def test_tfrecord_framing_errors_name_the_record(tmp_path):
     config, records = small_records(6, seed=1, seq_len=16)
-    schemas.write_dataset(tmp_path, records[:3], config=config, fmt="tfrecord", meta_fields=("id",))
-    path = str(tmp_path / "packed-00000-of-00001.tfrecord")
+    schemas.write_dataset(tmp_path, records[:3], config=config, fmt="tfrecord", meta_fields=("id",), run_id="t0")
+    path = str(tmp_path / "packed-t0-00000-of-00001.tfrecord")
     first = 12 + struct.unpack("<Q", open(path, "rb").read(8))[0] + 4  # where record 1 starts
     _flip(path, first + 20)  # inside record 1's payload
     with pytest.raises(schemas.CorruptShard, match=f"record 1 at byte {first}: the payload fails its CRC32C"):

@@ -8,6 +8,7 @@ import glob
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def outputs(packed, tmp_path_factory):
     for fmt in FORMATS:
         d = str(tmp_path_factory.mktemp(fmt))
         schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=3, meta_fields=META,
-                              rejects=[{"key": "bad.jpg", "reason": "undecodable", "detail": "x"}])
+                              rejects=[{"key": "bad.jpg", "reason": "undecodable", "detail": "x"}], run_id="t0")
         dirs[fmt] = d
     return dirs
 
@@ -115,8 +116,8 @@ def test_meta_fields_pass_through(outputs, fmt):
 def test_output_layout_and_manifest(packed, outputs, fmt):
     config, records = packed
     d = outputs[fmt]
-    names = [f"packed-{i:05d}-of-00003.{fmt}" for i in range(3)]
-    assert sorted(os.listdir(d)) == sorted(names + ["manifest.json", "rejects.jsonl"])
+    names = [f"packed-t0-{i:05d}-of-00003.{fmt}" for i in range(3)]  # run id t0 (the outputs fixture)
+    assert sorted(os.listdir(d)) == sorted(names + ["manifest.json", "rejects-t0.jsonl"])
     m = schemas.read_manifest(d)
     real = sum(int((r["segment_ids"] > 0).sum()) for r in records)
     assert m["schema_version"] == schemas.SCHEMA_VERSION and m["format"] == fmt
@@ -130,19 +131,42 @@ def test_output_layout_and_manifest(packed, outputs, fmt):
     assert sum(s["num_sequences"] for s in m["shards"]) == len(records)
     for s in m["shards"]:
         assert s["sha256"] == schemas._io.sha256_file(os.path.join(d, s["file"]))
-    with open(os.path.join(d, "rejects.jsonl")) as f:
+    assert (m["run_id"], m["rejects"]) == ("t0", "rejects-t0.jsonl")
+    with open(os.path.join(d, "rejects-t0.jsonl")) as f:
         assert [json.loads(line) for line in f] == [{"key": "bad.jpg", "reason": "undecodable", "detail": "x"}]
 
 
 def test_manifest_meta_fields_default_to_the_shards(packed, outputs, tmp_path):
     for fmt, d in outputs.items():
         m = schemas.read_manifest(d)
-        again = schemas.write_manifest(str(tmp_path), fmt=fmt, config=m["config"], num_images_in=41, num_images_packed=40,
+        copy = tmp_path / fmt
+        shutil.copytree(d, copy)
+        os.remove(copy / "manifest.json")
+        again = schemas.write_manifest(str(copy), fmt=fmt, config=m["config"], num_images_in=41, num_images_packed=40,
                                        num_rejected=1, num_sequences=m["num_sequences"], tokens_real=m["tokens_real"],
-                                       tokens_padding=m["tokens_padding"],
-                                       shards=[dict(s, file=os.path.join(os.path.relpath(d, tmp_path), s["file"]))
-                                               for s in m["shards"]])
+                                       tokens_padding=m["tokens_padding"], shards=m["shards"])
         assert again["meta_fields"] == sorted(META)
+
+
+@pytest.mark.parametrize("name", ["../x.arrow", "sub/x.arrow", "/abs/x.arrow", "..", ".", "", None])
+def test_shard_names_must_be_plain_file_names_in_the_folder(packed, outputs, tmp_path, name):
+    """A manifest naming a shard outside its folder is refused by write_manifest and by every reader."""
+    d = tmp_path / "d"
+    shutil.copytree(outputs["arrow"], d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"][0]["file"] = name
+    del m["run_id"]  # the plain-name check holds without a run id too
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(schemas.ManifestError, match="plain file name"):
+        schemas.read_manifest(str(d))
+    with pytest.raises(schemas.ManifestError, match="plain file name"):
+        list(schemas.read(str(d)))
+    with pytest.raises(schemas.ManifestError, match="plain file name"):
+        schemas.verify(str(d))
+    with pytest.raises(schemas.SchemaError, match="plain file name"):
+        schemas.write_manifest(str(d), fmt="arrow", config=m["config"], num_images_in=0, num_images_packed=0,
+                               num_rejected=0, num_sequences=m["num_sequences"], tokens_real=0, tokens_padding=0,
+                               shards=m["shards"], meta_fields=META)
 
 
 def test_write_manifest_checks_counts(packed, tmp_path):
@@ -162,8 +186,8 @@ def test_output_dir_refused_unless_overwrite(packed, tmp_path):
         schemas.prepare_output_dir(d, overwrite=False)
     with pytest.raises(schemas.OutputDirError):
         schemas.write_dataset(d, records[:3], config=config, fmt="parquet", meta_fields=META)
-    schemas.write_dataset(d, records[:2], config=config, fmt="parquet", meta_fields=META, overwrite=True)
-    assert sorted(os.listdir(d)) == ["manifest.json", "packed-00000-of-00001.parquet", "rejects.jsonl"]
+    run = schemas.write_dataset(d, records[:2], config=config, fmt="parquet", meta_fields=META, overwrite=True)["run_id"]
+    assert sorted(os.listdir(d)) == ["manifest.json", f"packed-{run}-00000-of-00001.parquet", f"rejects-{run}.jsonl"]
     assert len(list(schemas.read(d))) == 2
     (tmp_path / "file").write_text("x")
     with pytest.raises(schemas.OutputDirError, match="not a directory"):
@@ -266,7 +290,7 @@ def test_arrow_and_parquet_open_with_pyarrow_dataset_and_polars(packed, outputs)
     n = len(records)
     first = records[0]
     for fmt, d in (("arrow", outputs["arrow"]), ("parquet", outputs["parquet"])):
-        path = os.path.join(d, f"packed-00000-of-00003.{fmt}")
+        path = os.path.join(d, f"packed-t0-00000-of-00003.{fmt}")
         table = pa.ipc.open_file(path).read_all() if fmt == "arrow" else pq.read_table(path)
         assert table.schema.field("patches").type == pa.list_(pa.field("item", pa.binary(48), nullable=False), 64)
         assert table.column("image_keys")[0].as_py() == list(first["image_keys"])
@@ -279,7 +303,7 @@ def test_arrow_and_parquet_open_with_pyarrow_dataset_and_polars(packed, outputs)
         assert b"".join(row["patches"]) == first["patches"].tobytes()
         assert list(row["segment_ids"]) == first["segment_ids"].tolist()
         assert list(row["meta_caption"]) == list(first["meta_caption"])
-    leaf = pq.ParquetFile(os.path.join(outputs["parquet"], "packed-00000-of-00003.parquet")).schema.column(0)
+    leaf = pq.ParquetFile(os.path.join(outputs["parquet"], "packed-t0-00000-of-00003.parquet")).schema.column(0)
     assert leaf.physical_type == "FIXED_LEN_BYTE_ARRAY" and leaf.length == 48
 
 

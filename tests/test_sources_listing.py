@@ -178,7 +178,7 @@ def test_pack_over_a_looped_folder_packs_each_image_once(looped, tmp_path, capsy
     manifest = json.loads((out / "manifest.json").read_text())
     packed = sorted(k for rec in schemas.read(str(out)) for k in rec["image_keys"][: int(rec["num_images"])])
     assert packed == ["cat/a.png", "dog/b.png"]
-    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in open(schemas.rejects_path(str(out))).read().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [("cat/again.png", "duplicate_file")]
     assert manifest["num_images_in"] == 3 == manifest["num_images_packed"] + manifest["num_rejected"]
     assert manifest["skipped"]["other_extension"] == 1

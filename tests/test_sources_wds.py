@@ -362,7 +362,7 @@ def test_pack_cli_end_to_end(shard_dir, tmp_path, capsys, label_from):
     assert cli.main(argv + (["--label-field", "cid"] if label_from == "json" else [])) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["input"].endswith("?label=cid") == (label_from == "json")
-    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in open(schemas.rejects_path(str(out))).read().splitlines()]
     # Per shard 9 inputs: 4 good samples, bad (cls "nine", no json), noimg, two (+ the extra two.webp), last.
     assert manifest["num_images_in"] == 27
     assert manifest["num_images_in"] == manifest["num_images_packed"] + manifest["num_rejected"]

@@ -16,7 +16,8 @@ import schemas
 from pipelines import cli
 
 FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
-BAD = "packed-00001-of-00002"
+RUN = "t0"  # the run id the clean datasets are written under
+BAD = f"packed-{RUN}-00001-of-00002"
 CLEAN: dict[str, str] = {}  # format -> the undamaged dataset (set by the `clean` fixture)
 
 
@@ -39,7 +40,7 @@ def clean(packed, tmp_path_factory):
     dirs = {}
     for fmt in FORMATS:
         d = str(tmp_path_factory.mktemp(f"clean-{fmt}"))
-        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",), run_id=RUN)
         dirs[fmt] = d
     CLEAN.update(dirs)
     return dirs
@@ -210,7 +211,8 @@ def test_inconsistent_record_is_reported(packed, tmp_path):
     bad = {k: np.array(v, copy=True) for k, v in records[0].items()}
     bad["num_tokens"][0] += 1
     d = str(tmp_path)
-    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images_per_seq=4, meta_fields=("id",))
+    shards = [schemas.write_shard(d, i, 2, "arrow", recs, seq_len=48, token_dim=48, max_images_per_seq=4,
+                                  meta_fields=("id",), run_id=RUN)
               for i, recs in enumerate([records[1:], [bad]])]
     schemas.write_manifest(d, fmt="arrow", config=config, num_images_in=0, num_images_packed=0, num_rejected=0,
                            num_sequences=len(records), tokens_real=0, tokens_padding=0, shards=shards)
@@ -221,7 +223,7 @@ def test_inconsistent_record_is_reported(packed, tmp_path):
 
 def test_leftover_temporary_file_is_a_warning(clean, tmp_path):
     d, _ = copy_of(clean, "arrow", tmp_path)
-    open(os.path.join(d, ".packed-00000-of-00002.arrow.abc.tmp"), "w").close()
+    open(os.path.join(d, f".packed-{RUN}-00000-of-00002.arrow.abc.tmp"), "w").close()
     assert any("temporary" in w for w in schemas.verify(d).warnings)
 
 
@@ -241,3 +243,43 @@ def test_cli_exit_codes(clean, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("navit-pack: error: ") and "manifest" in err
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory):
+    """One shard per format of several MiB (12 sequences of 1024 tokens x 768 bytes of patches, random
+    pixels: nothing compresses), so damage can sit past the first MiB."""
+    rng = np.random.default_rng(5)
+    config = packer.PackConfig(seq_len=1024, patch_size=16, max_images_per_seq=8, resolution="native")
+    images = []
+    for i in range(48):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=0)
+        images.append(packer.prepare_image(buf.getvalue(), f"{i}.png", config, label=i))
+    records = list(packer.pack_patched(images, config, ()))
+    dirs = {}
+    for fmt in FORMATS:
+        d = str(tmp_path_factory.mktemp(f"big-{fmt}"))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=1, run_id=RUN)
+        dirs[fmt] = d
+    return dirs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_flipped_byte_deep_inside_a_multi_mib_shard_fails_read_and_verify(big_shards, tmp_path, fmt):
+    name = f"packed-{RUN}-00000-of-00001.{fmt}"
+    size = os.path.getsize(os.path.join(big_shards[fmt], name))
+    assert size > 8 << 20, size
+    schemas.verify(big_shards[fmt])  # clean, it reads
+    for i, off in enumerate([(1 << 20) + 4097, size // 2 + 13, size - (1 << 20) - 5]):  # all past the first MiB
+        d = str(tmp_path / str(i))
+        shutil.copytree(big_shards[fmt], d)
+        flip(os.path.join(d, name), off)
+        with pytest.raises(schemas.VerificationError) as e:
+            schemas.verify(d)
+        assert e.value.shards == [name], off
+        with pytest.raises(schemas.CorruptShard, match=name):
+            list(schemas.read(d))
+        if fmt == "tfrecord":  # without the sha256 the CRCs see it too
+            with pytest.raises(schemas.CorruptShard, match="CRC32C"):
+                list(schemas.read(d, check_sha256=False))

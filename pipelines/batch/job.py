@@ -46,6 +46,7 @@ class PackJob:
     max_reject_fraction: float = 1.0  # 1: no limit
     owner: Optional[str] = None  # the output claim's token (schemas.claim_output); the manifest needs it
     tmp_dir: Optional[str] = None  # where the local runner keeps the bytes of inputs it cannot re-read
+    run_id: Optional[str] = None  # names this run's files (run_pack sets a fresh one, or the resumed run's)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -192,7 +193,7 @@ def write_group(gp: GroupPlan, filled: Iterator[tuple[packer.Decision, dict, lis
     for s, chunk in zip(mine, split_contiguous(range(len(gp.decisions)), len(mine))):
         info = schemas.write_shard(job.output, gp.epoch * shards + s, job.epochs * shards, job.fmt, tracked(len(chunk)),
                                    seq_len=cfg.seq_len, token_dim=cfg.token_dim, max_images_per_seq=cfg.max_images_per_seq,
-                                   meta_fields=job.meta_fields)
+                                   meta_fields=job.meta_fields, run_id=job.run_id)
         written.append((gp.epoch * shards + s, info))
     return {"epoch": gp.epoch, "group": gp.group, "images_in": gp.images_in, "rejected": len(gp.rejects),
             "packed": counts["packed"], "sequences": counts["sequences"], "tokens_real": counts["tokens_real"],
@@ -200,12 +201,12 @@ def write_group(gp: GroupPlan, filled: Iterator[tuple[packer.Decision, dict, lis
 
 
 def finalize(job: PackJob, summaries: list[dict], rejects: list[dict], extra: Optional[dict] = None) -> dict:
-    """Write rejects.jsonl, check the reject budget over the whole run, then write manifest.json (last).
-    Returns the totals."""
+    """Write the rejects file, check the reject budget over the whole run, write manifest.json (the commit),
+    then remove the files no manifest lists (the replaced dataset's). Returns the totals."""
     import schemas
 
     rejects = sorted(rejects, key=lambda r: (r["epoch"], r["key"], r["reason"], r["detail"]))
-    schemas.write_rejects(job.output, rejects)
+    schemas.write_rejects(job.output, rejects, job.run_id)
     totals = {name: sum(s[name] for s in summaries)
               for name in ("images_in", "packed", "rejected", "sequences", "tokens_real", "tokens_padding")}
     if totals["images_in"] != totals["packed"] + totals["rejected"] or totals["rejected"] != len(rejects):
@@ -216,13 +217,15 @@ def finalize(job: PackJob, summaries: list[dict], rejects: list[dict], extra: Op
     budget.check(final=True)
     shards = [info for _, info in sorted((i for s in summaries for i in s["shards"]), key=lambda t: t[0])]
     groups, shards_per_epoch = layout(totals["images_in"] // job.epochs, job)
-    schemas.write_manifest(job.output, fmt=job.fmt, config=job.config.to_json(), num_images_in=totals["images_in"],
-                           num_images_packed=totals["packed"], num_rejected=totals["rejected"],
-                           num_sequences=totals["sequences"], tokens_real=totals["tokens_real"],
-                           tokens_padding=totals["tokens_padding"], shards=shards, meta_fields=job.meta_fields,
-                           extra={"input": job.input, "epochs": job.epochs, "shards_per_epoch": shards_per_epoch,
-                                  "packing_groups_per_epoch": groups, "group_size": job.group_size,
-                                  "libraries": packer.library_versions(), **(extra or {})}, owner=job.owner)
+    manifest = schemas.write_manifest(
+        job.output, fmt=job.fmt, config=job.config.to_json(), num_images_in=totals["images_in"],
+        num_images_packed=totals["packed"], num_rejected=totals["rejected"], num_sequences=totals["sequences"],
+        tokens_real=totals["tokens_real"], tokens_padding=totals["tokens_padding"], shards=shards,
+        meta_fields=job.meta_fields, owner=job.owner, run_id=job.run_id,
+        extra={"input": job.input, "epochs": job.epochs, "shards_per_epoch": shards_per_epoch,
+               "packing_groups_per_epoch": groups, "group_size": job.group_size,
+               "libraries": packer.library_versions(), **(extra or {})})
+    schemas.remove_unlisted(job.output, manifest)
     return totals
 
 

@@ -14,6 +14,9 @@
 
 So an input is read once (plus its header), the listing costs a few hundred bytes per image in memory,
 and the output is byte-identical to the Beam pipeline's, for any worker count.
+
+3. The run journal (pipelines.batch.journal) records each finished group; a resumed run (`--resume`)
+   lists and plans again and fills only the groups it does not find finished there.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import packer
 import schemas
 from pipelines.sources import Listed, unused_totals
 
+from . import journal
 from .job import PackJob, decide_group, filled_records, finalize, layout, packing_group, write_group
 
 SPILL_PREFIX = ".navit-pack-spill-"
@@ -133,9 +137,11 @@ def _spill_dir(job: PackJob) -> str:
 
 def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
               on_progress: Optional[Callable[[str, int, Optional[int]], None]] = None,
-              timings: Optional[dict] = None) -> dict:
-    """Pack on this machine (see the module doc); writes shards, rejects.jsonl and manifest.json (last).
-    Returns the totals."""
+              timings: Optional[dict] = None, resume: Optional[dict] = None) -> dict:
+    """Pack on this machine (see the module doc); writes shards, the rejects file and manifest.json (last),
+    recording each finished group in the run journal. `resume`: the interrupted run's journal state (its
+    run id is job.run_id); its finished groups are kept, and journal.ResumeRefused is raised before any
+    work if the input's listing differs. Returns the totals."""
     timings = timings if timings is not None else {}
     progress = on_progress or (lambda *a: None)
     reader = _Reader(source.reader(), _spill_dir(job), job.config.max_pixels)
@@ -145,7 +151,14 @@ def run_local(job: PackJob, source, units: Sequence[str], *, workers: int,
             t0 = time.perf_counter()
             listing = _list(pool, units, job, progress)
             timings["reading"] = time.perf_counter() - t0
-            summaries, rejects = _pack(job, listing, reader, pool, progress)
+            digest = journal.listing_digest(listing.keys, listing.labels, listing.metas, listing.heights,
+                                            listing.widths, listing.rejects, listing.header_rejects)
+            if resume is not None:
+                journal.check_inputs(resume, digest, len(listing))
+            else:
+                _, shards = layout(len(listing), job)
+                journal.start(job.output, job.run_id, job, digest, len(listing), shards * job.epochs)
+            summaries, rejects = _pack(job, listing, reader, pool, progress, resume is not None)
             timings["packing"] = time.perf_counter() - t0 - timings["reading"]
     finally:
         shutil.rmtree(reader.spill_dir, ignore_errors=True)
@@ -166,8 +179,9 @@ def _list(pool, units: Sequence[str], job: PackJob, progress) -> Listing:
     return listing
 
 
-def _pack(job: PackJob, listing: Listing, reader: _Reader, pool, progress) -> tuple[list, list]:
-    """Decide, fill and write every group of every epoch; (summaries, rejects)."""
+def _pack(job: PackJob, listing: Listing, reader: _Reader, pool, progress, resume: bool) -> tuple[list, list]:
+    """Decide, fill and write every group of every epoch (on resume, not those the journal finished:
+    their summaries and rejects are taken from it); (summaries, rejects)."""
     num_images = len(listing)
     groups, _ = layout(num_images, job)
     budget = job.budget()  # packing counts every (image, epoch) again
@@ -178,11 +192,21 @@ def _pack(job: PackJob, listing: Listing, reader: _Reader, pool, progress) -> tu
         for i, key in enumerate(listing.keys):
             members[packing_group(job.config.seed, key, epoch, groups)].append(i)
         for g in range(groups):
-            group = [listing.member(i) for i in members[g]]
-            gp = decide_group(group, job, epoch, g, num_images, budget,
-                              content=lambda m: b"" if m.reject else reader(m.payload))
-            summaries.append(write_group(gp, filled_records(driver, gp.decisions), job, num_images, budget))
-            rejects.extend(gp.rejects)
-            done += gp.images_in
+            finished = journal.finished_group(job.output, epoch, g) if resume else None
+            if finished is not None:
+                summary, group_rejects = finished
+                budget.add_seen(summary["images_in"])
+                for r in group_rejects:
+                    budget.reject(r["key"], r["reason"], r["detail"])
+            else:
+                group = [listing.member(i) for i in members[g]]
+                gp = decide_group(group, job, epoch, g, num_images, budget,
+                                  content=lambda m: b"" if m.reject else reader(m.payload))
+                summary, group_rejects = write_group(gp, filled_records(driver, gp.decisions), job, num_images,
+                                                     budget), gp.rejects
+                journal.record_group(job.output, summary, group_rejects)
+            summaries.append(summary)
+            rejects.extend(group_rejects)
+            done += summary["images_in"]
             progress("packing", done, num_images * job.epochs)
     return summaries, rejects

@@ -10,6 +10,7 @@ the Beam pipeline, which writes the same bytes, e.g. `-- --runner DataflowRunner
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Optional
@@ -51,7 +52,13 @@ def register(subparsers) -> None:
                    help="fail the job when more than this fraction of inputs is rejected (default 1: never); "
                         "checked as inputs are rejected once 100 were seen, and at the end; a failed job leaves "
                         "no manifest.json, e.g. --max-reject-fraction 0.01")
-    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in a non-empty output folder (it stays readable until the new "
+                        "manifest lands, and is removed after)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted or killed run recorded in the output folder (local runs): its "
+                        "finished shards are kept, the rest written; refused if options or input differ; starts "
+                        "a run if none is recorded, e.g. --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on local runs")
     options.add_pack_options(p)
     p.add_argument("beam_args", nargs=argparse.REMAINDER, metavar="-- BEAM_PIPELINE_OPTIONS",
@@ -98,7 +105,7 @@ def summary_table(manifest: dict, output: str, seconds: float, timings: Optional
         ("images in", images),
         ("images packed", manifest["num_images_packed"]),
         ("images rejected", manifest["num_rejected"] if not manifest["num_rejected"] else
-         f"{manifest['num_rejected']} (see rejects.jsonl)"),
+         f"{manifest['num_rejected']} (see {manifest.get('rejects', 'rejects.jsonl')})"),
         ("sequences", f"{seqs} x {manifest['config']['seq_len']} tokens"),
         ("images / sequence", f"{manifest['num_images_packed'] / seqs:.2f}" if seqs else "-"),
         ("tokens real", manifest["tokens_real"]),
@@ -168,6 +175,31 @@ def _quiet_beam() -> None:
     warnings.filterwarnings("ignore", module="apache_beam")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporaries removed,
+    workers stopped, the lock released)."""
+
+
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; a second TERM waits for it
+    raise _Terminated()
+
+
+def _interrupted_line(output: str, beam: bool) -> str:
+    """What an interrupted run says: how far it got and how to continue."""
+    if beam:
+        return "navit-pack: interrupted; the output folder keeps its previous dataset; rerun to start again"
+    from pipelines.batch import journal
+
+    try:
+        done, total = journal.shards_done(output)
+    except OSError:
+        done, total = 0, None
+    if total is None:
+        return "navit-pack: interrupted before any shard was written; rerun with --resume to start again"
+    return f"navit-pack: interrupted after {done} of {total} shards; rerun with --resume to continue"
+
+
 def run(args: argparse.Namespace) -> int:
     import packer
 
@@ -184,12 +216,23 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.batch import run_pack
     from pipelines.batch.beam import is_local
 
+    from pipelines.batch.journal import ResumeRefused
+
     progress = _Progress() if not args.no_progress and is_local(beam_args) and sys.stderr.isatty() else None
     start = time.perf_counter()
     timings: dict = {}
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         manifest = run_pack(job, beam_args=beam_args, workers=workers, overwrite=args.overwrite,
-                            on_progress=progress, timings=timings)
+                            on_progress=progress, timings=timings, resume=args.resume)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_interrupt): one line, no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if progress:
+            progress.close()
+        print(_interrupted_line(job.output, bool(beam_args)), file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    except ResumeRefused as e:
+        options.fail(str(e))
     except sources.SourceError as e:
         options.fail(options.OptionError("--input", str(e)))
     except (schemas.OutputDirError, schemas.OutputLocked) as e:
@@ -199,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
         options.fail(str(e).split("\n")[0], status=1)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if progress:
             progress.close()
     seconds = time.perf_counter() - start

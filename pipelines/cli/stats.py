@@ -33,10 +33,10 @@ def _describe(values: np.ndarray) -> dict:
 
 
 def read_rejects(directory: str) -> list[dict]:
-    """The rejects.jsonl entries of an output (empty when the file is absent)."""
+    """The entries of an output's rejects file (the manifest's `rejects`; empty when the file is absent)."""
     import schemas
 
-    path = os.path.join(directory, schemas.REJECTS)
+    path = schemas.rejects_path(directory)
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
