@@ -4,8 +4,8 @@ For each N in --sizes (default 10k, 40k, 160k), a folder of N hard links of the 
 sub-folders of 500 (so the files cost no disk), is packed by `navit-pack pack --workers W` (a subprocess).
 Measured from outside while it runs:
 
-- read / input: the bytes read (`rchar` of /proc/PID/io, summed over the main process and its fill
-  workers) against the input's bytes. The listing reads headers only, each fill reads its image once;
+- read / input: the bytes read (`rchar` of each thread, /proc/PID/task/TID/io, summed over the main process
+  and its fill workers; the interpreter's own files included) against the input's bytes. The listing reads headers only, each fill reads its image once;
   the writer reads nothing back (shard digests are taken while writing).
 - images/s over the whole run, and its ratio to the smallest N's.
 - main RSS: the main process's peak resident memory (VmHWM), and its growth per image between sizes.
@@ -37,6 +37,15 @@ def _proc_value(pid: int, name: str, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def _own_reads(pid: int) -> int:
+    """Bytes the process's live threads have read (rchar of /proc/PID/task/*/io). Not /proc/PID/io: that
+    also adds in the reads of every child the process has reaped (its fill workers, at the end)."""
+    try:
+        return sum(_proc_value(pid, f"task/{tid}/io", "rchar:") for tid in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def _children(pid: int) -> set[int]:
@@ -74,7 +83,7 @@ def run(folder: str, out: str, workers: int, args) -> dict:
     rss = first_shard = 0.0
     while proc.poll() is None:
         for pid in {proc.pid} | _children(proc.pid):
-            reads[pid] = max(reads.get(pid, 0), _proc_value(pid, "io", "rchar:"))
+            reads[pid] = max(reads.get(pid, 0), _own_reads(pid))
         rss = max(rss, _proc_value(proc.pid, "status", "VmHWM:") / 1024)
         if not first_shard and os.path.isdir(out) and any(e.startswith("packed-") for e in os.listdir(out)):
             first_shard = time.perf_counter() - start

@@ -9,6 +9,7 @@ lists removed (remove_unlisted). So every step is an object create, one overwrit
 delete, as on gs://, and a reader of the old manifest gets the old files or a missing one, never new data."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -236,8 +237,7 @@ def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: 
     For TFRecord and ArrayRecord an item may also be a record already encoded (schemas.record_encoder's bytes)."""
     schema = Schema(seq_len, token_dim, max_images_per_seq, tuple(meta_fields))
     name = shard_name(index, num_shards, fmt, run_id)
-    tmp = _atomic_path(directory, name)
-    try:
+    with _atomic(directory, name) as tmp:
         if _formats.get(fmt).streams:
             with open(tmp, "wb") as f:
                 sink = _HashingFile(f)
@@ -248,12 +248,6 @@ def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: 
         else:
             n = _write_records(tmp, fmt, records, schema)
             digest = sha256_file(tmp)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException as e:
-        _remove_quietly(tmp)
-        if isinstance(e, OSError) and not isinstance(e, SchemaError):
-            raise _write_failed(directory, e) from e
-        raise
     return {"file": name, "num_sequences": n, "sha256": digest}
 
 
@@ -267,15 +261,23 @@ def _remove_quietly(path: str) -> None:
 def _write_text_atomic(directory: str, name: str, text: str, owner: str | None = None) -> None:
     """Write `name` under a temporary name, then rename; with `owner`, check the folder is still owned
     by that token just before the rename (schemas._owner.OwnershipLost otherwise)."""
+    with _atomic(directory, name, owner) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _atomic(directory: str, name: str, owner: str | None = None) -> Iterator[str]:
+    """A temporary path to write `name` at: renamed to `name` when the block ends (after checking that
+    `owner`, if given, still owns the folder), removed when it fails; OSErrors become OutputWriteError."""
     try:
         tmp = _atomic_path(directory, name)
     except OSError as e:
         raise _write_failed(directory, e) from e
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         if owner is not None:
             check_owner(directory, owner)
         os.replace(tmp, os.path.join(directory, name))

@@ -14,6 +14,7 @@ from PIL import Image
 import packer
 import schemas
 from pipelines import cli
+from test_readers import small_records
 
 FORMATS = ["tfrecord", "arrow", "parquet", "array_record"]
 RUN = "t0"  # the run id the clean datasets are written under
@@ -23,15 +24,7 @@ CLEAN: dict[str, str] = {}  # format -> the undamaged dataset (set by the `clean
 
 @pytest.fixture(scope="module")
 def packed():
-    rng = np.random.default_rng(1)
-    config = packer.PackConfig(seq_len=48, patch_size=4, max_images_per_seq=4)
-    images = []
-    for i in range(24):
-        h, w = (int(v) for v in rng.integers(4, 28, 2))
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-        images.append(packer.prepare_image(buf.getvalue(), f"{i}.png", config, label=i, meta={"id": i}))
-    return config, list(packer.pack_patched(images, config, ("id",)))
+    return small_records(24, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +95,12 @@ def test_clean_output_verifies(packed, clean, fmt):
     assert report.tokens_real == sum(int((r["segment_ids"] > 0).sum()) for r in records)
 
 
+@pytest.mark.parametrize("damage", [flip, truncate], ids=["flipped byte", "truncation"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_flipped_byte_detected_at_any_offset(clean, tmp_path, fmt):
+def test_damage_detected_at_any_offset(clean, tmp_path, fmt, damage):
     for i, off in enumerate(offsets(os.path.join(clean[fmt], f"{BAD}.{fmt}"))):
         d, path = copy_of(clean, fmt, tmp_path / str(i))
-        flip(path, off)
-        check_detected(d, fmt)
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_truncation_detected_at_any_offset(clean, tmp_path, fmt):
-    for i, off in enumerate(offsets(os.path.join(clean[fmt], f"{BAD}.{fmt}"))):
-        d, path = copy_of(clean, fmt, tmp_path / str(i))
-        truncate(path, off)
+        damage(path, off)
         check_detected(d, fmt)
 
 
