@@ -39,6 +39,8 @@ def _varints(values: np.ndarray) -> bytes:
     v = values.reshape(-1).astype(np.int64).view(np.uint64)
     if v.size == 0 or int(v.max()) < 0x80:
         return v.astype(np.uint8).tobytes()
+    if v.size <= 64:  # a per-image field: a Python loop beats the numpy passes below
+        return b"".join([_varint(n) for n in v.tolist()])
     groups = (v[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
     nbytes = np.maximum(1, 10 - np.argmax((groups[:, ::-1] != 0), axis=1))
     nbytes[~(groups != 0).any(axis=1)] = 1
