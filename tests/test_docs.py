@@ -79,7 +79,7 @@ def save_json(state, path):
 _SNIPPET = re.compile(r"(?:<!-- test: (?P<test>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
 _NEEDS = {"pyarrow": "pyarrow", "datasets.": "datasets", "polars.": "polars", "tf_dataset": "tensorflow",
           "as_tf_dataset": "tensorflow", "keras": "keras", "array_record": "array_record",
-          "import torch": "torch"}
+          "import torch": "torch", 'format="torch"': "torch", 'with_format("torch"': "torch"}
 
 
 def doc_snippets() -> list:
