@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import socket
 import time
 
@@ -156,21 +157,42 @@ def test_health_registry_marks_a_closed_or_silent_worker_lost():
         registry.close()
 
 
-def test_the_watch_reads_everything_while_no_worker_is_lost_and_fails_naming_one_that_is(local_service, records):
-    from pipelines import service_health
+WATCH = """
+import os, re, socket, sys
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+from pipelines import service, service_health
+from test_service import CONFIG, EPOCHS, dataset, make_records, occurrences
 
-    assert local_service.registry is not None and local_service.reporting
-    dataset_id = service.register(dataset(records), local_service.target, "navit-watch")
-    where = service_health.registry_address(local_service.target)
-    assert where == ("127.0.0.1", local_service.registry.port)
-    ds = service.read_service(local_service.target, CONFIG, dataset_id="navit-watch", processing_mode="dynamic")
-    assert sum(occurrences(list(ds.as_numpy_iterator()), records).values()) == (len(records) - 1) * EPOCHS
-    fake = socket.create_connection(where)
-    fake.sendall(b"worker 127.0.0.1:9\n")
-    fake.close()
-    try:
-        with pytest.raises(tf.errors.UnknownError, match=r"ServiceWorkerLost: .* lost: 127\.0\.0\.1:9 "):
-            list(ds.as_numpy_iterator())
-    finally:
-        local_service.registry._lost.clear()  # noqa: SLF001 - the module's other readers share this registry
-    assert dataset_id.numpy() == b"navit-watch"
+records = make_records(16, bad={4})
+svc = service.LocalService(num_workers=2)
+assert svc.registry is not None and svc.reporting
+dataset_id = service.register(dataset(records), svc.target, "navit-watch")
+where = service_health.registry_address(svc.target)
+assert where == ("127.0.0.1", svc.registry.port) and dataset_id.numpy() == b"navit-watch"
+ds = service.read_service(svc.target, CONFIG, dataset_id="navit-watch", processing_mode="dynamic")
+assert sum(occurrences(list(ds.as_numpy_iterator()), records).values()) == (len(records) - 1) * EPOCHS
+fake = socket.create_connection(where)
+fake.sendall(b"worker 127.0.0.1:9\\n")
+fake.close()
+try:
+    list(ds.as_numpy_iterator())
+    print("no error")
+except tf.errors.UnknownError as e:
+    print("lost" if re.search(r"ServiceWorkerLost: .* lost: 127\\.0\\.0\\.1:9 ", str(e)) else f"other: {e}")
+sys.stdout.flush()
+os._exit(0)  # the failed read's job still runs on the workers: stopping them in-process would wait for it
+"""
+
+
+def test_the_watch_reads_everything_while_no_worker_is_lost_and_fails_naming_one_that_is():
+    """In a process of its own: the read that fails leaves its job running on the workers, and TensorFlow's
+    in-process worker stop would wait for it for good (LocalService.stop)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", WATCH, tests], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "lost", r.stdout
