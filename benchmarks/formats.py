@@ -10,7 +10,6 @@ is reported beside it. Ratios are to TFRecord measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 
 import packer
 import schemas
+from benchmarks import record_args
 from . import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,13 +99,9 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.formats", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sequences", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--patch-size", type=int, default=16)
+    parser = record_args(__doc__.split("\n\n")[0], DEFAULT_JSON, "python -m benchmarks.formats")
     parser.add_argument("--num-shards", type=int, default=4)
     parser.add_argument("--formats", nargs="+", default=list(schemas.FORMATS), choices=list(schemas.FORMATS))
-    parser.add_argument("--json", default=DEFAULT_JSON, help="write the results as JSON here ('' to skip)")
     args = parser.parse_args(argv)
     result = run(args.sequences, args.seq_len, args.patch_size, args.num_shards, tuple(args.formats))
     print(table(result))

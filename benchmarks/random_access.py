@@ -7,7 +7,6 @@ outside the timing), the two take turns, best of --rounds.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import time
 import numpy as np
 
 import schemas
+from benchmarks import record_args
 from benchmarks.formats import make_records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,13 +40,9 @@ def measure(directory: str, rounds: int, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--patch-size", type=int, default=16)
+    parser = record_args(__doc__.splitlines()[0], DEFAULT_JSON)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     config, records = make_records(args.sequences, args.seq_len, args.patch_size)
     root = tempfile.mkdtemp(prefix="navit-random-access-")

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 import schemas
+from benchmarks import record_args
 from benchmarks.formats import make_records
 from . import write_json
 
@@ -239,12 +239,8 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.readers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sequences", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--patch-size", type=int, default=16)
+    parser = record_args(__doc__.split("\n\n")[0], DEFAULT_JSON, "python -m benchmarks.readers")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=DEFAULT_JSON, help="write the results as JSON here ('' to skip)")
     args = parser.parse_args(argv)
     result = run(args.sequences, args.seq_len, args.patch_size, args.rounds)
     print(table(result))

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-import packer  # noqa: E402
 import schemas  # noqa: E402
+import shapes  # noqa: E402
 
 
 class Collate:
@@ -46,13 +46,6 @@ class Collate:
         return batch
 
 
-def make_dataset(directory: str, n: int = 80) -> None:
-    import shapes
-
-    config = packer.PackConfig(seq_len=128, patch_size=8, max_images_per_seq=8)
-    schemas.write_dataset(directory, shapes.packed_shapes(n, config), config=config, fmt="arrow", num_shards=3)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="a packed Arrow or ArrayRecord dataset (default: a synthetic one)")
@@ -65,7 +58,7 @@ def main() -> int:
     data = [args.data or os.path.join(tempfile.mkdtemp(), "packed-arrow")]
     if args.data is None:
         if rank == 0:
-            make_dataset(data[0])
+            shapes.make_dataset(data[0], n=80, num_shards=3)
         dist.broadcast_object_list(data)
     dist.barrier()
     dataset = schemas.PackedDataset(data[0])  # sha256 of every shard checked here; workers reopen, no rehash

@@ -15,10 +15,8 @@ Needs jax, pyarrow and this repository on the path (run from the repository root
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/shapes.py
 import packer  # noqa: E402
 import schemas  # noqa: E402
+import shapes  # noqa: E402
 
 FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "labels")
 
@@ -101,14 +100,6 @@ def masked_loss(params: dict, batch: dict, attention: str = "fused") -> jnp.ndar
     return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
 
 
-def make_dataset(directory: str, n: int = 96) -> None:
-    """Pack `n` synthetic shape images into an Arrow dataset (what `navit-pack pack --format arrow` writes)."""
-    import shapes
-
-    config = packer.PackConfig(seq_len=128, patch_size=8, max_images_per_seq=8)
-    schemas.write_dataset(directory, shapes.packed_shapes(n, config), config=config, fmt="arrow", num_shards=2)
-
-
 def leak_check(params: dict, records: list[dict[str, np.ndarray]], config: packer.PackConfig,
                attention: str = "fused") -> None:
     """Each packed image's logits must equal those of the same image packed alone."""
@@ -122,20 +113,8 @@ def leak_check(params: dict, records: list[dict[str, np.ndarray]], config: packe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="a packed dataset directory (any format schemas.read reads)")
-    parser.add_argument("--work-dir", help="where to write the synthetic dataset when --data is not given")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--attention", choices=ATTENTION, default="fused")
-    args = parser.parse_args(argv)
-    data = args.data
-    if data is None:
-        data = os.path.join(args.work_dir or tempfile.mkdtemp(), "packed-arrow")
-        make_dataset(data)
-    config = packer.PackConfig(**schemas.read_manifest(data)["config"])
-    records = list(schemas.read(data))
-    num_classes = max(2, int(max(r["labels"].max() for r in records)) + 1)
+    args = shapes.reader_args(__doc__.splitlines()[0], ATTENTION, "fused", argv)
+    config, records, num_classes = shapes.load_records(args)
     params = init_params(jax.random.PRNGKey(0), config.token_dim, config.seq_len, num_classes)
 
     @jax.jit

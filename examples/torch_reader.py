@@ -14,10 +14,8 @@ Needs torch, pyarrow and this repository on the path (run from the repository ro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 
 import warnings
 
@@ -33,6 +31,7 @@ except ImportError:  # torch < 2.5
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/shapes.py
 import packer  # noqa: E402
 import schemas  # noqa: E402
+import shapes  # noqa: E402
 
 FIELDS = ("patches", "segment_ids", "pos_y", "pos_x", "labels")
 
@@ -126,14 +125,6 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-1)
 
 
-def make_dataset(directory: str, n: int = 96) -> None:
-    """Pack `n` synthetic shape images into an Arrow dataset (what `navit-pack pack --format arrow` writes)."""
-    import shapes
-
-    config = packer.PackConfig(seq_len=128, patch_size=8, max_images_per_seq=8)
-    schemas.write_dataset(directory, shapes.packed_shapes(n, config), config=config, fmt="arrow", num_shards=2)
-
-
 def leak_check(model: TinyNaViT, records: list[dict[str, np.ndarray]], config: packer.PackConfig) -> None:
     """Each packed image's logits must equal those of the same image packed alone."""
     with torch.no_grad():
@@ -145,21 +136,9 @@ def leak_check(model: TinyNaViT, records: list[dict[str, np.ndarray]], config: p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="a packed dataset directory (any format schemas.read reads)")
-    parser.add_argument("--work-dir", help="where to write the synthetic dataset when --data is not given")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--attention", choices=ATTENTION, default="auto")
-    args = parser.parse_args(argv)
+    args = shapes.reader_args(__doc__.splitlines()[0], ATTENTION, "auto", argv)
     torch.manual_seed(0)
-    data = args.data
-    if data is None:
-        data = os.path.join(args.work_dir or tempfile.mkdtemp(), "packed-arrow")
-        make_dataset(data)
-    config = packer.PackConfig(**schemas.read_manifest(data)["config"])
-    records = list(schemas.read(data))
-    num_classes = max(2, int(max(r["labels"].max() for r in records)) + 1)
+    config, records, num_classes = shapes.load_records(args)
     model = TinyNaViT(config.token_dim, config.max_images_per_seq, config.seq_len, num_classes, attention=args.attention)
     print(f"attention: {resolve_attention(args.attention, torch.device('cpu'))}")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

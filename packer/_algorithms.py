@@ -9,7 +9,7 @@ import dataclasses
 import gc
 import math
 from itertools import repeat
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 # feasible(item, length, target) -> cost of re-planning item to exactly target tokens, or None.
 Feasible = Callable[[int, int, int], Optional[float]]
@@ -161,18 +161,22 @@ def best_fit_decreasing(items: list[tuple[int, int, int]], capacity: int, max_im
 
 class _Windowed:
     """What the windowed packers share: items collect until the window is full, then a round (`_round`)
-    packs it; subclasses keep the window (`_held`, `_add`) their own way and push() one item fast."""
+    packs it; subclasses keep the window (`_held`, `_add`) their own way."""
 
     window: int
 
     def _held(self) -> int:
         raise NotImplementedError
 
-    def _add(self, ids: range, lengths: list[int]) -> None:
+    def _add(self, ids: Sequence[int], lengths: list[int]) -> None:
         raise NotImplementedError
 
     def _round(self, final: bool) -> list[list[int]]:
         raise NotImplementedError
+
+    def push(self, item: int, length: int) -> list[list[int]]:
+        self._add((item,), [length])
+        return self._round(final=False) if self._held() >= self.window else []
 
     def push_many(self, first_item: int, lengths: list[int]) -> list[list[int]]:
         """push() for items first_item, first_item + 1, ... in window-sized slices: the same decisions, faster."""
@@ -206,16 +210,10 @@ class WindowBestFit(_Windowed):
         self.capacity, self.max_images_per_seq, self.window, self.max_age = capacity, max_images_per_seq, window, max_age
         self._items: list[tuple[int, int, int]] = []  # (-length, id, age): sorts longest first, then by arrival
 
-    def push(self, item: int, length: int) -> list[list[int]]:
-        self._items.append((-length, item, 0))
-        if len(self._items) < self.window:
-            return []
-        return self._round(final=False)
-
     def _held(self) -> int:
         return len(self._items)
 
-    def _add(self, ids: range, lengths: list[int]) -> None:
+    def _add(self, ids: Sequence[int], lengths: list[int]) -> None:
         self._items.extend(zip([-n for n in lengths], ids, repeat(0)))
 
     def _round(self, final: bool) -> list[list[int]]:
@@ -414,18 +412,10 @@ class WindowSwap(_Windowed):
         self._stacks: list[list[int]] = [[] for _ in range(capacity + 1)]
         self.unswapped = 0  # items moved into another bin without a swap (a statistic, not part of the state)
 
-    def push(self, item: int, length: int) -> list[list[int]]:
-        self._lengths.append(length)
-        self._ids.append(item)
-        self._ages.append(0)
-        if len(self._lengths) < self.window:
-            return []
-        return self._round(final=False)
-
     def _held(self) -> int:
         return len(self._lengths)
 
-    def _add(self, ids: range, lengths: list[int]) -> None:
+    def _add(self, ids: Sequence[int], lengths: list[int]) -> None:
         self._lengths += lengths
         self._ids += ids
         self._ages += repeat(0, len(lengths))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 from ._algorithms import ALGORITHMS
 
@@ -54,29 +54,32 @@ class Fixed:
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
-    """The largest aspect-keeping grid with at most `tokens` patches (timm / SigLIP2 max_num_patches)."""
+class _TokenCap:
+    """A grid rule capped at `tokens` patches; NAME is its spec prefix."""
 
     tokens: int
+    NAME: ClassVar[str] = ""
 
     def __post_init__(self):
-        _require(isinstance(self.tokens, int) and self.tokens >= 1, "resolution", f"budget:T needs an integer T >= 1, got {self.tokens}")
+        _require(isinstance(self.tokens, int) and self.tokens >= 1, "resolution",
+                 f"{self.NAME}:T needs an integer T >= 1, got {self.tokens}")
 
     def spec(self) -> str:
-        return f"budget:{self.tokens}"
+        return f"{self.NAME}:{self.tokens}"
 
 
 @dataclasses.dataclass(frozen=True)
-class NaFlex:
+class Budget(_TokenCap):
+    """The largest aspect-keeping grid with at most `tokens` patches (timm / SigLIP2 max_num_patches)."""
+
+    NAME: ClassVar[str] = "budget"
+
+
+@dataclasses.dataclass(frozen=True)
+class NaFlex(_TokenCap):
     """Hugging Face SigLIP2's grid rule for max_num_patches = `tokens`, reproduced exactly (see packer._plan)."""
 
-    tokens: int
-
-    def __post_init__(self):
-        _require(isinstance(self.tokens, int) and self.tokens >= 1, "resolution", f"naflex:T needs an integer T >= 1, got {self.tokens}")
-
-    def spec(self) -> str:
-        return f"naflex:{self.tokens}"
+    NAME: ClassVar[str] = "naflex"
 
 
 @dataclasses.dataclass(frozen=True)

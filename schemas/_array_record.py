@@ -11,7 +11,6 @@ covered by the shard's sha256, which schemas.read and verify check by default.
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 from typing import Iterable, Iterator, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from . import _example
 from ._schema import Schema
+from ._split import locate
 from ._tfrecord import encode_example
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access; other options are array_record's defaults
@@ -128,20 +128,11 @@ class RandomAccess:
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"record index must be an integer, got {index!r}")
-        i = int(index) + (len(self) if index < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {index} outside [0, {len(self)})")
-        shard = bisect.bisect_right(self._starts, i) - 1
-        return shard, i - self._starts[shard]
-
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.getitems([index])[0]
 
     def getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        located = [self._locate(i) for i in indices]
+        located = [locate(i, self._starts) for i in indices]
         raw = [self._readers[s].read([j])[0] for s, j in located]
         return list(_example.records(_example.parse(raw, self.schema), len(raw)))
 

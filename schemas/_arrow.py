@@ -2,7 +2,6 @@
 patches as FIXED_LEN_BYTE_ARRAY(D) (one value per token), never list<uint8>. Imports pyarrow lazily."""
 from __future__ import annotations
 
-import bisect
 import json
 import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -10,6 +9,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._schema import SCHEMA_VERSION, Schema
+from ._split import locate
 
 SCHEMA_METADATA_KEY = b"navit_pack.schema"
 
@@ -198,13 +198,8 @@ class IpcRandomAccess:
         return self._starts[-1]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"record index must be an integer, got {index!r}")
-        i = int(index) + (len(self) if index < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {index} outside [0, {len(self)})")
-        b = bisect.bisect_right(self._starts, i) - 1
-        j, views = i - self._starts[b], self._batches[b]
+        b, j = locate(index, self._starts)
+        views = self._batches[b]
         out = {}
         for f in self.schema.fields:  # the same arrays (writable copies, dtypes, order) as from_batch gives
             if f.dtype == "string":

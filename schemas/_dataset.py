@@ -9,7 +9,6 @@ the check raises CorruptShard. Readers are opened per process and never pickled.
 """
 from __future__ import annotations
 
-import bisect
 import os
 import threading
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from . import _formats
 from ._io import CorruptShard, _check_sha, read_manifest
 from ._schema import Schema, SchemaError
+from ._split import locate
 
 _LOCK = threading.Lock()  # opening readers (once per shard and process)
 
@@ -82,14 +82,9 @@ class PackedDataset:
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"PackedDataset indices must be integers or slices, not {type(index).__name__}")
-        i = int(index) + (len(self) if index < 0 else 0)
-        if not 0 <= i < len(self):
-            raise IndexError(f"record index {index} out of range for a dataset of {len(self)} records")
-        k = bisect.bisect_right(self._starts, i) - 1
+        k, j = locate(index, self._starts)
         try:
-            return self._reader(k)[i - self._starts[k]]
+            return self._reader(k)[j]
         except (CorruptShard, IndexError, TypeError):
             raise
         except Exception as e:  # noqa: BLE001 - every library error on a shard means a bad shard

@@ -56,95 +56,61 @@ def _varint(buf: Any, pos: int) -> tuple[int, int]:
             raise _Bad("varint longer than 10 bytes")
 
 
-def _skip(buf: Any, pos: int, tag: int, end: int) -> int:
-    """Position after the value of an unknown field with `tag`."""
-    wire = tag & 7
-    if tag >> 3 == 0:
-        raise _Bad("field number 0")
-    if wire == 0:
-        _, pos = _varint(buf, pos)
-    elif wire == 1:
-        pos += 8
-    elif wire == 2:
-        n, pos = _varint(buf, pos)
-        pos += n
-    elif wire == 5:
-        pos += 4
-    else:
-        raise _Bad(f"wire type {wire} (groups are not used by Example)")
-    if pos > end:
-        raise _Bad("a field runs past the end of its message")
-    return pos
+def _fields(buf: Any, pos: int, end: int) -> list[tuple[int, int, int]]:
+    """The fields of the message at buf[pos:end] as (tag, start, stop): a length-delimited field's value, or
+    the bytes of a varint / fixed32 / fixed64 one. One-byte tags and lengths (the common case) are read
+    inline, longer varints through _varint."""
+    out = []
+    while pos < end:
+        tag = buf[pos]
+        pos += 1
+        if tag >= 0x80:
+            tag, pos = _varint(buf, pos - 1)
+        wire, start = tag & 7, pos
+        if tag >> 3 == 0:
+            raise _Bad("field number 0")
+        if wire == 2:
+            n = buf[pos]
+            pos += 1
+            if n >= 0x80:
+                n, pos = _varint(buf, pos - 1)
+            start, pos = pos, pos + n
+        elif wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+        else:
+            raise _Bad(f"wire type {wire} (groups are not used by Example)")
+        if pos > end:
+            raise _Bad("a field runs past the end of its message")
+        out.append((tag, start, pos))
+    return out
 
 
-def _length(buf: Any, pos: int, end: int) -> tuple[int, int]:
-    """(start, stop) of a length-delimited value whose length varint starts at pos."""
-    n, pos = _varint(buf, pos)
-    stop = pos + n
-    if stop > end:
-        raise _Bad("a length runs past the end of its message")
-    return pos, stop
+# one Feature's list tags (field 1, 2, 3 with wire type 2) and the unpacked element tag of each kind
+_LIST_TAGS = {0x0A: _BYTES, 0x12: _FLOAT, 0x1A: _INT64}
+_UNPACKED = {_FLOAT: 0x0D, _INT64: 0x08}
 
 
 def _feature(buf: Any, pieces: list[tuple[int, int]]) -> tuple[int | None, list[tuple[int, int]]]:
     """(kind, chunks) of one Feature given as message pieces (merged in order). For bytes_list the chunks
     are the values; for float_list and int64_list they are byte ranges whose concatenation is the packed
-    payload (an unpacked element is its own range: a fixed32 or a varint). One-byte tags and lengths are
-    read inline (the common case); longer varints through _varint."""
+    payload (an unpacked element is its own range: a fixed32 or a varint)."""
     kind, chunks = None, []
     for start, stop in pieces:
-        pos = start
-        while pos < stop:
-            tag = buf[pos]
-            if tag < 0x80:
-                pos += 1
-            else:
-                tag, pos = _varint(buf, pos)
-            if tag not in (0x0A, 0x12, 0x1A):  # bytes_list, float_list, int64_list (wire type 2)
-                pos = _skip(buf, pos, tag, stop)
+        for tag, lstart, lstop in _fields(buf, start, stop):
+            this = _LIST_TAGS.get(tag)
+            if this is None:
                 continue
-            this = tag >> 3
-            n = buf[pos]
-            if n < 0x80:
-                pos += 1
-            else:
-                n, pos = _varint(buf, pos)
-            p, lstop = pos, pos + n
-            if lstop > stop:
-                raise _Bad("a list runs past the end of its feature")
-            pos = lstop
             if this != kind:  # oneof: another kind replaces the value; the same kind merges
                 kind, chunks = this, []
-            while p < lstop:
-                t = buf[p]
-                if t < 0x80:
-                    p += 1
-                else:
-                    t, p = _varint(buf, p)
+            unpacked = _UNPACKED.get(this)
+            for t, s, e in _fields(buf, lstart, lstop):
                 if t == 0x0A:  # a bytes value, or a packed run of numbers
-                    n = buf[p]
-                    if n < 0x80:
-                        p += 1
-                    else:
-                        n, p = _varint(buf, p)
-                    s, p = p, p + n
-                    if p > lstop:
-                        raise _Bad("a value runs past the end of its list")
-                    if this == _BYTES or s != p:
-                        chunks.append((s, p))
-                elif this == _FLOAT and t == 0x0D:  # unpacked float (fixed32)
-                    if p + 4 > lstop:
-                        raise _Bad("a float runs past the end of its list")
-                    chunks.append((p, p + 4))
-                    p += 4
-                elif this == _INT64 and t == 0x08:  # unpacked int64 (varint)
-                    _, q = _varint(buf, p)
-                    if q > lstop:
-                        raise _Bad("a varint runs past the end of its list")
-                    chunks.append((p, q))
-                    p = q
-                else:
-                    p = _skip(buf, p, t, lstop)
+                    if this == _BYTES or s != e:
+                        chunks.append((s, e))
+                elif t == unpacked:
+                    chunks.append((s, e))
     return kind, chunks
 
 
@@ -153,55 +119,19 @@ def scan(buf: Any, start: int = 0, end: int | None = None) -> dict[bytes, tuple[
     chunks as (start, stop) offsets into buf. Raises _Bad on malformed input."""
     end = len(buf) if end is None else end
     entries: dict[bytes, list[tuple[int, int]]] = {}
-    pos = start
     try:
-        while pos < end:
-            tag, pos = _varint(buf, pos)
+        for tag, fstart, fstop in _fields(buf, start, end):
             if tag != 0x0A:  # Example.features
-                pos = _skip(buf, pos, tag, end)
                 continue
-            p, fstop = _length(buf, pos, end)
-            pos = fstop
-            while p < fstop:
-                t = buf[p]
-                if t < 0x80:
-                    p += 1
-                else:
-                    t, p = _varint(buf, p)
+            for t, estart, estop in _fields(buf, fstart, fstop):
                 if t != 0x0A:  # Features.feature (map entry)
-                    p = _skip(buf, p, t, fstop)
                     continue
-                n = buf[p]
-                if n < 0x80:
-                    p += 1
-                else:
-                    n, p = _varint(buf, p)
-                q, estop = p, p + n
-                if estop > fstop:
-                    raise _Bad("a map entry runs past the end of its message")
-                p = estop
                 key, pieces = b"", []
-                while q < estop:
-                    t = buf[q]
-                    if t < 0x80:
-                        q += 1
-                    else:
-                        t, q = _varint(buf, q)
-                    if t == 0x0A or t == 0x12:  # key, value
-                        n = buf[q]
-                        if n < 0x80:
-                            q += 1
-                        else:
-                            n, q = _varint(buf, q)
-                        s, q = q, q + n
-                        if q > estop:
-                            raise _Bad("a key or value runs past the end of its map entry")
-                        if t == 0x0A:
-                            key = bytes(buf[s:q])
-                        else:
-                            pieces.append((s, q))
-                    else:
-                        q = _skip(buf, q, t, estop)
+                for kt, s, e in _fields(buf, estart, estop):
+                    if kt == 0x0A:
+                        key = bytes(buf[s:e])
+                    elif kt == 0x12:
+                        pieces.append((s, e))
                 entries[key] = pieces  # a map key given twice: the last entry wins
         return {k: _feature(buf, v) for k, v in entries.items()}
     except IndexError:

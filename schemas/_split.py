@@ -4,6 +4,7 @@ manifest order, so the readers' ranges are disjoint, cover every record, differ 
 and a reader opens only the files that hold part of its range (empty files: reader 0)."""
 from __future__ import annotations
 
+import bisect
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,3 +48,17 @@ def file_ranges(counts: Sequence[int], shard_index: int, shard_count: int) -> li
             out.append((i, 0, 0))
         start += n
     return out
+
+
+def locate(index: Any, starts: Sequence[int]) -> tuple[int, int]:
+    """(part, offset in it) of global record `index` (negative counts from the end) over parts whose first
+    records are `starts` (ascending, total last): random access across shards or batches. TypeError for a
+    non-integer, IndexError outside the records."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"record indices must be integers, not {type(index).__name__}")
+    total = starts[-1]
+    i = int(index) + (total if index < 0 else 0)
+    if not 0 <= i < total:
+        raise IndexError(f"record index {index} out of range for {total} records")
+    part = bisect.bisect_right(starts, i) - 1
+    return part, i - starts[part]

@@ -45,14 +45,17 @@ def image_folder(root, n: int, *, classes: "list[str]", seed: int, sizes: tuple[
     return str(root)
 
 
-def random_record(schema, rng: np.random.Generator, specials=(np.inf, -0.0, np.nan)) -> dict:
-    """A record of `schema` whose values cover every varint length, negatives, the `specials` floats, and empty
-    and non-ASCII strings (no cross-field consistency: for codecs)."""
+def random_record(schema, rng: np.random.Generator, specials=(np.inf, -0.0, np.nan),
+                  words=("", "a", "nº ✓", "x" * 200, "日本"), int_bound: int | None = None) -> dict:
+    """A record of `schema` whose values cover every varint length (or |v| <= `int_bound`), negatives, the
+    `specials` floats, and `words` (empty and non-ASCII strings); no cross-field consistency: for codecs."""
     rec = {}
     for f in schema.fields:
         shape = schema.shape(f)
         if f.dtype == "uint8":
             rec[f.name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif f.dtype == "int32" and int_bound is not None:
+            rec[f.name] = rng.integers(-int_bound, int_bound + 1, shape).astype(np.int32)
         elif f.dtype == "int32":
             scale = 2 ** int(rng.integers(0, 32))
             rec[f.name] = rng.integers(-scale, scale, shape, dtype=np.int64).clip(-2**31, 2**31 - 1).astype(np.int32)
@@ -61,7 +64,6 @@ def random_record(schema, rng: np.random.Generator, specials=(np.inf, -0.0, np.n
             v.reshape(-1)[:len(specials)] = list(specials)[: v.size]
             rec[f.name] = v
         else:
-            words = ["", "a", "nº ✓", "x" * 200, "日本"]
             rec[f.name] = np.array([words[i] for i in rng.integers(0, len(words), shape).reshape(-1)],
                                    dtype=object).reshape(shape)
     return rec

@@ -15,6 +15,8 @@ import os
 import numpy as np
 import pytest
 
+import conftest
+
 import schemas
 from schemas._schema import Schema
 
@@ -41,24 +43,8 @@ def fixed_records(n: int = 7) -> list[dict]:
     write them)."""
     schema = Schema.from_config(CONFIG, META)
     rng = np.random.default_rng(2024)
-    out = []
-    for i in range(n):
-        rec = {}
-        for f in schema.fields:
-            shape = schema.shape(f)
-            if f.dtype == "uint8":
-                rec[f.name] = rng.integers(0, 256, shape, dtype=np.uint8)
-            elif f.dtype == "int32":
-                rec[f.name] = rng.integers(-(2 ** (i * 4)), 2 ** (i * 4) + 1, shape).astype(np.int32)
-            elif f.dtype == "float32":
-                v = rng.standard_normal(shape).astype(np.float32)
-                v.reshape(-1)[:2] = [np.nan, -0.0][: v.size]
-                rec[f.name] = v
-            else:
-                rec[f.name] = np.array([WORDS[j] for j in rng.integers(0, len(WORDS), shape).reshape(-1)],
-                                       dtype=object).reshape(shape)
-        out.append(rec)
-    return out
+    return [conftest.random_record(schema, rng, specials=(np.nan, -0.0), words=WORDS, int_bound=2 ** (i * 4))
+            for i in range(n)]
 
 
 def library_version(name: str) -> str:

@@ -13,18 +13,12 @@ import schemas
 datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed")
 pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed")
 
-from test_readers import small_records  # noqa: E402
+from test_readers import every_format  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    config, records = small_records(40, seed=4)
-    dirs = {}
-    for fmt in schemas.FORMATS:
-        d = tmp_path_factory.mktemp(fmt)
-        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=3, meta_fields=("id",))
-        dirs[fmt] = str(d)
-    return records, dirs
+    return every_format(tmp_path_factory, 3, 40, 4)
 
 
 def as_numpy(value):

@@ -210,15 +210,20 @@ def small_records(n_images: int = 30, seed: int = 0, seq_len: int = 48):
     return config, list(packer.pack_patched(images, config, ("id",)))
 
 
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    config, records = small_records()
+def every_format(tmp_path_factory, num_shards: int, *small_args) -> tuple[list[dict], dict[str, str]]:
+    """(records, {format: folder}): small_records(*small_args) written in every format with `id` carried."""
+    config, records = small_records(*small_args)
     dirs = {}
     for fmt in schemas.FORMATS:
         d = tmp_path_factory.mktemp(fmt)
-        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=2, meta_fields=("id",))
+        schemas.write_dataset(d, records, config=config, fmt=fmt, num_shards=num_shards, meta_fields=("id",))
         dirs[fmt] = str(d)
     return records, dirs
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    return every_format(tmp_path_factory, 2)
 
 
 @pytest.mark.parametrize("fmt", EXAMPLE_FORMATS)

@@ -20,11 +20,9 @@ _DROPPED_GREY = 128
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("inspect", help="render one packed sequence back to images (PNG)",
-                              description=__doc__,
-                              epilog="example:\n  navit-pack inspect out --sequence 0 --out seq.png",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
+    p = options.command(subparsers, "inspect", "render one packed sequence back to images (PNG)", __doc__,
+                        "example:\n  navit-pack inspect out --sequence 0 --out seq.png")
+    options.add_dataset_dir(p)
     p.add_argument("--sequence", type=int, default=0, metavar="I",
                    help="index of the sequence in reading order (shard by shard; default 0), e.g. --sequence 12")
     p.add_argument("--out", default="seq.png", metavar="PNG", help="picture to write (default seq.png), e.g. --out seq.png")

@@ -121,6 +121,27 @@ def input_spec(args: argparse.Namespace) -> str:
     return f"{spec}&label={name}"
 
 
+INPUT_HELP = ("a folder or glob of images (local or gs://), tfds:NAME[/CONFIG]:SPLIT, tfrecord:GLOB, parquet:GLOB, "
+              "arrow:GLOB, wds:SHARDS (WebDataset tars, e.g. wds:shards-{000..099}.tar) or synthetic:N[:SEED], "
+              "e.g. --input synthetic:2000")
+
+
+def command(subparsers, name: str, summary: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand's parser: `summary` in `navit-pack --help`, the module docstring and examples kept as written."""
+    return subparsers.add_parser(name, help=summary, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_input(parser: argparse.ArgumentParser, required: bool = True, note: str = "") -> None:
+    """--input SRC, any source spec (pack, plan, serve)."""
+    parser.add_argument("--input", required=required, default=None, metavar="SRC", help=INPUT_HELP + note)
+
+
+def add_dataset_dir(parser: argparse.ArgumentParser) -> None:
+    """The DIR argument of the commands that read a packed output (inspect, stats, verify)."""
+    parser.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
+
+
 def add_pack_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that define a PackConfig, plus --labels, --label-field and --meta-fields."""
     g = parser.add_argument_group("packing options (same names and spec strings as packer.PackConfig)")

@@ -26,12 +26,9 @@ EXAMPLES = """examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("pack", help="pack images into fixed-length sequences, here or on Apache Beam",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, metavar="SRC",
-                   help="a folder or glob of images (local or gs://), tfds:NAME[/CONFIG]:SPLIT, tfrecord:GLOB, "
-                        "parquet:GLOB, arrow:GLOB, wds:SHARDS (WebDataset tars, e.g. wds:shards-{000..099}.tar) or "
-                        "synthetic:N[:SEED], e.g. --input synthetic:2000")
+    p = options.command(subparsers, "pack", "pack images into fixed-length sequences, here or on Apache Beam",
+                        __doc__, EXAMPLES)
+    options.add_input(p)
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://), e.g. --output out")
     p.add_argument("--format", default="tfrecord", metavar="FMT",
                    help="shard format: tfrecord (default), arrow, parquet or array_record (JAX/Grain random "

@@ -20,10 +20,9 @@ EXAMPLES = """examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="write the global packing plan of an input once, for data-parallel ranks",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, metavar="SRC",
-                   help="a folder or glob of images (local or gs://) or synthetic:N, e.g. --input synthetic:2000")
+    p = options.command(subparsers, "plan", "write the global packing plan of an input once, for data-parallel ranks",
+                        __doc__, EXAMPLES)
+    options.add_input(p)
     p.add_argument("--output", required=True, metavar="FILE", help="the plan file to write, e.g. --output plan.jsonl")
     p.add_argument("--epochs", default="1", metavar="N", help="epochs planned (default 1), e.g. --epochs 4")
     p.add_argument("--shuffle-block", default="1024", metavar="N",

@@ -50,10 +50,8 @@ EXAMPLES = """examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve packed sequences to trainers with tf.data service",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=None, metavar="SRC",
-                   help="any input spec `pack` accepts, e.g. --input synthetic:2000 (required unless --workers 0)")
+    p = options.command(subparsers, "serve", "serve packed sequences to trainers with tf.data service", __doc__, EXAMPLES)
+    options.add_input(p, required=False, note=" (required unless --workers 0)")
     p.add_argument("--workers", default="2", metavar="N",
                    help="tf.data service workers in this process (default 2); 0 starts a dispatcher alone")
     p.add_argument("--dispatcher", default=None, metavar="HOST:PORT",

@@ -13,11 +13,9 @@ from pipelines.cli import options
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("stats", help="summarize a packed output (efficiency, images per sequence, rejects)",
-                              description=__doc__,
-                              epilog="examples:\n  navit-pack stats out\n  navit-pack stats out --json > stats.json",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
+    p = options.command(subparsers, "stats", "summarize a packed output (efficiency, images per sequence, rejects)",
+                        __doc__, "examples:\n  navit-pack stats out\n  navit-pack stats out --json > stats.json")
+    options.add_dataset_dir(p)
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
     p.add_argument("--report", metavar="OUT", default=None,
                    help="also write an HTML page with PNG plots: OUT itself when it ends in .html (plots in OUT_files/), "

@@ -1,18 +1,18 @@
-"""`navit-pack verify DIR`: check every shard against the manifest and every record's integrity."""
+"""`navit-pack verify DIR`: check every shard of DIR against manifest.json (sha256, record counts) and every
+record's integrity. Exit 0 if all is well; otherwise exit 1 naming each bad shard (2: no usable manifest)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from pipelines.cli import options
 from pipelines.cli.options import fail
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("verify", help="check a packed output directory (sha256, counts, CRCs, records)",
-                              description="Check every shard of DIR against manifest.json (sha256, record counts) "
-                                          "and every record's integrity. Exit 0 if all is well; otherwise exit 1 "
-                                          "naming each bad shard (2: no usable manifest).")
-    p.add_argument("dir", help="output directory written by `navit-pack pack`")
+    p = options.command(subparsers, "verify", "check a packed output directory (sha256, counts, CRCs, records)",
+                        __doc__)
+    options.add_dataset_dir(p)
     p.add_argument("--quick", action="store_true", help="sha256 and manifest checks only; do not decode records")
     p.set_defaults(func=run)
 
