@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import _formats
+from . import _formats, _sink
 from ._formats import BATCH
 from ._owner import LOCK, OutputClaim, check_owner, take_lock
 from ._schema import META_PREFIX, SCHEMA_VERSION, Schema, SchemaError
@@ -232,23 +232,43 @@ def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: 
                 seq_len: int, token_dim: int, max_images_per_seq: int, meta_fields: Sequence[str] = (),
                 run_id: str | None = None) -> dict:
     """Write one shard atomically (temporary name, then rename; named for `run_id`, shard_name); returns
-    {file, num_sequences, sha256}, the sha256 taken as the bytes are written (re-read only for formats
-    whose writer needs a path: ArrayRecord). Every record is validated first (RecordError names the field).
+    {file, num_sequences, sha256}, the sha256 taken as the bytes are written (by a schemas._sink child that
+    also writes and fsyncs them, where the platform has /dev/fd). Every record is validated first (RecordError names the field).
     For TFRecord and ArrayRecord an item may also be a record already encoded (schemas.record_encoder's bytes)."""
     schema = Schema(seq_len, token_dim, max_images_per_seq, tuple(meta_fields))
     name = shard_name(index, num_shards, fmt, run_id)
     with _atomic(directory, name) as tmp:
-        if _formats.get(fmt).streams:
+        if _sink.AVAILABLE:
+            n, digest = _write_through_sink(tmp, fmt, records, schema)
+        elif _formats.get(fmt).streams:
             with open(tmp, "wb") as f:
-                sink = _HashingFile(f)
-                n = _write_records(sink, fmt, records, schema)
+                hashing = _HashingFile(f)
+                n = _write_records(hashing, fmt, records, schema)
                 f.flush()
                 os.fsync(f.fileno())
-            digest = sink.hash.hexdigest()
+            digest = hashing.hash.hexdigest()
         else:
             n = _write_records(tmp, fmt, records, schema)
             digest = sha256_file(tmp)
     return {"file": name, "num_sequences": n, "sha256": digest}
+
+
+def _write_through_sink(tmp: str, fmt: str, records: Iterable[Any], schema: Schema) -> tuple[int, str]:
+    """(records, sha256) of `tmp` written by a ShardSink child: this process only fills the pipe. A write
+    that fails in the child (a full disk) raises the child's OSError, not the broken pipe it left here."""
+    sink = _sink.ShardSink(tmp)
+    try:
+        try:
+            n = _write_records(sink.file() if _formats.get(fmt).streams else sink.path, fmt, records, schema)
+            digest, _ = sink.finish()
+        except OSError as e:
+            failure = sink.failure()  # a broken pipe here means the child failed: say why
+            if failure is None:
+                raise
+            raise failure from e
+        return n, digest
+    finally:
+        sink.close()
 
 
 def _remove_quietly(path: str) -> None:
