@@ -144,7 +144,7 @@ def deal(costs: Sequence[int], ranks: int, balance: bool = True) -> list[list[in
     return [sorted(o) for o in owned]
 
 
-def _listed(source, unit: str, max_pixels: int):
+def unit_headers(source, unit: str, max_pixels: int):
     """Source.headers of a unit; a source object with only units() and read() gives its records whole."""
     from pipelines.sources import Listed
 
@@ -247,6 +247,7 @@ class PackedStream:
         if plan is not None:
             self._check_plan(plan)
         self._driver: Optional[Driver] = None
+        self._headers: Optional[dict] = None  # write_plan's headers listed elsewhere (the Beam plan job)
         self._closed = False
         self._reset()
         if state is not None:
@@ -611,12 +612,13 @@ class PackedStream:
         self._decided([Decision(self._plan_line, tuple(items), tuple(payloads))])
         self._plan_line += 1
 
-    def write_plan(self, path: str) -> int:
+    def write_plan(self, path: str, headers: Optional[dict] = None) -> int:
         """Write this stream's global plan (every decision of its epochs, in order) to a plan file that
         ranks read with PackedStream(..., plan=path) instead of reading and planning every header: JSON
         lines, the options first, then one decision per line (each image's reference, provenance and
-        plan). Needs a source that reads one record by reference (folders, synthetic). Returns the number
-        of decisions; nothing is filled."""
+        plan). Needs a source that reads one record by reference (folders, synthetic). `headers`: {unit:
+        its Source.headers list}, read elsewhere (pipelines.batch.plan_job, in parallel), else read here.
+        Returns the number of decisions; nothing is filled."""
         if self.epochs is None:
             raise ValueError("a plan file holds a finite number of epochs: give epochs")
         if self.shard_count != 1 or self.plan is not None:
@@ -628,12 +630,13 @@ class PackedStream:
                 f.write(json.dumps(self._plan_header(), sort_keys=True) + "\n")
                 self._rows = 1
                 self._driver = _PlanWriter(f)
+                self._headers = headers
                 while not self._reader_done:
                     self._read_one()
                 count = self._driver.count
             os.replace(tmp, path)
         finally:
-            self._driver = None
+            self._driver, self._headers = None, None
             if os.path.exists(tmp):
                 os.remove(tmp)
         return count
@@ -669,7 +672,8 @@ class PackedStream:
         """(position in the epoch's unit order, offset in unit, Listed record) from a position on."""
         for p in range(position, len(order)):
             start = offset if p == position else 0
-            records = _listed(self.source, self._units[order[p]], self.config.max_pixels)
+            unit = self._units[order[p]]
+            records = self._headers[unit] if self._headers is not None else unit_headers(self.source, unit, self.config.max_pixels)
             for off, rec in enumerate(itertools.islice(records, start, None), start):
                 yield p, off, rec
 
@@ -685,7 +689,7 @@ class PackedStream:
             last = max(offsets)
             if not 0 <= unit < len(self._units):
                 break
-            records = _listed(self.source, self._units[unit], self.config.max_pixels)
+            records = unit_headers(self.source, self._units[unit], self.config.max_pixels)
             for off, rec in enumerate(itertools.islice(records, last + 1)):
                 for i in offsets.get(off, ()):
                     _, _, epoch, seen = provenances[i]

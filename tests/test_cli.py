@@ -59,12 +59,12 @@ def test_help_gives_an_example_for_every_option(capsys):
 
 
 def test_beam_args_after_double_dash():
-    from pipelines.cli.pack import _beam_args
+    from pipelines.cli.options import beam_args
     from pipelines.batch.beam import is_local
 
     args = cli.build_parser().parse_args(["pack", "--input", "a", "--output", "b", "--", "--runner", "DataflowRunner",
                                           "--project", "p"])
-    beam = _beam_args(args.beam_args)
+    beam = beam_args(args.beam_args)
     assert beam == ["--runner", "DataflowRunner", "--project", "p"] and not is_local(beam)
     assert is_local([]) and is_local(["--runner=DirectRunner"])
 

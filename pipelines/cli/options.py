@@ -142,6 +142,32 @@ def add_dataset_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="a folder written by `navit-pack pack`, e.g. out")
 
 
+def add_beam_args(parser: argparse.ArgumentParser, example: str) -> None:
+    """Everything after `--`: Beam pipeline options (pack, plan)."""
+    parser.add_argument("beam_args", nargs=argparse.REMAINDER, metavar="-- BEAM_PIPELINE_OPTIONS",
+                        help=f"options for Beam after `--`, e.g. {example}")
+
+
+def beam_args(raw: list[str]) -> list[str]:
+    """The Beam pipeline options given after `--` (a stray positional argument fails in one line)."""
+    if raw and raw[0] == "--":
+        raw = raw[1:]
+    if raw and not raw[0].startswith("--"):
+        fail(OptionError(raw[0], "unexpected argument; Beam pipeline options go after `--`"))
+    return raw
+
+
+def quiet_beam() -> None:
+    """Silence Beam's local chatter (apitools, semi_persistent_directory, unparseable args): errors only."""
+    import logging
+    import warnings
+
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("apache_beam", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="apache_beam")
+
+
 def add_pack_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that define a PackConfig, plus --labels, --label-field and --meta-fields."""
     g = parser.add_argument_group("packing options (same names and spec strings as packer.PackConfig)")

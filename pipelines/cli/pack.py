@@ -58,9 +58,8 @@ def register(subparsers) -> None:
                         "a run if none is recorded, e.g. --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on local runs")
     options.add_pack_options(p)
-    p.add_argument("beam_args", nargs=argparse.REMAINDER, metavar="-- BEAM_PIPELINE_OPTIONS",
-                   help="options for Beam after `--`, e.g. -- --runner DataflowRunner --project P --region R "
-                        "--temp_location gs://B/tmp --setup_file ./setup.py")
+    options.add_beam_args(p, "-- --runner DataflowRunner --project P --region R --temp_location gs://B/tmp "
+                             "--setup_file ./setup.py")
     p.set_defaults(func=run)
 
 
@@ -78,14 +77,6 @@ def job_from_args(args: argparse.Namespace):
         group_size=options.parse_int(args.group_size, "--group-size", 1),
         labels=args.labels, meta_fields=options.parse_meta_fields(args.meta_fields),
         max_reject_fraction=options.parse_float(args.max_reject_fraction, "--max-reject-fraction", 0.0, 1.0))
-
-
-def _beam_args(raw: list[str]) -> list[str]:
-    if raw and raw[0] == "--":
-        raw = raw[1:]
-    if raw and not raw[0].startswith("--"):
-        options.fail(options.OptionError(raw[0], "unexpected argument; Beam pipeline options go after `--`"))
-    return raw
 
 
 def summary_table(manifest: dict, output: str, seconds: float, timings: Optional[dict] = None,
@@ -161,17 +152,6 @@ class _Progress:
         self.phase = None
 
 
-def _quiet_beam() -> None:
-    """Silence Beam's local chatter (apitools, semi_persistent_directory, unparseable args): errors only."""
-    import logging
-    import warnings
-
-    logging.getLogger().setLevel(logging.ERROR)
-    for name in ("apache_beam", "absl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="apache_beam")
-
-
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporaries removed,
     workers stopped, the lock released)."""
@@ -206,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
                                          options.parse_int(args.workers, "--workers", 0))
     except options.OptionError as e:
         options.fail(e)
-    beam_args = _beam_args(args.beam_args)
-    _quiet_beam()
+    beam_args = options.beam_args(args.beam_args)
+    options.quiet_beam()
     import schemas
     from pipelines import sources
     from pipelines.batch import run_pack
