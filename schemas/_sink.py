@@ -113,7 +113,7 @@ class ShardSink:
         """None if the child wrote what it got; else its OSError (EIO if it died without saying). Closes the
         pipe and waits for the child."""
         said = self._outcome()
-        if said[0] == "ok":
+        if said[0] == "ok" and len(said) == 3:
             return None
         if said[0] == "error" and len(said) == 3 and said[1].isdigit() and int(said[1]):
             return OSError(int(said[1]), said[2], self.target)
@@ -122,9 +122,8 @@ class ShardSink:
     def close(self) -> None:
         """End the child unless it is done, and release the pipe."""
         if self._said is None:
-            self._close_pipe()
             if self._child.poll() is None:
-                self._child.kill()
+                self._child.kill()  # first: what is still buffered here is not sent
             self._outcome()
 
     def _outcome(self) -> list[str]:
@@ -140,7 +139,7 @@ class ShardSink:
             try:
                 self._file.close()
             except OSError:
-                pass  # the child has gone: error() says why
+                pass  # the child has gone: failure() says why
             self._file = None
         if self._w >= 0:
             os.close(self._w)
