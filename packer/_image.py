@@ -351,6 +351,8 @@ def image_size(data: bytes, max_pixels: int = 100_000_000) -> tuple[int, int]:
 _SOF_PLAIN = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Pillow's own pattern (Image.getexif)
+_NO_ORIENTATION = -1
 
 
 class JpegHeader:
@@ -363,8 +365,8 @@ class JpegHeader:
 
 
 def _exif_orientation(exif: bytes) -> "int | None":
-    """EXIF orientation (IFD0 tag 0x0112) as Pillow's getexif() gives it, 1 when absent; None when
-    the block is unusual (then Pillow decides)."""
+    """EXIF orientation (IFD0 tag 0x0112) as Pillow's getexif() gives it, its raw value (out-of-range values
+    included), _NO_ORIENTATION when absent; None when the block is unusual (then Pillow decides)."""
     tiff = exif[6:]
     if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
@@ -380,14 +382,25 @@ def _exif_orientation(exif: bytes) -> "int | None":
         if int.from_bytes(entry[:2], order) == _EXIF_ORIENTATION_TAG:
             if int.from_bytes(entry[2:4], order) != 3 or int.from_bytes(entry[4:8], order) != 1:
                 return None  # not one SHORT
-            value = int.from_bytes(entry[8:10], order)
-            return value if 1 <= value <= 8 else 1
-    return 1
+            return int.from_bytes(entry[8:10], order)
+    return _NO_ORIENTATION
+
+
+def _display_orientation(exif: "bytes | None", xmp: "bytes | None") -> "int | None":
+    """The orientation Pillow's getexif() reports (EXIF first; without an EXIF orientation, the first
+    tiff:Orientation of the last XMP block), 1 for none or an out-of-range value; None when Pillow decides."""
+    value = _NO_ORIENTATION if exif is None else _exif_orientation(exif)
+    if value is None:
+        return None
+    if value == _NO_ORIENTATION and xmp is not None:
+        match = _XMP_ORIENTATION.search(xmp)
+        value = int(match[2]) if match else 1
+    return value if 1 <= value <= 8 else 1
 
 
 def jpeg_header(data: bytes) -> "JpegHeader | None":
-    """(height, width) in display orientation and the EXIF orientation of a plain JPEG (one frame of
-    1, 3 or 4 components, baseline/extended/progressive, at most one EXIF block, no XMP), or None."""
+    """(height, width) in display orientation and the orientation of a plain JPEG (one frame of 1, 3 or 4
+    components, baseline/extended/progressive, at most one EXIF block; XMP read as Pillow reads it), or None."""
     return _walk_jpeg(data, len(data))
 
 
@@ -396,6 +409,7 @@ def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
     what lies beyond them (it is asked only for marker heads, the frame header and an EXIF block, never for
     the other segments' contents)."""
     have = len(data)
+    xmp = None
 
     def get(offset: int, count: int) -> bytes:
         return data[offset:offset + count] if offset + count <= have or more is None else more(offset, count)
@@ -440,12 +454,12 @@ def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
                 if exif is not None:
                     return None  # Pillow concatenates several blocks
                 exif = bytes(get(start, length - 2))
-            elif prefix.startswith(_XMP_PREFIX):
-                return None  # Pillow may read the orientation from XMP
+            elif length - 2 >= len(_XMP_PREFIX) and prefix.startswith(_XMP_PREFIX):  # the last block counts, as in Pillow
+                xmp = bytes(get(start + len(_XMP_PREFIX), length - 2 - len(_XMP_PREFIX)))
         i += 2 + length
     if size is None:
         return None
-    orientation = 1 if exif is None else _exif_orientation(exif)
+    orientation = _display_orientation(exif, xmp)
     if orientation is None:
         return None
     h, w = size
