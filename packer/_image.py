@@ -332,7 +332,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 def read_image_size(f, size: int, max_pixels: int = 100_000_000) -> tuple[tuple[int, int], "bytes | None"]:
     """((height, width) in display orientation, None or the whole bytes) of the image in seekable binary file
-    `f` of `size` bytes, reading as little of it as its format allows (read_header_file); ImageRejected as
+    (or file descriptor) `f` of `size` bytes, reading as little of it as its format allows (read_header_file); ImageRejected as
     read_header would raise on the whole bytes."""
     head, whole = read_header_file(f, size, max_pixels)
     return (head.height, head.width), whole
@@ -470,24 +470,34 @@ _FILE_CHUNK = 4096
 
 
 def read_header_file(f, size: int, max_pixels: int) -> "tuple[JpegHeader | OpenedImage, bytes | None]":
-    """read_header for the image in binary file `f` (seekable, `size` bytes), reading as little as it can:
-    a plain JPEG's marker heads, frame header and EXIF block (other segments are skipped, never read).
-    Any other image is read whole, and its bytes are returned too: (header, None or the whole bytes).
-    The answer is read_header's on the whole bytes."""
-    first = f.read(_FILE_CHUNK)
+    """read_header for the image in binary file `f` (seekable, `size` bytes; or an open file descriptor,
+    read with os.pread, the fewest system calls), reading as little as it can: a plain JPEG's marker heads,
+    frame header and EXIF/XMP blocks (other segments are skipped, never read). Any other image is read
+    whole, and its bytes are returned too: (header, None or the whole bytes). The answer is read_header's
+    on the whole bytes."""
+    if isinstance(f, int):
+        def more(offset: int, count: int) -> bytes:
+            return os.pread(f, count, offset)
 
-    def more(offset: int, count: int) -> bytes:
-        f.seek(offset)
-        return f.read(count)
+        def whole() -> bytes:
+            parts, offset = [], 0
+            while chunk := os.pread(f, max(size - offset, _FILE_CHUNK), offset):
+                parts.append(chunk)
+                offset += len(chunk)
+            return b"".join(parts)
+    else:
+        def more(offset: int, count: int) -> bytes:
+            f.seek(offset)
+            return f.read(count)
 
+        def whole() -> bytes:
+            f.seek(0)
+            return f.read()
+    first = more(0, _FILE_CHUNK)
     head = _walk_jpeg(first, size, more) if size else None
     if head is not None and head.height * head.width <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
         return head, None
-    if len(first) == size:
-        data = first
-    else:
-        f.seek(0)
-        data = f.read()
+    data = first if len(first) == size else whole()
     return read_header(data, max_pixels), data
 
 

@@ -33,6 +33,8 @@ class PatchedImage:
 
 def check_label(label: Any) -> int:
     """Labels are integers >= -1 (-1: none). NaN, fractions and other values are rejected."""
+    if type(label) is int and -1 <= label <= 2**31 - 1:  # the common case, checked first
+        return label
     if label is None:
         return -1
     try:

@@ -9,7 +9,8 @@ header: EXIF orientation, bomb check, no pixels) draws the grid and drop rate in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+import functools
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ._image import ImageRejected, OpenedImage, read_header
 from ._patch import grid_positions, patch_view, patchify
 from ._plan import plan_grid
 from ._process import PatchedImage, check_label
-from ._rng import image_rng
+from ._rng import ImageRngs, image_rng
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,39 +73,85 @@ class ImagePlan:
         return dataclasses.replace(self, refit=refit)
 
 
-def _drop_draw(config: PackConfig, key: str, epoch: int, images_seen: float, n: int) -> tuple[np.random.Generator, float, int]:
+RngFor = Callable[[str], np.random.Generator]  # an image's generator for a purpose ("resolution", "drop")
+
+
+def _draws_size(config: PackConfig) -> bool:
+    return isinstance(config.resolution, (Uniform, TruncNormal))
+
+
+def _draws_drop(config: PackConfig) -> bool:
+    return not isinstance(config.token_drop, (NoDrop, ConstDrop))
+
+
+def _drop_draw(config: PackConfig, key: str, epoch: int, images_seen: float, n: int,
+               rng: Optional[np.random.Generator] = None) -> tuple[np.random.Generator, float, int]:
     """The image's drop generator, its drawn drop rate and kept count for an n-patch grid. Plan and
     fill both call this, so the generator is in the same state when fill picks the kept tokens."""
-    rng = image_rng(config.seed, key, epoch, "drop")
+    rng = rng if rng is not None else image_rng(config.seed, key, epoch, "drop")
     rate = sample_drop_rate(config.token_drop, rng, n, config.max_tokens_per_image, images_seen)
     return rng, rate, kept_count(n, rate)
 
 
+class _FirstUniform:
+    """Image i's resolution generator where the policy draws one uniform (sample_resolution): that draw
+    computed directly (ImageRngs.first_uniform), bit for bit the generator's."""
+
+    __slots__ = ("_rngs", "_i")
+
+    def __init__(self, rngs: ImageRngs, i: int):
+        self._rngs, self._i = rngs, i
+
+    def uniform(self, low: float, high: float) -> float:
+        return self._rngs.first_uniform(self._i, low, high)
+
+
+class PlanRngs:
+    """The planning generators of many images of one epoch, seeded at once (packer.ImageRngs, for the
+    purposes the config draws): `plan_size(..., rngs=plan_rngs.of(i))` plans image i as it would alone."""
+
+    def __init__(self, config: PackConfig, keys: Sequence[str], epoch: int):
+        purposes = [p for p, draws in (("resolution", _draws_size(config)), ("drop", _draws_drop(config))) if draws]
+        keys = list(keys)
+        self._rngs = {p: ImageRngs(config.seed, keys, int(epoch), p) for p in purposes}
+        self._uniform = isinstance(config.resolution, Uniform)  # one uniform draw: no generator needed
+
+    def _get(self, i: int, purpose: str) -> np.random.Generator:
+        if purpose == "resolution" and self._uniform:
+            return _FirstUniform(self._rngs[purpose], i)  # type: ignore[return-value]
+        return self._rngs[purpose].get(i)
+
+    def of(self, i: int) -> RngFor:
+        return functools.partial(self._get, i)
+
+
 def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
-              label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
+              label: Any = -1, meta: Optional[Mapping[str, Any]] = None, rngs: Optional[RngFor] = None) -> ImagePlan:
     """The plan of a height x width image (its display size): the planner's one token-count rule, used by
-    every pipeline, the advisor and the efficiency sweep."""
+    every pipeline, the advisor and the efficiency sweep. `rngs`: the image's generators when seeded ahead
+    (PlanRngs.of), else each is built here."""
     label = check_label(label)
     # Generators only for the policies that draw (building one costs more than the rest of the plan).
-    random_size = isinstance(config.resolution, (Uniform, TruncNormal))
-    rng = image_rng(config.seed, key, epoch, "resolution") if random_size else None
-    grid_h, grid_w = plan_grid(height, width, config, rng)
+    if rngs is None:
+        rngs = functools.partial(image_rng, config.seed, key, epoch)
+    grid_h, grid_w = plan_grid(height, width, config, rngs("resolution") if _draws_size(config) else None)
     n = grid_h * grid_w
-    if isinstance(config.token_drop, (NoDrop, ConstDrop)):  # no draw: the rate is the policy's
+    if not _draws_drop(config):  # no draw: the rate is the policy's
         kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
     else:
-        _, _, kept = _drop_draw(config, key, epoch, images_seen, n)
+        _, _, kept = _drop_draw(config, key, epoch, images_seen, n, rngs("drop"))
     return ImagePlan(key=key, epoch=int(epoch), images_seen=images_seen, label=label, meta=dict(meta or {}),
                      orig_h=height, orig_w=width, grid_h=grid_h, grid_w=grid_w, num_tokens=kept, drop_rate=1.0 - kept / n)
 
 
 def plan_header(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
-                label: Any = -1, meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
+                label: Any = -1, meta: Optional[Mapping[str, Any]] = None, rngs: Optional[RngFor] = None) -> ImagePlan:
     """Encoded bytes -> ImagePlan from the header alone (no pixel decoding), or ImageRejected
     (empty, undecodable header, too_many_pixels, bad_label)."""
     label = check_label(label)
     head = read_header(data, config.max_pixels)
-    return plan_size(head.height, head.width, key, config, epoch=epoch, images_seen=images_seen, label=label, meta=meta)
+    return plan_size(head.height, head.width, key, config, epoch=epoch, images_seen=images_seen, label=label, meta=meta,
+                     rngs=rngs)
 
 
 def fill_opened(opened: OpenedImage, plan: ImagePlan, config: PackConfig) -> PatchedImage:

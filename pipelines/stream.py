@@ -555,7 +555,7 @@ class PackedStream:
             self._pos = (self._pos[0] + 1, 0, 0, 0)
             self._accepted_in_epoch = 0
             return
-        epoch, u, off, rec, position = item
+        epoch, u, off, rec, position, rngs = item
         self._pos = position
         seen = self._core.images_seen
         prov = [u, off, epoch, seen]
@@ -563,7 +563,7 @@ class PackedStream:
             self._core.reject(rec.key, rec.reject, rec.detail, prov)
             return
         try:
-            plan = rec.plan(self.config, epoch=epoch, images_seen=seen)
+            plan = rec.plan(self.config, epoch=epoch, images_seen=seen, rngs=rngs)
         except ImageRejected as e:
             self._core.reject(rec.key, e.reason, e.detail, prov)
             return
@@ -642,8 +642,9 @@ class PackedStream:
         return count
 
     def _records(self) -> Iterator:
-        """(epoch, unit index, offset, Listed record, position after it) from the current position on, in
-        stream order; _EPOCH_END after each epoch."""
+        """(epoch, unit index, offset, Listed record, position after it, its planning generators) from the
+        current position on, in stream order; _EPOCH_END after each epoch. A block's generators are seeded
+        together (packer.PlanRngs)."""
         epoch, unit_index, offset, skip = self._pos
         while self.epochs is None or epoch < self.epochs:
             order = _epoch_order(len(self._units), self._units, self.config.seed, epoch, self.shuffle)
@@ -657,9 +658,9 @@ class PackedStream:
                 any_read = True
                 if self.shuffle:
                     block.sort(key=lambda t: (packer.stable_hash(t[2].key, f"{self.config.seed}/{epoch}"), t[0], t[1]))
-                for i, (u, off, rec) in enumerate(block):
-                    if i >= skip:
-                        yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], i + 1)
+                rngs = packer.PlanRngs(self.config, [rec.key for _, _, rec in block[skip:]], epoch)
+                for i, (u, off, rec) in enumerate(block[skip:], skip):
+                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], i + 1), rngs.of(i - skip)
                 skip = 0
                 last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
                 block_start = (last_u, last_off + 1)

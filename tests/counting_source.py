@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 
-from pipelines.sources.files import FileSource
+from pipelines.sources.base import Source
+from pipelines.sources.files import FileSource, _identity
 
 LOG_ENV = "NAVIT_PACK_READ_LOG"
 
@@ -46,3 +47,8 @@ class CountingSource(FileSource):
     def open_ref(self, ref):
         f, length = super().open_ref(ref)
         return _Counted(f, ref), length
+
+    def _read_local_size(self, identity, ref, max_pixels):
+        """Header reads through open_ref too, so that they are counted (FileSource reads a descriptor)."""
+        identity.append(_identity(os.stat(self._path(ref))))
+        return Source.read_size(self, ref, max_pixels)

@@ -91,8 +91,9 @@ def test_every_draw_is_a_pure_function_of_seed_key_epoch(jpeg_bytes):
 
 
 def test_bad_labels_rejected():
-    for bad in [float("nan"), 1.5, -2, "cat", float("inf")]:
+    for bad in [float("nan"), 1.5, -2, 2**31, "cat", float("inf")]:
         with pytest.raises(packer.ImageRejected) as err:
             packer._process.check_label(bad)
         assert err.value.reason == "bad_label"
     assert packer._process.check_label(None) == -1 and packer._process.check_label(3.0) == 3 and packer._process.check_label(np.int64(7)) == 7
+    assert packer._process.check_label(2**31 - 1) == 2**31 - 1 and packer._process.check_label(-1) == -1

@@ -139,12 +139,14 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
     decisions, rejects = [], []
     core = packer.PackingCore(cfg, budget=budget, unique_keys=True, on_reject=lambda key, reason, detail, _: rejects.append(
         {"key": key, "reason": reason, "detail": detail, "epoch": epoch}))
-    for i, m in enumerate(ordered_members(members, cfg.seed, epoch, content)):
+    ordered = ordered_members(members, cfg.seed, epoch, content)
+    rngs = packer.PlanRngs(cfg, [m.key for m in ordered], epoch)
+    for i, m in enumerate(ordered):
         if m.reject:
             core.reject(m.key, m.reject, m.detail)
             continue
         try:
-            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images))
+            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images), rngs=rngs.of(i))
         except packer.ImageRejected as e:
             core.reject(m.key, e.reason, e.detail)
             continue

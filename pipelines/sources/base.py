@@ -10,7 +10,7 @@ import dataclasses
 import io
 import re
 import types
-from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 LABEL_MODES = ("auto", "none", "folder")
 FILENAME_LABELS = "filename:"  # labels="filename:REGEX": the first group of REGEX searched in each file name
@@ -69,19 +69,19 @@ class Listed:
     def payload(self) -> Any:
         return self.data if self.data is not None else self.ref
 
-    def plan(self, config, *, epoch: int, images_seen: float):
+    def plan(self, config, *, epoch: int, images_seen: float, rngs=None):
         """The image's packer.ImagePlan (ImageRejected as packer.plan_header would raise on its bytes: the
-        label is judged first, then the header)."""
+        label is judged first, then the header). `rngs`: its generators seeded ahead (packer.PlanRngs.of)."""
         import packer
 
         if self.size is None and self.header_reject is None:
             return packer.plan_header(self.data, self.key, config, epoch=epoch, images_seen=images_seen,
-                                      label=self.label, meta=self.meta)
+                                      label=self.label, meta=self.meta, rngs=rngs)
         packer.check_label(self.label)
         if self.header_reject is not None:
             raise packer.ImageRejected(*self.header_reject)
         return packer.plan_size(*self.size, self.key, config, epoch=epoch, images_seen=images_seen, label=self.label,
-                                meta=self.meta)
+                                meta=self.meta, rngs=rngs)
 
 
 class Source(abc.ABC):
@@ -122,33 +122,46 @@ class Source(abc.ABC):
         """The unit's records (scan's, in read's order) with each image's display size, read from as few of
         its bytes as the source allows (a plain JPEG's header through open_ref; else the bytes scan gave,
         or the whole file)."""
+        for r in self.scan(unit):
+            yield self._sized(r, max_pixels, self.read_size)
+
+    @staticmethod
+    def _sized(r: Listed, max_pixels: int, read_size: Callable[[Any, int], tuple]) -> Listed:
+        """Scanned record r with its display size: from its bytes, or read_size(ref, max_pixels); a header
+        that does not read as header_reject, a file gone or unreadable as the record's reject."""
         import packer
 
-        for r in self.scan(unit):
-            if r.reject is not None or r.size is not None:
-                yield dataclasses.replace(r, data=None) if r.ref is not None else r
-                continue
-            size = header_reject = data = None
-            reject, detail = None, ""
-            try:
-                if r.ref is None:
-                    data = r.data
-                    size, _ = packer.read_image_size(io.BytesIO(data), len(data), max_pixels)
-                else:
-                    f, length = self.open_ref(r.ref)
-                    with f:
-                        size, data = packer.read_image_size(f, length, max_pixels)
-            except packer.ImageRejected as e:
-                header_reject = (e.reason, e.detail)
-            except OSError as e:  # vanished or unreadable since the source listed it
-                reject, detail = ("missing" if isinstance(e, FileNotFoundError) else "unreadable"), f"{type(e).__name__}: {e}"
-            yield Listed(r.key, r.label, r.meta, reject, detail, r.unused, size, header_reject,
-                         None if reject else r.ref, None if reject else data)
+        if r.reject is not None or r.size is not None:
+            return dataclasses.replace(r, data=None) if r.ref is not None else r
+        size = header_reject = data = None
+        reject, detail = None, ""
+        try:
+            if r.ref is None:
+                data = r.data
+                size, _ = packer.read_image_size(io.BytesIO(data), len(data), max_pixels)
+            else:
+                size, data = read_size(r.ref, max_pixels)
+        except packer.ImageRejected as e:
+            header_reject = (e.reason, e.detail)
+        except OSError as e:  # vanished or unreadable since the source listed it
+            reject, detail = ("missing" if isinstance(e, FileNotFoundError) else "unreadable"), f"{type(e).__name__}: {e}"
+        return Listed(r.key, r.label, r.meta, reject, detail, r.unused, size, header_reject,
+                      None if reject else r.ref, None if reject else data)
 
     def open_ref(self, ref: Any) -> tuple[IO[bytes], int]:
         """(a seekable binary file of the encoded image a scanned record's `ref` names, its size in bytes);
         OSError when it cannot be read any more."""
         raise NotImplementedError(f"{type(self).__name__} gives no references to open")
+
+    def read_size(self, ref: Any, max_pixels: int) -> tuple[tuple[int, int], Optional[bytes]]:
+        """(display size, None or the whole bytes) of the image a scanned record's `ref` names, read from as
+        few of its bytes as its format allows (packer.read_image_size); OSError when it cannot be read any
+        more, packer.ImageRejected for its header."""
+        import packer
+
+        f, length = self.open_ref(ref)
+        with f:
+            return packer.read_image_size(f, length, max_pixels)
 
     def fetch(self, ref: Any) -> bytes:
         """The encoded image a scanned record's `ref` names (OSError when it cannot be read any more)."""

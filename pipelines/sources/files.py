@@ -18,6 +18,7 @@ import json
 import os
 import re
 import stat
+import struct
 import copy
 from typing import IO, Iterator, Optional, Sequence
 
@@ -257,14 +258,50 @@ def open_image_file(path: str, *, use_beam: bool) -> tuple[IO[bytes], int]:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         return f, size
+    fd, st = open_local(path)
+    return open(fd, "rb", buffering=0, closefd=True), st.st_size  # unbuffered: a header read takes what it asks for
+
+
+def open_local(path: str) -> tuple[int, os.stat_result]:
+    """(an open file descriptor, its fstat) of a local regular file: open_image_file's checks and errors."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    f = open(fd, "rb", buffering=0, closefd=True)  # unbuffered: a header read takes what it asks for
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        f.close()
+        os.close(fd)
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file", path) \
             if stat.S_ISDIR(st.st_mode) else OSError(errno.EINVAL, "not a regular file", path)
-    return f, st.st_size
+    return fd, st
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten, replaced or touched: inode, device, size, mtime, ctime."""
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _SizeMemo:
+    """A unit's plain-JPEG display sizes from its last full header pass, each with its file's identity at
+    the read (_identity), packed 48 bytes an image. A later pass stats the file and keeps the size when the
+    identity is unchanged (as git's index trusts a file's stat), else reads the header again."""
+
+    _ROW = struct.Struct("<5q2i")
+
+    def __init__(self, max_pixels: int, rows: list):
+        self.max_pixels = max_pixels
+        none = (-1, -1, -1, -1, -1, 0, 0)  # never an identity: inodes and sizes are >= 0
+        self._table = b"".join(self._ROW.pack(*(row or none)) for row in rows)
+
+    def get(self, i: int, path: str) -> "tuple | None":
+        """Image i's row (identity + (height, width)) when its file is as it was; None otherwise."""
+        if (i + 1) * self._ROW.size > len(self._table):
+            return None
+        row = self._ROW.unpack_from(self._table, i * self._ROW.size)
+        if row[0] < 0:
+            return None
+        try:
+            same = _identity(os.stat(path)) == row[:5]
+        except OSError:  # gone or unreadable: the header read records why
+            return None
+        return row if same else None
 
 
 def read_file(path: str, *, use_beam: bool) -> bytes:
@@ -428,6 +465,7 @@ class FileSource(Source):
         self._pattern = filename_label_pattern(spec, labels) if labels.startswith(FILENAME_LABELS) else None
         self._units = [json.dumps(keys[i:i + files_per_unit]) for i in range(0, len(keys), files_per_unit)]
         self._class_index = {name: i for i, name in enumerate(class_names or ())}
+        self._memo: dict[str, _SizeMemo] = {}  # unit -> its header pass's sizes (headers)
 
     @classmethod
     def from_spec(cls, spec: str, *, labels: str = "auto", meta_fields: Sequence[str] = (),
@@ -514,6 +552,50 @@ class FileSource(Source):
 
     def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
         return open_image_file(self._path(ref), use_beam=self.use_beam)
+
+    def read_size(self, ref: str, max_pixels: int) -> tuple[tuple[int, int], Optional[bytes]]:
+        if self.use_beam:
+            return super().read_size(ref, max_pixels)
+        return self._read_local_size([], ref, max_pixels)
+
+    def _read_local_size(self, identity: list, ref: str, max_pixels: int) -> tuple[tuple[int, int], Optional[bytes]]:
+        """read_size of a local file through its file descriptor (fewer system calls than a file object);
+        appends the file's _identity at the read to `identity`."""
+        import packer
+
+        fd, st = open_local(self._path(ref))
+        try:
+            identity.append(_identity(st))
+            return packer.read_image_size(fd, st.st_size, max_pixels)
+        finally:
+            os.close(fd)
+
+    def headers(self, unit: str, max_pixels: int) -> Iterator[Listed]:
+        """Source.headers; a local plain JPEG whose file is unchanged since this source's last pass over the
+        unit keeps the size read then (_SizeMemo: one stat instead of opening and reading it)."""
+        if self.use_beam:
+            yield from super().headers(unit, max_pixels)
+            return
+        memo = self._memo.get(unit)
+        memo = memo if memo is not None and memo.max_pixels == max_pixels else None
+        rows = []
+        for i, r in enumerate(self.scan(unit)):
+            row = memo.get(i, self._path(r.ref)) if memo is not None and r.ref is not None else None
+            if row is not None:
+                rows.append(row)
+                yield Listed(r.key, r.label, r.meta, r.reject, r.detail, r.unused, row[5:], None, r.ref)
+                continue
+            identity: list = []
+            listed = self._sized(r, max_pixels, functools.partial(self._read_local_size, identity))
+            plain = identity and listed.size is not None and listed.data is None and listed.reject is None
+            rows.append(identity[0] + tuple(listed.size) if plain else None)
+            yield listed
+        self._memo[unit] = _SizeMemo(max_pixels, rows)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_memo"] = {}  # copies (fill workers, Beam) start without this process's memo
+        return state
 
     def reader(self) -> "FileSource":
         light = copy.copy(self)
