@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import json
 
 import numpy as np
@@ -271,7 +272,7 @@ def xmp_variants() -> list[tuple[str, bytes]]:
             ("spaced", b'<a tiff:Orientation = "6"/>'), ("big", b"<x:xmpmeta>" + b" " * 9000 + b'<a tiff:Orientation="7"/>')]
 
 
-def test_fast_jpeg_header_agrees_with_pillow(monkeypatch):
+def test_fast_jpeg_header_agrees_with_pillow(monkeypatch, tmp_path):
     from packer import _image
     from packer._image import _orientation, jpeg_header
 
@@ -292,6 +293,14 @@ def test_fast_jpeg_header_agrees_with_pillow(monkeypatch):
             pytest.fail(f"{key}: XMP is read by the fast path")
         from_file, _ = _image.read_header_file(io.BytesIO(data), len(data), 10**9)
         assert (from_file.height, from_file.width, from_file.orientation) == (height, width, orientation), key
+        (tmp_path / "x.jpg").write_bytes(data)
+        fd = os.open(tmp_path / "x.jpg", os.O_RDONLY)
+        try:  # a file descriptor, read with pread
+            from_fd, whole = _image.read_header_file(fd, len(data), 10**9)
+        finally:
+            os.close(fd)
+        assert (from_fd.height, from_fd.width, from_fd.orientation) == (height, width, orientation), key
+        assert whole is None if head is not None else whole == data
         plan = packer.plan_header(data, key, config)
         assert (plan.orig_h, plan.orig_w) == (height, width), key
         assert packer.fill_image(data, plan, config).num_tokens == plan.num_tokens

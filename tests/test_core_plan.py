@@ -167,3 +167,32 @@ def test_area_mode_rescales_area_not_side():
     rng = np.random.default_rng(0)
     assert abs(packer._plan.sample_resolution(side, rng) - 224) < 0.01
     assert abs(packer._plan.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01
+
+
+def test_image_rngs_are_image_rng_bit_for_bit():
+    """ImageRngs seeds many keys at once (numpy's SeedSequence and PCG64 seeding, vectorized): the same
+    generators as image_rng, whatever the key (empty, non-ASCII, surrogates, long), and first_uniform is
+    the first uniform draw."""
+    keys = [f"n{i:08d}/img_{i}.JPEG" for i in range(300)] + ["", "é/ü\udcff", "x" * 500, "a\x00b"]
+    for seed, epoch, purpose in ((0, 0, "resolution"), (2**40 + 3, 7, "drop"), (-5, 123, "fill")):
+        rngs = packer.ImageRngs(seed, keys, epoch, purpose)
+        assert len(rngs) == len(keys)
+        for i, key in enumerate(keys):
+            def alone():
+                return packer.image_rng(seed, key, epoch, purpose)
+            assert rngs.first_uniform(i, 64.0, 256.0) == alone().uniform(64.0, 256.0), key
+            assert np.array_equal(rngs.get(i).random(4), alone().random(4)), key
+            assert rngs.get(i).beta(0.7, 1.3) == alone().beta(0.7, 1.3), key
+    assert len(packer.ImageRngs(0, [], 0, "drop")) == 0
+
+
+@pytest.mark.parametrize("resolution", ["uniform:64:256", "tnormal:64:384:-0.5:1:side", "fixed:128", "native", "budget:64"])
+@pytest.mark.parametrize("drop", ["none", "const:0.25", "beta:0.25:0.5", "resdep:0.1:0.6", "beta:0.5:0.8@sigmoid:0.1:0.6:200:50"])
+def test_plans_seeded_ahead_equal_plans_alone(resolution, drop):
+    config = PackConfig(seq_len=256, resolution=resolution, token_drop=drop, seed=11)
+    keys = [f"k{i}" for i in range(40)]
+    rngs = packer.PlanRngs(config, keys, 3)
+    for i, key in enumerate(keys):
+        h, w = 50 + 7 * i, 300 - 5 * i
+        ahead = packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i, rngs=rngs.of(i))
+        assert ahead == packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i), (key, ahead)
