@@ -6,9 +6,10 @@
    step's spread is max over ranks / mean over ranks. Dealt by cost (balance=True, the default) against
    round robin (balance=False).
 2. Planning against filling, per rank. Rank 0 of N runs with one fill worker process: its main process
-   reads and plans every header of the epoch (on the fly) or reads a plan file (`navit-pack plan`), and
-   decides; the worker fills rank 0's share only. The ratio main CPU / worker CPU is what planning costs
-   a rank for the work it does.
+   reads and plans every header of the run (on the fly) or reads a plan file (`navit-pack plan`), and
+   decides; the worker fills rank 0's share only. Planning CPU (the stream's reads: headers or plan lines,
+   plans, decisions, the deal; less handing its own sequences to the pool) / worker CPU is what planning
+   costs a rank for the work it does; main CPU / worker CPU adds the hand-out and the batches.
 
   python -m benchmarks.ranks [--data DIR] [--epochs 8] [--ranks 4,8] [--batch 4] [--json out.json]
 """
@@ -53,19 +54,39 @@ def _children_cpu() -> float:
 
 
 def rank_cpu(data: str, ranks: int, epochs: int, plan: str | None) -> dict:
-    """Rank 0 of `ranks` with one fill worker: its main-process CPU and its worker's CPU per image it packs.
-    The worker is started (and has imported what it needs) before the count starts."""
+    """Rank 0 of `ranks` with one fill worker: per image it packs, its main-process CPU, the part of it spent
+    planning (reading headers or the plan file, planning, deciding and dealing: the stream's reads, less
+    handing its own sequences to the pool) and its worker's CPU. The worker is started (and has imported
+    what it needs) before the count starts."""
     packer._worker.stop_idle_workers()
     with PackedStream("synthetic:8", CONFIG, epochs=1, num_parallel=1) as warm:  # leaves an idle worker to reuse
         list(warm)
-    cpu0, workers0 = time.process_time(), _children_cpu()
-    with PackedStream(data, CONFIG, epochs=epochs, shard_index=0, shard_count=ranks, num_parallel=1, plan=plan) as stream:
-        for _ in stream.batches(4):
-            pass
-        packed = stream.stats["images_packed"]
-    main, worker = time.process_time() - cpu0, _children_cpu() - workers0
-    return {"images_packed": packed, "main_us_per_image": 1e6 * main / packed, "worker_us_per_image": 1e6 * worker / packed,
-            "main_over_worker": main / worker}
+    spent = {"reads": 0.0, "handout": 0.0}
+
+    def timed(fn, into):
+        def run(*args):
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                spent[into] += time.thread_time() - t
+        return run
+
+    put = packer.Driver.put
+    packer.Driver.put = timed(put, "handout")
+    try:
+        cpu0, workers0 = time.process_time(), _children_cpu()
+        with PackedStream(data, CONFIG, epochs=epochs, shard_index=0, shard_count=ranks, num_parallel=1, plan=plan) as stream:
+            stream._read_one = timed(stream._read_one, "reads")
+            for _ in stream.batches(4):
+                pass
+            packed = stream.stats["images_packed"]
+        main, worker = time.process_time() - cpu0, _children_cpu() - workers0
+    finally:
+        packer.Driver.put = put
+    planning = spent["reads"] - spent["handout"]
+    return {"images_packed": packed, "main_us_per_image": 1e6 * main / packed, "planning_us_per_image": 1e6 * planning / packed,
+            "worker_us_per_image": 1e6 * worker / packed, "main_over_worker": main / worker, "planning_over_worker": planning / worker}
 
 
 def main() -> None:
@@ -94,13 +115,14 @@ def main() -> None:
         plan = os.path.join(tmp, "epoch.plan")
         with PackedStream(args.data, CONFIG, epochs=args.epochs, num_parallel=0) as planner:
             planner.write_plan(plan)
-        print(f"{'ranks':>5} {'plan from':>10} {'main us/img':>11} {'fill us/img':>11} {'main/fill':>13}")
+        print(f"{'ranks':>5} {'plan from':>10} {'main us/img':>11} {'planning us/img':>15} {'fill us/img':>11} "
+              f"{'main/fill':>9} {'planning/fill':>13}")
         for n in (int(r) for r in args.ranks.split(",")):
             for mode, path in (("headers", None), ("plan file", plan)):
                 row = {"ranks": n, "plan_from": mode, **rank_cpu(args.data, n, args.epochs, path)}
                 result["planning"].append(row)
-                print(f"{n:>5} {mode:>10} {row['main_us_per_image']:>11.0f} {row['worker_us_per_image']:>11.0f} "
-                      f"{row['main_over_worker']:>12.1%}")
+                print(f"{n:>5} {mode:>10} {row['main_us_per_image']:>11.0f} {row['planning_us_per_image']:>15.0f} "
+                      f"{row['worker_us_per_image']:>11.0f} {row['main_over_worker']:>9.1%} {row['planning_over_worker']:>13.1%}")
     write_json(args.json, result)
 
 

@@ -175,7 +175,7 @@ def test_image_rngs_are_image_rng_bit_for_bit():
     the first uniform draw."""
     keys = [f"n{i:08d}/img_{i}.JPEG" for i in range(300)] + ["", "é/ü\udcff", "x" * 500, "a\x00b"]
     for seed, epoch, purpose in ((0, 0, "resolution"), (2**40 + 3, 7, "drop"), (-5, 123, "fill")):
-        rngs = packer.ImageRngs(seed, keys, epoch, purpose)
+        rngs = packer._rng.ImageRngs(seed, keys, epoch, purpose)
         assert len(rngs) == len(keys)
         for i, key in enumerate(keys):
             def alone():
@@ -183,7 +183,7 @@ def test_image_rngs_are_image_rng_bit_for_bit():
             assert rngs.first_uniform(i, 64.0, 256.0) == alone().uniform(64.0, 256.0), key
             assert np.array_equal(rngs.get(i).random(4), alone().random(4)), key
             assert rngs.get(i).beta(0.7, 1.3) == alone().beta(0.7, 1.3), key
-    assert len(packer.ImageRngs(0, [], 0, "drop")) == 0
+    assert len(packer._rng.ImageRngs(0, [], 0, "drop")) == 0
 
 
 @pytest.mark.parametrize("resolution", ["uniform:64:256", "tnormal:64:384:-0.5:1:side", "fixed:128", "native", "budget:64"])
