@@ -332,8 +332,8 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 def read_image_size(f, size: int, max_pixels: int = 100_000_000) -> tuple[tuple[int, int], "bytes | None"]:
     """((height, width) in display orientation, None or the whole bytes) of the image in seekable binary file
-    (or file descriptor) `f` of `size` bytes, reading as little of it as its format allows (read_header_file); ImageRejected as
-    read_header would raise on the whole bytes."""
+    (or file descriptor) `f` of `size` bytes, reading as little of it as its format allows (read_header_file);
+    ImageRejected as read_header would raise on the whole bytes."""
     head, whole = read_header_file(f, size, max_pixels)
     return (head.height, head.width), whole
 
@@ -406,7 +406,7 @@ def jpeg_header(data: bytes) -> "JpegHeader | None":
 
 def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
     """jpeg_header of an n-byte image whose first len(data) bytes are `data`; `more(offset, count)` reads
-    what lies beyond them (it is asked only for marker heads, the frame header and an EXIF block, never for
+    what lies beyond them (it is asked only for marker heads, the frame header and EXIF/XMP blocks, never for
     the other segments' contents)."""
     have = len(data)
     xmp = None

@@ -107,7 +107,7 @@ class _FirstUniform:
 
 
 class PlanRngs:
-    """The planning generators of many images of one epoch, seeded at once (packer.ImageRngs, for the
+    """The planning generators of many images of one epoch, seeded at once (ImageRngs, for the
     purposes the config draws): `plan_size(..., rngs=plan_rngs.of(i))` plans image i as it would alone."""
 
     def __init__(self, config: PackConfig, keys: Sequence[str], epoch: int):

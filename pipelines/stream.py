@@ -658,9 +658,10 @@ class PackedStream:
                 any_read = True
                 if self.shuffle:
                     block.sort(key=lambda t: (packer.stable_hash(t[2].key, f"{self.config.seed}/{epoch}"), t[0], t[1]))
-                rngs = packer.PlanRngs(self.config, [rec.key for _, _, rec in block[skip:]], epoch)
-                for i, (u, off, rec) in enumerate(block[skip:], skip):
-                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], i + 1), rngs.of(i - skip)
+                rest = block[skip:]
+                rngs = packer.PlanRngs(self.config, [rec.key for _, _, rec in rest], epoch)
+                for i, (u, off, rec) in enumerate(rest):
+                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), rngs.of(i)
                 skip = 0
                 last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
                 block_start = (last_u, last_off + 1)

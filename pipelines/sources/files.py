@@ -587,7 +587,7 @@ class FileSource(Source):
                 continue
             identity: list = []
             listed = self._sized(r, max_pixels, functools.partial(self._read_local_size, identity))
-            plain = identity and listed.size is not None and listed.data is None and listed.reject is None
+            plain = bool(identity) and listed.size is not None and listed.data is None and listed.reject is None
             rows.append(identity[0] + tuple(listed.size) if plain else None)
             yield listed
         self._memo[unit] = _SizeMemo(max_pixels, rows)
