@@ -194,11 +194,20 @@ class _HashingFile:
 
 
 def _atomic_path(directory: str, name: str) -> str:
-    """Create an empty `.{name}.<random>.tmp` with the mode the umask gives a normally created file
-    (mkstemp's 0600 would make the dataset unreadable to other accounts); returns its path."""
-    path = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    """Create an empty `.{name}.<random>.tmp` (_create_empty); returns its path."""
+    path = _temporary_name(directory, name)
+    _create_empty(path)
     return path
+
+
+def _temporary_name(directory: str, name: str) -> str:
+    return os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _create_empty(path: str) -> None:
+    """An empty file with the mode the umask gives a normally created file (mkstemp's 0600 would make the
+    dataset unreadable to other accounts)."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
 
 
 def _write_failed(directory: str, e: OSError) -> OutputWriteError:
@@ -292,11 +301,9 @@ def _write_text_atomic(directory: str, name: str, text: str, owner: str | None =
 def _atomic(directory: str, name: str, owner: str | None = None) -> Iterator[str]:
     """A temporary path to write `name` at: renamed to `name` when the block ends (after checking that
     `owner`, if given, still owns the folder), removed when it fails; OSErrors become OutputWriteError."""
-    try:
-        tmp = _atomic_path(directory, name)
-    except OSError as e:
-        raise _write_failed(directory, e) from e
-    try:
+    tmp = _temporary_name(directory, name)
+    try:  # created inside the try: an interrupt right after the creation still removes it
+        _create_empty(tmp)
         yield tmp
         if owner is not None:
             check_owner(directory, owner)
