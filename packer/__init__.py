@@ -18,7 +18,7 @@ from ._config import DROP_HELP, PACKERS, RESOLUTION_HELP, ConfigError, PackConfi
 from ._core import Decision, PackingCore, RejectBudget, RejectBudgetExceeded
 from ._driver import Driver, pack_images, pack_patched
 from ._image import ImageRejected, image_size, library_versions, read_image_size
-from ._pool import WorkerError, fill_pool, resolve_workers
+from ._pool import SharedBytes, WorkerError, fill_pool, resolve_workers
 from ._process import PatchedImage, check_label
 from ._record import META_PREFIX, RECORD_FIELDS, build_record, record_fields, unpack
 from ._rng import image_rng, stable_hash, unit_fraction
@@ -35,7 +35,7 @@ __all__ = [
     "RECORD_FIELDS", "record_fields", "META_PREFIX", "build_record", "unpack",
     # decide, fill, assemble: the core every pipeline drives
     "PackingCore", "Decision", "RejectBudget", "RejectBudgetExceeded", "ALGORITHMS", "pack_lengths",
-    "Driver", "fill_pool", "WorkerError", "resolve_workers", "pack_images", "pack_patched",
+    "Driver", "SharedBytes", "fill_pool", "WorkerError", "resolve_workers", "pack_images", "pack_patched",
     # deterministic randomness: a pure function of (seed, key, epoch)
     "image_rng", "PlanRngs", "stable_hash", "unit_fraction",
 ]

@@ -18,7 +18,9 @@ buffer), with assembly in the workers as the plan/fill design anchors recommend.
   worker holds at most `prefetch` tasks of up to `task_size` decisions (an idle worker gets what
   has been submitted at once).
 - Slots: `rows_per_slot` decisions share one output slot (a batch); `get()` returns a slot once all
-  its rows are filled (or it was sealed short), as numpy views valid until `release()`.
+  its rows are filled (or it was sealed short), as numpy views valid until `release()`. A caller may
+  get() several slots before releasing them (oldest first): a writer process still reading a slot's
+  encoded rows holds it (SharedBytes).
 - Crashes: before each image a worker writes (task, image) into a shared heartbeat. When a worker
   dies (a decoder segfault, an OOM kill) it is replaced, the image it held is rejected
   `worker_crashed` (its slot becomes padding, see packer._assemble) and its tasks are re-issued:
@@ -39,7 +41,7 @@ import select
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -79,7 +81,33 @@ class SlotResult:
     decisions: list[Decision]
     arrays: dict[str, np.ndarray]
     rejects: list[list[FillReject]]
-    encoded: Optional[list[Optional[memoryview]]] = None  # per row, its on-disk bytes where a worker encoded it
+    encoded: Optional[list[Optional[SharedBytes]]] = None  # per row, its on-disk bytes where a worker encoded it
+
+
+class SharedBytes:
+    """A row's encoded record in the pool's shared memory: `view` (its bytes, valid until its slot is
+    released) and where another process finds them: offset `offset` of the file `fd` (open until the pool
+    closes). A consumer that hands the location to another process instead of reading the bytes sets
+    `until_read`, which waits until that process has read them; the slot's holder calls `wait_read()`
+    before releasing the slot."""
+
+    __slots__ = ("view", "fd", "offset", "until_read")
+
+    def __init__(self, view: memoryview, fd: int, offset: int):
+        self.view, self.fd, self.offset = view, fd, offset
+        self.until_read: Optional[Callable[[], None]] = None
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.view)
+
+    def wait_read(self) -> None:
+        """Return once whoever took the location has read the bytes (at once if nobody did)."""
+        if self.until_read is not None:
+            self.until_read()
+            self.until_read = None
 
 
 @dataclasses.dataclass
@@ -117,6 +145,7 @@ class _Slots:
         self._jobs: dict[int, _Job] = {}  # submitted, not yet released
         self._next_job = 0
         self._slot_head = 0  # oldest slot not yet released
+        self._slot_got = 0  # the next slot get() returns (slots from _slot_head up to it are held by the caller)
         self._next_slot = 0  # the next slot to open
         self._open: Optional[int] = None  # the slot taking rows, if any
         self._slot_rows: dict[int, list[int]] = {}  # slot -> its job ids, in row order
@@ -185,7 +214,7 @@ class _Slots:
         return self._head_complete()
 
     def _head_complete(self) -> bool:
-        head = self._slot_head
+        head = self._slot_got
         if head == self._next_slot or head == self._open:
             return False
         return self._slot_waiting[head] == 0
@@ -194,26 +223,30 @@ class _Slots:
         raise WorkerError("the slot being filled is not full: seal() it first")
 
     def get(self, timeout: Optional[float] = None) -> SlotResult:
-        """The oldest slot once complete (blocking); call release() when done with its arrays."""
+        """The next slot once complete (blocking), in submission order; release() each slot got, oldest
+        first, when done with its arrays."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._slot_head == self._next_slot:
+        if self._slot_got == self._next_slot:
             raise WorkerError("nothing submitted to get")
         while not self._head_complete():
-            if self._slot_head == self._open:
+            if self._slot_got == self._open:
                 raise WorkerError("the slot being filled is not full: seal() it first")
             self._await_head(deadline)
-        head = self._slot_head
+        head = self._slot_got
+        self._slot_got += 1
         jobs = [self._jobs[j] for j in self._slot_rows[head]]
         arrays = slot_views(self._out_buffer(), (head % self.num_slots) * self._slot_bytes, self._layout)
         return SlotResult(head % self.num_slots, [job.decision for job in jobs], arrays,
                           [fill_rejects(job.decision, job.failed) for job in jobs], self._encoded_views(head, jobs))
 
-    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[memoryview]]]:
+    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[SharedBytes]]]:
         return None
 
     def release(self) -> None:
-        """Free the oldest slot (after get()); its arrays must not be used afterwards."""
+        """Free the oldest slot got and not yet released; its arrays must not be used afterwards."""
         head = self._slot_head
+        if head == self._slot_got:
+            raise WorkerError("release() without a slot got")
         del self._slot_waiting[head]
         for j in self._slot_rows.pop(head):
             self._jobs.pop(j)
@@ -362,12 +395,15 @@ class FillPool(_Slots):
     def _out_buffer(self):
         return self._out
 
-    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[memoryview]]]:
+    def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[SharedBytes]]]:
         if self.encoder is None:
             return None
         view, base = memoryview(self._enc), (head % self.num_slots) * self.rows * self._enc_row
-        return [view[base + job.row * self._enc_row:base + job.row * self._enc_row + job.encoded] if job.encoded >= 0
-                else None for job in jobs]
+        out = []
+        for job in jobs:
+            at = base + job.row * self._enc_row
+            out.append(SharedBytes(view[at:at + job.encoded], self._enc_fd, at) if job.encoded >= 0 else None)
+        return out
 
     # ---------------------------------------------------------------- workers
     def _attach(self, w: int, proc, conn: Connection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+import packer
 
 from . import _formats, _sink
 from ._formats import BATCH
@@ -229,12 +232,20 @@ def _batches(records: Iterable[Mapping[str, np.ndarray]], schema: Schema) -> Ite
 
 def _write_records(target: Any, fmt: str, records: Iterable[Any], schema: Schema) -> int:
     """Records (dicts), or for formats stored record by record also their encoded bytes (RecordEncoder's
-    output, e.g. from fill workers), written in order to `target` (a path, or a file for formats that stream)."""
+    output, e.g. from fill workers; a packer.SharedBytes goes as it is to a FramedFile, which sends it by
+    location), written in order to `target` (a path, or a file for formats that stream)."""
     form = _formats.get(fmt)
     if form.write_encoded is None:
         return form.write(target, _batches(records, schema), schema)
     encode = _formats.RecordEncoder(fmt, schema)
-    return form.write_encoded(target, (r if isinstance(r, (bytes, memoryview)) else encode(r) for r in records))
+    by_location = isinstance(target, _sink.FramedFile)
+
+    def data(r: Any) -> Any:
+        if isinstance(r, packer.SharedBytes):
+            return r if by_location else r.view
+        return r if isinstance(r, (bytes, memoryview)) else encode(r)
+
+    return form.write_encoded(target, map(data, records))
 
 
 def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: Iterable[Mapping[str, np.ndarray]], *,
@@ -263,12 +274,19 @@ def write_shard(directory: str, index: int, num_shards: int, fmt: str, records: 
 
 
 def _write_through_sink(tmp: str, fmt: str, records: Iterable[Any], schema: Schema) -> tuple[int, str]:
-    """(records, sha256) of `tmp` written by a ShardSink child: this process only fills the pipe. A write
-    that fails in the child (a full disk) raises the child's OSError, not the broken pipe it left here."""
-    sink = _sink.ShardSink(tmp)
+    """(records, sha256) of `tmp` written by a ShardSink child: this process only fills the pipe, and records
+    in a fill pool's shared memory (packer.SharedBytes) go by location where the format writes them as they
+    are. A write that fails in the child (a full disk) raises the child's OSError, not the broken pipe it left here."""
+    form = _formats.get(fmt)
+    records = iter(records)
+    first = next(records, None)
+    shared = first.fd if isinstance(first, packer.SharedBytes) and form.streams and form.write_encoded else None
+    if first is not None:
+        records = itertools.chain([first], records)
+    sink = _sink.ShardSink(tmp, shared)
     try:
         try:
-            n = _write_records(sink.file() if _formats.get(fmt).streams else sink.path, fmt, records, schema)
+            n = _write_records(sink.file() if form.streams else sink.path, fmt, records, schema)
             digest, _ = sink.finish()
         except OSError as e:
             failure = sink.failure()  # a broken pipe here means the child failed: say why

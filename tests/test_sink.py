@@ -83,8 +83,8 @@ def test_a_write_that_fails_in_the_child_fails_write_dataset_with_the_childs_err
     """write_shard raises the child's OSError (as OutputWriteError naming its cause), not the broken pipe."""
     real = _sink.ShardSink
 
-    def elsewhere(target):  # the child writes to a folder that is not there
-        return real(os.path.join(os.path.dirname(target), "missing", os.path.basename(target)))
+    def elsewhere(target, shared_fd=None):  # the child writes to a folder that is not there
+        return real(os.path.join(os.path.dirname(target), "missing", os.path.basename(target)), shared_fd)
 
     monkeypatch.setattr(_sink, "ShardSink", elsewhere)
     config, records = small_records(20, seed=1)
@@ -99,8 +99,8 @@ def test_an_interrupted_write_leaves_no_child_and_no_temporary(tmp_path, monkeyp
     sinks = []
     real = _sink.ShardSink
 
-    def tracked(target):
-        sinks.append(real(target))
+    def tracked(target, shared_fd=None):
+        sinks.append(real(target, shared_fd))
         return sinks[-1]
 
     monkeypatch.setattr(_sink, "ShardSink", tracked)
@@ -115,3 +115,52 @@ def test_an_interrupted_write_leaves_no_child_and_no_temporary(tmp_path, monkeyp
                             meta_fields=("id",))
     assert len(sinks) == 1 and sinks[0]._child.returncode is not None  # ended and reaped
     assert os.listdir(tmp_path) == []
+
+
+def _pack(src: str, out, workers: int) -> dict[str, bytes]:
+    """Shards of `src` packed one image a sequence (more sequences than the pool has slots)."""
+    import packer
+    from pipelines import batch as bp
+
+    cfg = packer.PackConfig(seq_len=64, resolution="uniform:96:128")
+    job = bp.PackJob(input=src, output=str(out), config=cfg, fmt="tfrecord", num_shards=2, group_size=200,
+                     run_id="t0")
+    bp.run_pack(job, workers=workers)
+    return {n: (out / n).read_bytes() for n in sorted(os.listdir(out)) if n.startswith("packed-")}
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> str:
+    from conftest import image_folder
+
+    root = tmp_path_factory.mktemp("jpegs")
+    image_folder(root, 120, classes=["a", "b"], seed=11, sizes=(40, 160))
+    return str(root)
+
+
+def test_rows_encoded_by_workers_go_to_the_child_by_location(jpegs, tmp_path, monkeypatch):
+    """`pack --workers 2` sends every worker-encoded TFRecord row by its place in shared memory (not
+    through the pipe), and the shards are those of packing in one process."""
+    sinks = []
+    real = _sink.ShardSink
+
+    def tracked(target, shared_fd=None):
+        sinks.append(real(target, shared_fd))
+        return sinks[-1]
+
+    monkeypatch.setattr(_sink, "ShardSink", tracked)
+    by_location = _pack(jpegs, tmp_path / "workers", 2)
+    assert sinks and all(s.shared_fd is not None for s in sinks)
+    sequences = sum(s._sent for s in sinks)
+    inline = _pack(jpegs, tmp_path / "inline", 0)
+    assert sequences == sum(b.count(b"segment_ids") for b in inline.values()) > 100
+    assert by_location == inline
+
+
+def test_a_slow_child_holds_the_slots_it_has_not_read(jpegs, tmp_path, monkeypatch):
+    """The child reads each row a while after it was sent; the pool must not reuse that row's slot before
+    (the fill workers would overwrite it): the bytes stay those of packing in one process."""
+    slow = _sink._CHILD.replace("h.update(b)", "__import__('time').sleep(0.02); h.update(b)")
+    assert slow != _sink._CHILD
+    monkeypatch.setattr(_sink, "_CHILD", slow)
+    assert _pack(jpegs, tmp_path / "slow", 2) == _pack(jpegs, tmp_path / "inline", 0)

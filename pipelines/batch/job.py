@@ -19,6 +19,7 @@ Counting: every (image, epoch) pair is one instance; num_images_in = N * epochs 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -155,17 +156,39 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
     return GroupPlan(epoch, group, len(members), decisions, rejects)
 
 
+_HELD_SLOTS = 8  # filled slots kept from the pool while the shard writer process reads their encoded rows
+
+
 def filled_records(driver: packer.Driver, decisions: Iterable[packer.Decision]
                    ) -> Iterator[tuple[packer.Decision, Any, list]]:
     """(decision, record, failed fills) for each decision, filled by `driver`'s pool, in decision order. The
-    record is its encoded bytes where the pool's workers encoded it (valid until the next item: the slot
-    is released once its rows are consumed), else a record dict."""
+    record is its encoded bytes where the pool's workers encoded it (a packer.SharedBytes, valid until the
+    next few items: the writer may hand its location to a writer process, so a slot is released once that
+    process has read it, up to _HELD_SLOTS slots later), else a record dict."""
     driver.put(decisions)
-    for slot in driver.drain():
-        with slot:
+    most = min(_HELD_SLOTS, driver.pool.num_slots // 2)  # the workers keep the other half to fill
+    held: collections.deque = collections.deque()
+    try:
+        for slot in driver.drain():
             encoded = slot.encoded or [None] * len(slot)
             records = slot.records() if None in encoded else encoded
+            held.append((slot, encoded))
             yield from zip(slot.decisions, (e if e is not None else r for e, r in zip(encoded, records)), slot.rejects)
+            while len(held) > most:
+                _release_read(*held.popleft())
+        while held:
+            _release_read(*held.popleft())
+    finally:
+        for slot, _ in held:  # the writer stopped (an error): its process is ended, nothing reads these
+            slot.release()
+
+
+def _release_read(slot: Any, encoded: list) -> None:
+    """Release a packer.Slot once every location of its encoded rows handed on has been read."""
+    for e in encoded:
+        if e is not None:
+            e.wait_read()
+    slot.release()
 
 
 def write_group(gp: GroupPlan, filled: Iterator[tuple[packer.Decision, dict, list]], job: PackJob, num_images: int,
@@ -197,6 +220,8 @@ def write_group(gp: GroupPlan, filled: Iterator[tuple[packer.Decision, dict, lis
                                    seq_len=cfg.seq_len, token_dim=cfg.token_dim, max_images_per_seq=cfg.max_images_per_seq,
                                    meta_fields=job.meta_fields, run_id=job.run_id)
         written.append((gp.epoch * shards + s, info))
+    if next(filled, None) is not None:  # also lets `filled` release the slots it still holds
+        raise RuntimeError(f"group {gp.group} of epoch {gp.epoch}: more filled records than decisions")
     return {"epoch": gp.epoch, "group": gp.group, "images_in": gp.images_in, "rejected": len(gp.rejects),
             "packed": counts["packed"], "sequences": counts["sequences"], "tokens_real": counts["tokens_real"],
             "tokens_padding": counts["sequences"] * cfg.seq_len - counts["tokens_real"], "shards": written}
