@@ -19,19 +19,23 @@ from . import _example
 from ._schema import RecordError, Schema
 
 
-_SMALL_VARINTS = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int."""
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
+def _varint_loop(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Every one- and two-byte varint (n < 2**14: sizes, labels, token counts, short lengths), so that the
+# per-image fields of a record cost a table lookup per value.
+_SHORT_VARINTS = [_varint_loop(n) for n in range(0x4000)]
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    return _SHORT_VARINTS[n] if n < 0x4000 else _varint_loop(n)
 
 
 def _varints(values: np.ndarray) -> bytes:
@@ -66,8 +70,8 @@ def _wrap(number: int, parts: list[bytes], length: int) -> tuple[list[bytes], in
 def _feature(v: np.ndarray, dtype: str) -> tuple[list[bytes], int]:
     """A tf.train.Feature as parts: bytes_list = 1, float_list = 2, int64_list = 3 (packed lists)."""
     if dtype == "uint8":
-        raw = np.ascontiguousarray(v).tobytes()
-        return _wrap(1, *_wrap(1, [raw], len(raw)))
+        raw = memoryview(np.ascontiguousarray(v)).cast("B")  # joined once, by encode_example: no copy here
+        return _wrap(1, *_wrap(1, [raw], raw.nbytes))
     if dtype in ("int32", "float32"):
         packed = _varints(v) if dtype == "int32" else np.ascontiguousarray(v, dtype="<f4").tobytes()
         inner = _wrap(1, [packed], len(packed)) if packed else ([], 0)
