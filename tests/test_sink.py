@@ -93,9 +93,8 @@ def test_a_write_that_fails_in_the_child_fails_write_dataset_with_the_childs_err
     assert not any(e.endswith(".tmp") for e in os.listdir(tmp_path))
 
 
-@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
-def test_an_interrupted_write_leaves_no_child_and_no_temporary(tmp_path, monkeypatch, fmt):
-    config, records = small_records(20, seed=2)
+def _tracked_sinks(monkeypatch) -> list:
+    """Every ShardSink the code under test makes, in order."""
     sinks = []
     real = _sink.ShardSink
 
@@ -104,6 +103,13 @@ def test_an_interrupted_write_leaves_no_child_and_no_temporary(tmp_path, monkeyp
         return sinks[-1]
 
     monkeypatch.setattr(_sink, "ShardSink", tracked)
+    return sinks
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
+def test_an_interrupted_write_leaves_no_child_and_no_temporary(tmp_path, monkeypatch, fmt):
+    config, records = small_records(20, seed=2)
+    sinks = _tracked_sinks(monkeypatch)
 
     def interrupted():
         yield from records[:3]
@@ -141,14 +147,7 @@ def jpegs(tmp_path_factory) -> str:
 def test_rows_encoded_by_workers_go_to_the_child_by_location(jpegs, tmp_path, monkeypatch):
     """`pack --workers 2` sends every worker-encoded TFRecord row by its place in shared memory (not
     through the pipe), and the shards are those of packing in one process."""
-    sinks = []
-    real = _sink.ShardSink
-
-    def tracked(target, shared_fd=None):
-        sinks.append(real(target, shared_fd))
-        return sinks[-1]
-
-    monkeypatch.setattr(_sink, "ShardSink", tracked)
+    sinks = _tracked_sinks(monkeypatch)
     by_location = _pack(jpegs, tmp_path / "workers", 2)
     assert sinks and all(s.shared_fd is not None for s in sinks)
     sequences = sum(s._sent for s in sinks)
