@@ -11,7 +11,7 @@
    plans, decisions, the deal; less handing its own sequences to the pool) / worker CPU is what planning
    costs a rank for the work it does; main CPU / worker CPU adds the hand-out and the batches.
 
-  python -m benchmarks.ranks [--data DIR] [--epochs 8] [--ranks 4,8] [--batch 4] [--json out.json]
+  python -m benchmarks.ranks [--data DIR] [--epochs 8] [--ranks 4,8] [--batch 4] [--views] [--json out.json]
 """
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ def _children_cpu() -> float:
         return sum(_cpu_seconds(int(p)) for p in f.read().split())
 
 
-def rank_cpu(data: str, ranks: int, epochs: int, plan: str | None) -> dict:
+def rank_cpu(data: str, ranks: int, epochs: int, plan: str | None, copy: bool = True) -> dict:
     """Rank 0 of `ranks` with one fill worker: per image it packs, its main-process CPU, the part of it spent
     planning (reading headers or the plan file, planning, deciding and dealing: the stream's reads, less
     handing its own sequences to the pool) and its worker's CPU. The worker is started (and has imported
-    what it needs) before the count starts."""
+    what it needs) before the count starts. copy=False takes the batches as views (batches(copy=False))."""
     packer._worker.stop_idle_workers()
     with PackedStream("synthetic:8", CONFIG, epochs=1, num_parallel=1) as warm:  # leaves an idle worker to reuse
         list(warm)
@@ -78,7 +78,7 @@ def rank_cpu(data: str, ranks: int, epochs: int, plan: str | None) -> dict:
         cpu0, workers0 = time.process_time(), _children_cpu()
         with PackedStream(data, CONFIG, epochs=epochs, shard_index=0, shard_count=ranks, num_parallel=1, plan=plan) as stream:
             stream._read_one = timed(stream._read_one, "reads")
-            for _ in stream.batches(4):
+            for _ in stream.batches(4, copy=copy):
                 pass
             packed = stream.stats["images_packed"]
         main, worker = time.process_time() - cpu0, _children_cpu() - workers0
@@ -95,9 +95,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="passes over --data (new draws each): the images of the run")
     parser.add_argument("--ranks", default="4,8")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--views", action="store_true", help="take the batches as views (batches(copy=False))")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = {"data": args.data, "epochs": args.epochs, "batch": args.batch, "config": CONFIG.to_json(), "balance": [],
+    result = {"data": args.data, "epochs": args.epochs, "batch": args.batch, "views": args.views, "config": CONFIG.to_json(), "balance": [],
               "planning": []}
     print(f"{args.data} x {args.epochs} epochs, L={CONFIG.seq_len}, {CONFIG.to_json()['resolution']}, beta drop; "
           f"batch {args.batch} per rank")
@@ -119,7 +120,7 @@ def main() -> None:
               f"{'main/fill':>9} {'planning/fill':>13}")
         for n in (int(r) for r in args.ranks.split(",")):
             for mode, path in (("headers", None), ("plan file", plan)):
-                row = {"ranks": n, "plan_from": mode, **rank_cpu(args.data, n, args.epochs, path)}
+                row = {"ranks": n, "plan_from": mode, **rank_cpu(args.data, n, args.epochs, path, not args.views)}
                 result["planning"].append(row)
                 print(f"{n:>5} {mode:>10} {row['main_us_per_image']:>11.0f} {row['planning_us_per_image']:>15.0f} "
                       f"{row['worker_us_per_image']:>11.0f} {row['main_over_worker']:>9.1%} {row['planning_over_worker']:>13.1%}")
