@@ -2,12 +2,16 @@
 meta fields, folder / wds / synthetic inputs), the stream (records and batches, in-process and worker
 processes) and the service generator write exactly the bytes recorded in golden_bytes.json.
 
-Output bytes are a pure function of (config, inputs, library versions): the pixels come from Pillow,
-simplejpeg, OpenCV and numpy's generators, so the comparison runs when those versions are the recorded
-ones (it is skipped, with the versions, when they differ; the equalities across worker counts and
-stream settings are checked whatever the versions). After a deliberate change of output, regenerate:
+Output bytes are a pure function of (config, inputs, environment): the pixels come from Pillow,
+simplejpeg, OpenCV and numpy, whose versions and kernels matter; the kernels dispatch on the CPU, and
+an AVX-512 machine's resize bytes differ from an AVX2 machine's. So the file holds digests per
+environment (_environment: the versions and whether AVX-512 runs), and a case is compared where its
+environment is recorded (skipped, naming the environments, where none is; the equalities across worker
+counts and stream settings are checked everywhere). To record this machine's environment beside the
+others (same code, a new kind of machine):
     NAVIT_PACK_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden_bytes.py
-and say why in the commit. The cases name their packer (window-bfd, the default when the bytes were first
+After a deliberate change of output, delete the file first (every environment's bytes are stale),
+regenerate on each kind of machine at hand, and say why in the commit. The cases name their packer (window-bfd, the default when the bytes were first
 pinned), so a new default changes only the `default_packer` cases."""
 from __future__ import annotations
 
@@ -33,26 +37,36 @@ CONFIG = dict(seq_len=96, resolution="uniform:24:128", token_drop="beta:0.2:0.5"
 _found: dict[str, str] = {}
 
 
-def _versions() -> dict[str, str]:
-    return packer.library_versions()
+def _environment() -> dict:
+    """What the pixel bytes depend on beyond the code: the pixel libraries' versions, and whether the CPU
+    runs AVX-512 (numpy's and OpenCV's kernels dispatch on it)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return {**packer.library_versions(), "avx512": bool(__cpu_features__.get("AVX512_SKX"))}
 
 
-def _golden() -> dict:
-    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+def _golden() -> list[dict]:
+    """The recorded environments: [{"environment": ..., "digests": {case: digest}}]."""
+    return json.loads(GOLDEN.read_text())["environments"] if GOLDEN.exists() else []
 
 
 def check(name: str, digest: str) -> None:
-    """Compare `digest` with the recorded one (or record it when regenerating)."""
+    """Compare `digest` with the one recorded for this environment (or record it when regenerating)."""
+    here = _environment()
+    recorded = _golden()
+    entry = next((e for e in recorded if e["environment"] == here), None)
     if REGENERATE:
-        golden = _golden()
-        golden.setdefault("digests", {})[name] = digest
-        golden["libraries"] = _versions()
-        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        if entry is None:
+            entry = {"environment": here, "digests": {}}
+            recorded.append(entry)
+        entry["digests"][name] = digest
+        GOLDEN.write_text(json.dumps({"environments": recorded}, indent=1, sort_keys=True) + "\n")
         return
-    golden = _golden()
-    if golden.get("libraries") != _versions():
-        pytest.skip(f"pixel libraries {_versions()} differ from the recorded {golden.get('libraries')}")
-    assert golden["digests"][name] == digest, f"{name}: output bytes changed"
+    if entry is None:
+        pytest.skip(f"no bytes recorded for this environment {here}; recorded: {[e['environment'] for e in recorded]}")
+    assert entry["digests"][name] == digest, f"{name}: output bytes changed"
 
 
 def dir_digest(directory: Path) -> str:
