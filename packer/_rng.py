@@ -39,7 +39,6 @@ for _ in range(8):
 _MIX_L, _MIX_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
 _SHIFT = np.uint32(16)
 _PCG_MULT = 0x2360ED051FC65DA44385DF649FCCF645
-_MASK128 = (1 << 128) - 1
 _MASK64 = (1 << 64) - 1
 _DOUBLE_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 
@@ -54,9 +53,9 @@ def _mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return r ^ (r >> _SHIFT)
 
 
-def _pcg64_seeds(entropy: np.ndarray) -> list:
-    """[N, 4] uint32 entropy words (a 128-bit seed, least significant word first) -> per row the four
-    uint64 words numpy's SeedSequence(seed).generate_state(4, np.uint64) gives."""
+def _pcg64_seeds(entropy: np.ndarray) -> np.ndarray:
+    """[N, 4] uint32 entropy words (a 128-bit seed, least significant word first) -> [N, 4] uint64: per row
+    the four words numpy's SeedSequence(seed).generate_state(4, np.uint64) gives."""
     pool = [_hashmix(entropy[:, i], i) for i in range(4)]
     k = 4
     for src in range(4):
@@ -68,42 +67,75 @@ def _pcg64_seeds(entropy: np.ndarray) -> list:
     for i in range(8):
         v = (pool[i % 4] ^ np.uint32(_HASH_B[i])) * np.uint32(_HASH_B[i + 1])
         out[:, i] = v ^ (v >> _SHIFT)
-    return out.view("<u8").tolist()
+    return out.view("<u8")
+
+
+# 128-bit unsigned arithmetic mod 2**128 on (high, low) uint64 arrays, for PCG64's state steps.
+_U32 = np.uint64(0xFFFFFFFF)
+_S32, _S63, _S1, _S11, _S58 = (np.uint64(k) for k in (32, 63, 1, 11, 58))
+_MULT_HI, _MULT_LO = np.uint64(_PCG_MULT >> 64), np.uint64(_PCG_MULT & _MASK64)
+
+
+def _add128(ah: np.ndarray, al: np.ndarray, bh: np.ndarray, bl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo = al + bl
+    return ah + bh + (lo < al).astype(np.uint64), lo
+
+
+def _mul128(ah: np.ndarray, al: np.ndarray, bh: np.uint64, bl: np.uint64) -> tuple[np.ndarray, np.ndarray]:
+    """(a * b) mod 2**128: the full 64 x 64 product of the low words from 32-bit halves, plus the cross terms."""
+    a1, a0, b1, b0 = al >> _S32, al & _U32, bl >> _S32, bl & _U32
+    p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
+    mid = (p00 >> _S32) + (p01 & _U32) + (p10 & _U32)
+    lo = (p00 & _U32) | (mid << _S32)
+    hi = a1 * b1 + (p01 >> _S32) + (p10 >> _S32) + (mid >> _S32) + ah * bl + al * bh
+    return hi, lo
+
+
+def _pcg64_starts(seeds: np.ndarray) -> tuple[tuple, tuple, list]:
+    """[N, 4] uint64 SeedSequence words -> per row PCG64's state and inc right after seeding
+    (pcg_setseq_128_srandom_r), each as (high, low) uint64 arrays, and the first output's double in [0, 1)
+    (XSL-RR of the stepped state, 53 bits, as numpy's next_double)."""
+    s0, s1, q0, q1 = (seeds[:, i] for i in range(4))
+    inc = (q0 << _S1) | (q1 >> _S63), (q1 << _S1) | np.uint64(1)
+    state = _add128(*_mul128(*_add128(*inc, s0, s1), _MULT_HI, _MULT_LO), *inc)
+    hi, lo = _add128(*_mul128(*state, _MULT_HI, _MULT_LO), *inc)
+    x, rot = hi ^ lo, hi >> _S58
+    out = (x >> rot) | (x << ((np.uint64(64) - rot) & np.uint64(63)))  # rot == 0: x << 0, not x << 64
+    return state, inc, ((out >> _S11).astype(np.float64) * _DOUBLE_UNIT).tolist()
+
+
+def _ints(words: tuple) -> list[int]:
+    """(high, low) uint64 arrays -> the 128-bit values as Python ints."""
+    return [(h << 64) | l for h, l in zip(words[0].tolist(), words[1].tolist())]
 
 
 class ImageRngs:
     """image_rng(seed, key, epoch, purpose) for many keys at once, bit for bit the same generators: numpy's
-    SeedSequence and PCG64 seeding run for all keys in a few vector operations (about 3 us a key, against
-    10 us for a generator built alone), which planning every header of an epoch on every rank needs.
-    `get(i)` sets one reused generator to key i's starting state: use it before the next get."""
+    SeedSequence and PCG64 seeding, and the first draw, run for all keys in a few vector operations (about
+    2 us a key, against 10 us for a generator built alone), which planning every header of an epoch on
+    every rank needs. `get(i)` sets one reused generator to key i's starting state: use it before the next get."""
 
     def __init__(self, seed: int, keys: "list[str] | tuple[str, ...]", epoch: int, purpose: str):
         digests = b"".join(_digest(seed, key, epoch, purpose) for key in keys)
-        self._seeds = _pcg64_seeds(np.frombuffer(digests, "<u4").reshape(-1, 4))
+        seeds = _pcg64_seeds(np.frombuffer(digests, "<u4").reshape(-1, 4))
+        self._words, self._inc_words, self._first = _pcg64_starts(seeds)
+        self._starts: "tuple[list[int], list[int]] | None" = None  # Python ints for get, made on its first call
         self._bits = np.random.PCG64(0)
         self._rng = np.random.Generator(self._bits)
+        self._pcg = {"state": 0, "inc": 0}
+        self._state = {"bit_generator": "PCG64", "state": self._pcg, "has_uint32": 0, "uinteger": 0}
 
     def __len__(self) -> int:
-        return len(self._seeds)
-
-    def _start(self, i: int) -> tuple[int, int]:
-        """Key i's PCG64 (state, inc) right after seeding (pcg_setseq_128_srandom_r)."""
-        s0, s1, q0, q1 = self._seeds[i]
-        inc = ((((q0 << 64) | q1) << 1) | 1) & _MASK128
-        return (((inc + ((s0 << 64) | s1)) & _MASK128) * _PCG_MULT + inc) & _MASK128, inc
+        return len(self._first)
 
     def get(self, i: int) -> np.random.Generator:
-        state, inc = self._start(i)
-        self._bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0,
-                            "uinteger": 0}
+        if self._starts is None:
+            self._starts = _ints(self._words), _ints(self._inc_words)
+        self._pcg["state"], self._pcg["inc"] = self._starts[0][i], self._starts[1][i]
+        self._bits.state = self._state
         return self._rng
 
     def first_uniform(self, i: int, low: float, high: float) -> float:
-        """get(i).uniform(low, high), bit for bit, without setting a generator: PCG64's first output
-        (XSL-RR of the stepped state) as a double in [0, 1), scaled as numpy's random_uniform does."""
-        state, inc = self._start(i)
-        state = (state * _PCG_MULT + inc) & _MASK128
-        high64, x = state >> 64, (state >> 64) ^ (state & _MASK64)
-        rot = high64 >> 58
-        out = ((x >> rot) | (x << (64 - rot))) & _MASK64
-        return low + (high - low) * ((out >> 11) * _DOUBLE_UNIT)
+        """get(i).uniform(low, high), bit for bit, without setting a generator: the first output as a double,
+        scaled as numpy's random_uniform does."""
+        return low + (high - low) * self._first[i]

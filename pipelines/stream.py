@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import itertools
 import json
 import os
@@ -136,11 +137,13 @@ def deal(costs: Sequence[int], ranks: int, balance: bool = True) -> list[list[in
     room = -(-n // ranks)
     if not balance:
         return [list(range(r, n, ranks)) for r in range(ranks)]
-    load, owned = [0] * ranks, [[] for _ in range(ranks)]
+    owned: list[list[int]] = [[] for _ in range(ranks)]
+    open_ranks = [(0, r) for r in range(ranks)]  # (load, rank) of the ranks with room: a heap
     for i in sorted(range(n), key=lambda i: (-costs[i], i)):
-        r = min((r for r in range(ranks) if len(owned[r]) < room), key=lambda r: (load[r], r))
+        load, r = heapq.heappop(open_ranks)
         owned[r].append(i)
-        load[r] += costs[i]
+        if len(owned[r]) < room:
+            heapq.heappush(open_ranks, (load + costs[i], r))
     return [sorted(o) for o in owned]
 
 

@@ -543,12 +543,18 @@ class FileSource(Source):
 
     def scan(self, unit: str) -> Iterator[Listed]:
         """Each file by reference (its key), unread: the listing opens it (open_ref) for its header."""
-        for key in json.loads(unit):
-            _, label, meta, known = self._describe(key)
+        return (r for _, r in self._scan(unit, None))
+
+    def _scan(self, unit: str, memo: "Optional[_SizeMemo]") -> Iterator[tuple[Optional[tuple], Listed]]:
+        """scan's records, each with its memo row (and the row's size on the record) where `memo` holds the
+        file as it is now, else None."""
+        for i, key in enumerate(json.loads(unit)):
+            path, label, meta, known = self._describe(key)
             if known is not None:
-                yield Listed(key, label, meta, reject=known[0], detail=known[1])
-            else:
-                yield Listed(key, label, meta, ref=key)
+                yield None, Listed(key, label, meta, reject=known[0], detail=known[1])
+                continue
+            row = memo.get(i, path) if memo is not None else None
+            yield row, Listed(key, label, meta, size=None if row is None else row[5:], ref=key)
 
     def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
         return open_image_file(self._path(ref), use_beam=self.use_beam)
@@ -579,11 +585,10 @@ class FileSource(Source):
         memo = self._memo.get(unit)
         memo = memo if memo is not None and memo.max_pixels == max_pixels else None
         rows = []
-        for i, r in enumerate(self.scan(unit)):
-            row = memo.get(i, self._path(r.ref)) if memo is not None and r.ref is not None else None
+        for row, r in self._scan(unit, memo):
             if row is not None:
                 rows.append(row)
-                yield Listed(r.key, r.label, r.meta, r.reject, r.detail, r.unused, row[5:], None, r.ref)
+                yield r
                 continue
             identity: list = []
             listed = self._sized(r, max_pixels, functools.partial(self._read_local_size, identity))
