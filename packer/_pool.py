@@ -4,7 +4,7 @@ Two pools with one API (`fill_pool(config, workers)` picks): `InProcessPool` (wo
 calling process at submit(); `FillPool` fills in worker processes (their side: packer._worker).
 
 FillPool: the images' encoded bytes are copied into a shared-memory input ring, or, for payloads that are
-references, read by the worker itself through the pool's `reader`; a few consecutive decisions make a
+references, read by the worker itself through the pool's `reader`; up to `task_size` consecutive decisions make a
 task (plans and byte offsets, a few hundred bytes a decision) that goes to the least-loaded worker over
 its own socket; the worker decodes, resizes, patchifies, drops and assembles each whole sequence
 straight into its row of a shared-memory output slot; with an `encoder` (the output format's, e.g.
@@ -338,13 +338,14 @@ class FillPool(_Slots):
     """Worker processes that fill and assemble decisions into shared memory (see the module doc)."""
 
     def __init__(self, config: PackConfig, num_workers: int, *, rows_per_slot: int = 1, num_slots: Optional[int] = None,
-                 prefetch: int = 2, task_size: int = 4, ring_bytes: int = 64 << 20, reader: Optional[Reader] = None,
+                 prefetch: int = 2, task_size: int = 16, ring_bytes: int = 64 << 20, reader: Optional[Reader] = None,
                  encoder: Optional[Encoder] = None):
         if num_workers < 1 or prefetch < 1 or task_size < 1:
             raise ValueError("num_workers, prefetch and task_size must be >= 1 (0 workers: InProcessPool)")
-        # Room for every worker's prefetch twice over, so that the workers stay busy while the caller
-        # reads and plans a burst of images (a window-bfd round decides many sequences at once).
-        in_flight = (2 * prefetch * num_workers + 1) * task_size
+        # Room for every worker's prefetch of full tasks and the task being built, so that the workers stay
+        # busy while the caller reads and plans a burst of images. Tasks are large because each one costs
+        # the caller a send, a receive and a wake-up (at 4 decisions a task, about a third of its CPU).
+        in_flight = (prefetch * num_workers + 1) * task_size
         super().__init__(config, rows_per_slot, num_slots or max(2, -(-in_flight // rows_per_slot) + 1))
         self.num_workers, self.prefetch, self.task_size, self.reader = num_workers, prefetch, task_size, reader
         self.encoder = encoder
