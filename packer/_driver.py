@@ -17,12 +17,10 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-import numpy as np
-
 from ._assemble import FillReject, filled_plans, record_of
 from ._core import Decision
 from ._pool import SlotResult
-from ._record import ordered, text_fields
+from ._record import ordered, text_rows
 
 
 class Slot:
@@ -49,10 +47,8 @@ class Slot:
         copy=False: then views valid until release())."""
         n = len(self.decisions)
         out = {k: (v[:n].copy() if copy else v[:n]) for k, v in self.arrays.items()}
-        texts = [text_fields(filled_plans(d, rejects), self._config, self._meta_fields)
-                 for d, rejects in zip(self.decisions, self.rejects)]
-        for name in texts[0]:
-            out[name] = np.stack([t[name] for t in texts])
+        out.update(text_rows([filled_plans(d, rejects) for d, rejects in zip(self.decisions, self.rejects)],
+                             self._config, self._meta_fields))
         return ordered(out, self._meta_fields)
 
     def release(self) -> None:

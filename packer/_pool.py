@@ -49,6 +49,7 @@ from ._assemble import Encoder, FillReject, Reader, assemble_into, fill_all, fil
 from ._config import PackConfig
 from ._core import Decision
 from ._record import slot_layout, slot_views
+from ._transform import plan_values
 from ._worker import CRASH_KEY_ENV, HB_IMAGES, kill_worker, start_worker, take_idle, give_idle, wait_detached
 
 _MAX_RESPAWNS_WITHOUT_PROGRESS = 3  # a worker slot whose processes die this many times in a row is retired
@@ -455,7 +456,8 @@ class FillPool(_Slots):
             task.worker = w
             self._assigned[w].append(task.tid)
             jobs = [self._jobs[j] for j in task.jobs]
-            message = (task.tid, [(job.slot % self.num_slots, job.row, job.decision.plans, job.spans, job.masked)
+            message = (task.tid, [(job.slot % self.num_slots, job.row, [plan_values(p) for p in job.decision.plans],
+                                   job.spans, job.masked)
                                   for job in jobs])
             try:
                 self._conns[w].send(message)

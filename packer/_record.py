@@ -124,14 +124,19 @@ def fill_per_image(out: Mapping[str, np.ndarray], images: Sequence[Any]) -> None
 def text_fields(images: Sequence[Any], config: PackConfig, meta_fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The text fields (image_keys, meta_<name>) of a record holding `images` (anything with .key and .meta:
     PatchedImages or ImagePlans), padded to max_images_per_seq."""
-    E = config.max_images_per_seq
-    keys = np.full(E, "", dtype=object)
-    keys[:len(images)] = [im.key for im in images]
-    out = {"image_keys": keys}
-    for name in meta_fields:
-        arr = np.full(E, "", dtype=object)
-        arr[:len(images)] = [meta_text(im.meta.get(name)) for im in images]
-        out[META_PREFIX + name] = arr
+    return {name: rows[0] for name, rows in text_rows([images], config, meta_fields).items()}
+
+
+def text_rows(rows: Sequence[Sequence[Any]], config: PackConfig, meta_fields: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """text_fields of records holding each of `rows` (its images), stacked: (len(rows), max_images_per_seq)
+    arrays, built at once (a batch's text fields)."""
+    shape = (len(rows), config.max_images_per_seq)
+    out = {name: np.full(shape, "", dtype=object) for name in ["image_keys"] + [META_PREFIX + m for m in meta_fields]}
+    keys = out["image_keys"]
+    for r, images in enumerate(rows):
+        keys[r, :len(images)] = [im.key for im in images]
+        for name in meta_fields:
+            out[META_PREFIX + name][r, :len(images)] = [meta_text(im.meta.get(name)) for im in images]
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -71,6 +72,11 @@ class ImagePlan:
 
     def with_refit(self, refit: Optional[Refit]) -> "ImagePlan":
         return dataclasses.replace(self, refit=refit)
+
+
+# An ImagePlan's field values in order, ImagePlan(*values) rebuilds it: how plans go to the fill workers
+# (a tuple pickles in a third of the time of the dataclass).
+plan_values = operator.attrgetter(*(f.name for f in dataclasses.fields(ImagePlan)))
 
 
 RngFor = Callable[[str], np.random.Generator]  # an image's generator for a purpose ("resolution", "drop")

@@ -32,6 +32,7 @@ import numpy as np
 from ._assemble import Encoder, Reader, assemble_into, fill_all, row_record
 from ._config import PackConfig
 from ._record import slot_layout, slot_views
+from ._transform import ImagePlan
 
 CRASH_KEY_ENV = "NAVIT_PACK_TEST_CRASH_KEY"
 HB_IMAGES = 1 << 16  # heartbeat: job index in the task * HB_IMAGES + image index
@@ -139,6 +140,7 @@ def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slo
             try:
                 failed, sizes = [], []
                 for k, (slot, row, plans, spans, masked) in enumerate(jobs):
+                    plans = [ImagePlan(*values) for values in plans]  # sent as plan_values
                     failed.append(_fill_job(config, plans, spans, ring, reader, slots[slot], row, masked, hb, k, crash_key))
                     sizes.append(encode(slot, row, plans, failed[-1]))
             except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it
