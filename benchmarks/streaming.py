@@ -156,7 +156,7 @@ def child_stream(data_dir: str, cores: int, images: int, workers: int = -1, batc
     while packed < 100:  # warm up (workers started, pool full)
         packed += int(np.sum(next(items)["num_images"]))
     s0 = stream.stats
-    pids = stream._pool.worker_pids  # noqa: SLF001 - to read the workers' CPU time
+    pids = stream._driver.pool.worker_pids  # noqa: SLF001 - to read the workers' CPU time
     start, cpu0, kids0, sched0 = time.perf_counter(), time.process_time(), _cpu_of(pids), _schedstat(pids)
     packed = 0
     while packed < images:

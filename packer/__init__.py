@@ -23,7 +23,7 @@ from ._process import PatchedImage, check_label
 from ._record import META_PREFIX, RECORD_FIELDS, build_record, record_fields, unpack
 from ._rng import image_rng, stable_hash, unit_fraction
 from ._patch import unpatchify
-from ._transform import ImagePlan, PlanRngs, Refit, fill_image, plan_header, plan_size, prepare_image
+from ._transform import ImagePlan, PlanBlock, Refit, fill_image, plan_header, plan_size, prepare_image
 
 __all__ = [
     # configuration: the one PackConfig and its spec strings
@@ -37,5 +37,5 @@ __all__ = [
     "PackingCore", "Decision", "RejectBudget", "RejectBudgetExceeded", "ALGORITHMS", "pack_lengths",
     "Driver", "SharedBytes", "fill_pool", "WorkerError", "resolve_workers", "pack_images", "pack_patched",
     # deterministic randomness: a pure function of (seed, key, epoch)
-    "image_rng", "PlanRngs", "stable_hash", "unit_fraction",
+    "image_rng", "PlanBlock", "stable_hash", "unit_fraction",
 ]

@@ -135,6 +135,11 @@ class ImageRngs:
         self._bits.state = self._state
         return self._rng
 
+    @property
+    def first_doubles(self) -> list:
+        """Each key's first output as a double in [0, 1) (numpy's next_double), in key order."""
+        return self._first
+
     def first_uniform(self, i: int, low: float, high: float) -> float:
         """get(i).uniform(low, high), bit for bit, without setting a generator: the first output as a double,
         scaled as numpy's random_uniform does."""

@@ -15,11 +15,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._config import ConstDrop, NoDrop, PackConfig, TruncNormal, Uniform
+from ._config import ConstDrop, Fixed, Native, NoDrop, PackConfig, TruncNormal, Uniform
 from ._drop import choose_kept, kept_count, sample_drop_rate
 from ._image import ImageRejected, OpenedImage, read_header
 from ._patch import grid_positions, patch_view, patchify
-from ._plan import plan_grid
+from ._plan import grid_for_budget, plan_grid
 from ._process import PatchedImage, check_label
 from ._rng import ImageRngs, image_rng
 
@@ -58,6 +58,14 @@ class ImagePlan:
 
     __hash__ = None  # meta is a dict
 
+    @classmethod
+    def of_values(cls, values: Sequence[Any]) -> "ImagePlan":
+        """ImagePlan(*values) without the checks of a frozen dataclass's __init__ (a third of its cost):
+        for values that come from a plan (plan_values, a plan file) or from the planner itself."""
+        plan = object.__new__(cls)
+        plan.__dict__.update(zip(_PLAN_FIELDS, values))
+        return plan
+
     @property
     def final_tokens(self) -> int:
         return self.refit.tokens if self.refit else self.num_tokens
@@ -74,9 +82,10 @@ class ImagePlan:
         return dataclasses.replace(self, refit=refit)
 
 
-# An ImagePlan's field values in order, ImagePlan(*values) rebuilds it: how plans go to the fill workers
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(ImagePlan))
+# An ImagePlan's field values in order, ImagePlan.of_values(values) rebuilds it: how plans go to the fill workers
 # (a tuple pickles in a third of the time of the dataclass).
-plan_values = operator.attrgetter(*(f.name for f in dataclasses.fields(ImagePlan)))
+plan_values = operator.attrgetter(*_PLAN_FIELDS)
 
 
 RngFor = Callable[[str], np.random.Generator]  # an image's generator for a purpose ("resolution", "drop")
@@ -112,15 +121,48 @@ class _FirstUniform:
         return self._rngs.first_uniform(self._i, low, high)
 
 
-class PlanRngs:
-    """The planning generators of many images of one epoch, seeded at once (ImageRngs, for the
-    purposes the config draws): `plan_size(..., rngs=plan_rngs.of(i))` plans image i as it would alone."""
+class PlanBlock:
+    """The plans of many images of one epoch, made together: their generators seeded at once (ImageRngs,
+    for the purposes the config draws) and, where `sizes` are given and the policy scales each image by
+    one draw (fixed, uniform, native), their grids computed as arrays. `plan(i, ...)` and
+    `plan_size(..., rngs=block.of(i))` both give image i's plan exactly as plan_size alone does."""
 
-    def __init__(self, config: PackConfig, keys: Sequence[str], epoch: int):
+    def __init__(self, config: PackConfig, keys: Sequence[str], epoch: int,
+                 sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None):
         purposes = [p for p, draws in (("resolution", _draws_size(config)), ("drop", _draws_drop(config))) if draws]
         keys = list(keys)
-        self._rngs = {p: ImageRngs(config.seed, keys, int(epoch), p) for p in purposes}
+        self.config, self.keys, self.epoch = config, keys, int(epoch)
+        self._rngs = {p: ImageRngs(config.seed, keys, self.epoch, p) for p in purposes}
         self._uniform = isinstance(config.resolution, Uniform)  # one uniform draw: no generator needed
+        self._sizes = list(sizes) if sizes is not None else [None] * len(keys)
+        self._grids = self._block_grids()
+
+    def _block_grids(self) -> list:
+        """Each sized image's (grid_h, grid_w) under a one-draw scale policy (grid_for_scale's steps on
+        float64 arrays: the same IEEE operations, so the same grids), None where plan_grid must run."""
+        policy, config = self.config.resolution, self.config
+        known = [i for i, s in enumerate(self._sizes) if s is not None and s[0] >= 1 and s[1] >= 1]
+        grids: list = [None] * len(self._sizes)
+        if not known or not isinstance(policy, (Uniform, Fixed, Native)):
+            return grids
+        h = np.array([self._sizes[i][0] for i in known], np.float64)
+        w = np.array([self._sizes[i][1] for i in known], np.float64)
+        if isinstance(policy, Native):
+            scale = np.ones_like(h)
+        else:
+            if isinstance(policy, Uniform):
+                first = np.array(self._rngs["resolution"].first_doubles, np.float64)[known]
+                r = policy.rmin + (policy.rmax - policy.rmin) * first
+            else:
+                r = np.full_like(h, float(policy.resolution))
+            scale = r / np.sqrt(h * w)
+        patch = float(config.patch_size)
+        gh = np.maximum(1, np.floor(h * scale / patch + 0.5)).astype(np.int64).tolist()
+        gw = np.maximum(1, np.floor(w * scale / patch + 0.5)).astype(np.int64).tolist()
+        cap = config.max_tokens_per_image
+        for i, a, b in zip(known, gh, gw):
+            grids[i] = (a, b) if a * b <= cap else grid_for_budget(self._sizes[i][0], self._sizes[i][1], cap)
+        return grids
 
     def _get(self, i: int, purpose: str) -> np.random.Generator:
         if purpose == "resolution" and self._uniform:
@@ -128,26 +170,44 @@ class PlanRngs:
         return self._rngs[purpose].get(i)
 
     def of(self, i: int) -> RngFor:
+        """Image i's generators, for plan_size or plan_header."""
         return functools.partial(self._get, i)
+
+    def plan(self, i: int, height: int, width: int, *, images_seen: float = 0, label: Any = -1,
+             meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
+        """plan_size(height, width, keys[i], config, epoch=epoch, ...) with the block's draws."""
+        grid = self._grids[i] if self._sizes[i] == (height, width) else None
+        if grid is None:
+            return plan_size(height, width, self.keys[i], self.config, epoch=self.epoch, images_seen=images_seen,
+                             label=label, meta=meta, rngs=self.of(i))
+        return _plan(self.config, self.keys[i], self.epoch, images_seen, check_label(label), meta, height, width,
+                     grid, self.of(i))
 
 
 def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
               label: Any = -1, meta: Optional[Mapping[str, Any]] = None, rngs: Optional[RngFor] = None) -> ImagePlan:
     """The plan of a height x width image (its display size): the planner's one token-count rule, used by
     every pipeline, the advisor and the efficiency sweep. `rngs`: the image's generators when seeded ahead
-    (PlanRngs.of), else each is built here."""
+    (PlanBlock.of), else each is built here."""
     label = check_label(label)
     # Generators only for the policies that draw (building one costs more than the rest of the plan).
     if rngs is None:
         rngs = functools.partial(image_rng, config.seed, key, epoch)
-    grid_h, grid_w = plan_grid(height, width, config, rngs("resolution") if _draws_size(config) else None)
+    grid = plan_grid(height, width, config, rngs("resolution") if _draws_size(config) else None)
+    return _plan(config, key, epoch, images_seen, label, meta, height, width, grid, rngs)
+
+
+def _plan(config: PackConfig, key: str, epoch: int, images_seen: float, label: int,
+          meta: Optional[Mapping[str, Any]], height: int, width: int, grid: tuple[int, int], rngs: RngFor) -> ImagePlan:
+    """An image's plan from its grid: the drop draw (or the policy's rate), then the ImagePlan."""
+    grid_h, grid_w = grid
     n = grid_h * grid_w
     if not _draws_drop(config):  # no draw: the rate is the policy's
         kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
     else:
         _, _, kept = _drop_draw(config, key, epoch, images_seen, n, rngs("drop"))
-    return ImagePlan(key=key, epoch=int(epoch), images_seen=images_seen, label=label, meta=dict(meta or {}),
-                     orig_h=height, orig_w=width, grid_h=grid_h, grid_w=grid_w, num_tokens=kept, drop_rate=1.0 - kept / n)
+    return ImagePlan.of_values((key, int(epoch), images_seen, label, dict(meta or {}), height, width, grid_h, grid_w,
+                                kept, 1.0 - kept / n, None))
 
 
 def plan_header(data: bytes, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,

@@ -140,7 +140,7 @@ def _serve_pool(conn: Connection, config: PackConfig, w: int, rows: int, num_slo
             try:
                 failed, sizes = [], []
                 for k, (slot, row, plans, spans, masked) in enumerate(jobs):
-                    plans = [ImagePlan(*values) for values in plans]  # sent as plan_values
+                    plans = [ImagePlan.of_values(values) for values in plans]  # sent as plan_values
                     failed.append(_fill_job(config, plans, spans, ring, reader, slots[slot], row, masked, hb, k, crash_key))
                     sizes.append(encode(slot, row, plans, failed[-1]))
             except Exception as e:  # a bug, not a bad image (those are ImageRejected): report it

@@ -558,7 +558,7 @@ class PackedStream:
             self._pos = (self._pos[0] + 1, 0, 0, 0)
             self._accepted_in_epoch = 0
             return
-        epoch, u, off, rec, position, rngs = item
+        epoch, u, off, rec, position, block = item
         self._pos = position
         seen = self._core.images_seen
         prov = [u, off, epoch, seen]
@@ -566,7 +566,7 @@ class PackedStream:
             self._core.reject(rec.key, rec.reject, rec.detail, prov)
             return
         try:
-            plan = rec.plan(self.config, epoch=epoch, images_seen=seen, rngs=rngs)
+            plan = rec.plan(self.config, epoch=epoch, images_seen=seen, block=block)
         except ImageRejected as e:
             self._core.reject(rec.key, e.reason, e.detail, prov)
             return
@@ -608,8 +608,8 @@ class PackedStream:
             return
         items, payloads = [], []
         for ref, prov, key, label, meta, oh, ow, gh, gw, n, rate, refit in json.loads(line):
-            plan = ImagePlan(key, prov[2], prov[3], label, meta, oh, ow, gh, gw, n, rate,
-                             packer.Refit(*refit) if refit else None)
+            plan = ImagePlan.of_values((key, prov[2], prov[3], label, meta, oh, ow, gh, gw, n, rate,
+                                        packer.Refit(*refit) if refit else None))
             items.append((plan, prov))
             payloads.append(ref)
         self._decided([Decision(self._plan_line, tuple(items), tuple(payloads))])
@@ -645,9 +645,9 @@ class PackedStream:
         return count
 
     def _records(self) -> Iterator:
-        """(epoch, unit index, offset, Listed record, position after it, its planning generators) from the
-        current position on, in stream order; _EPOCH_END after each epoch. A block's generators are seeded
-        together (packer.PlanRngs)."""
+        """(epoch, unit index, offset, Listed record, position after it, (its block's packer.PlanBlock, its
+        index there)) from the current position on, in stream order; _EPOCH_END after each epoch. A block's
+        plans are made together (generators seeded and grids computed at once)."""
         epoch, unit_index, offset, skip = self._pos
         while self.epochs is None or epoch < self.epochs:
             order = _epoch_order(len(self._units), self._units, self.config.seed, epoch, self.shuffle)
@@ -662,9 +662,9 @@ class PackedStream:
                 if self.shuffle:
                     block.sort(key=lambda t: (packer.stable_hash(t[2].key, f"{self.config.seed}/{epoch}"), t[0], t[1]))
                 rest = block[skip:]
-                rngs = packer.PlanRngs(self.config, [rec.key for _, _, rec in rest], epoch)
+                planner = packer.PlanBlock(self.config, [rec.key for _, _, rec in rest], epoch, [rec.size for _, _, rec in rest])
                 for i, (u, off, rec) in enumerate(rest):
-                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), rngs.of(i)
+                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), (planner, i)
                 skip = 0
                 last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
                 block_start = (last_u, last_off + 1)

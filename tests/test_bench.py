@@ -183,3 +183,29 @@ def test_results_sections_kept_and_missing_modules_skipped(tmp_path):
     assert "first" in text and "fourth" in text and "second" not in text and "third" in text
     names = re.findall(r"<!-- bench: (\w+) -->", text)
     assert names[-1] == "by_hand" and sorted(names[:-1]) == sorted(run_all.BENCHMARKS)
+
+
+def _bench_child(module: str, params) -> dict:
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(params)], capture_output=True, text=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_stream_and_scaling_measurements_run(image_dir, tmp_path):
+    """The measurements behind the streaming and scaling tables run against today's stream and batch job
+    (they read the pool's workers and the job's processes; a rename there must not leave them broken)."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for sub in sorted(os.listdir(image_dir)):
+        for name in sorted(os.listdir(os.path.join(image_dir, sub))):
+            (flat / f"{sub}_{name}").write_bytes(open(os.path.join(image_dir, sub, name), "rb").read())
+    stream = _bench_child("benchmarks.streaming", ["stream", [str(flat), 1, 20, 1, 2]])
+    assert stream["images"] >= 20 and stream["main_cpu_us_per_image"] > 0 and stream["workers_cpu_us_per_image"] > 0
+    job = _bench_child("benchmarks.scaling", [str(flat), str(tmp_path / "out"), "1", "1", "tfrecord", "uniform:64:256",
+                                              "256", "0"])
+    assert job["images"] == len(SIZES) and job["main_cpu"] > 0 and len(job["worker_cpu"]) == 1

@@ -186,13 +186,21 @@ def test_image_rngs_are_image_rng_bit_for_bit():
     assert len(packer._rng.ImageRngs(0, [], 0, "drop")) == 0
 
 
-@pytest.mark.parametrize("resolution", ["uniform:64:256", "tnormal:64:384:-0.5:1:side", "fixed:128", "native", "budget:64"])
+@pytest.mark.parametrize("resolution", ["uniform:64:256", "tnormal:64:384:-0.5:1:side", "fixed:128", "fixed:400", "native", "budget:64"])
 @pytest.mark.parametrize("drop", ["none", "const:0.25", "beta:0.25:0.5", "resdep:0.1:0.6", "beta:0.5:0.8@sigmoid:0.1:0.6:200:50"])
 def test_plans_seeded_ahead_equal_plans_alone(resolution, drop):
     config = PackConfig(seq_len=256, resolution=resolution, token_drop=drop, seed=11)
     keys = [f"k{i}" for i in range(40)]
-    rngs = packer.PlanRngs(config, keys, 3)
+    sizes = [(50 + 7 * i, 300 - 5 * i) if i % 7 else (3000 + i, 40 + 97 * i) for i in range(len(keys))]  # some over the cap
+    sizes[5] = None  # unknown to the block: planned as it comes
+    block = packer.PlanBlock(config, keys, 3, sizes)
     for i, key in enumerate(keys):
-        h, w = 50 + 7 * i, 300 - 5 * i
-        ahead = packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i, rngs=rngs.of(i))
-        assert ahead == packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i), (key, ahead)
+        h, w = sizes[i] or (77, 91)
+        alone = packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i, label=i, meta={"m": str(i)})
+        ahead = packer.plan_size(h, w, key, config, epoch=3, images_seen=10 * i, label=i, meta={"m": str(i)},
+                                 rngs=block.of(i))
+        made = block.plan(i, h, w, images_seen=10 * i, label=i, meta={"m": str(i)})
+        assert ahead == alone and made == alone, (key, ahead, made, alone)
+        assert type(made) is packer.ImagePlan and made.__dict__ == alone.__dict__
+        other = block.plan(i, h + 1, w, images_seen=10 * i)  # another size than the block's: planned alone
+        assert other == packer.plan_size(h + 1, w, key, config, epoch=3, images_seen=10 * i)

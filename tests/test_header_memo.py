@@ -3,6 +3,7 @@ kept per unit with each file's identity, so that a later pass stats an unchanged
 and reads any changed, replaced or vanished file again."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import encode, jpeg
 from pipelines.sources import files
+from pipelines.sources.base import Listed
 from pipelines.sources.files import FileSource
 
 
@@ -52,6 +54,18 @@ def test_unchanged_files_are_not_read_again(tmp_path, opened):
     assert opened == ["p.png"]  # only what is not a plain JPEG (its size needs its bytes)
     opened.clear()
     assert _sizes(FileSource.from_spec(str(root), labels="none")) == first and len(opened) == 7  # a new source reads
+
+
+def test_a_memo_hit_lists_the_same_record(tmp_path):
+    """A memo hit builds its Listed without the dataclass's __init__ (Listed.sized): the same record."""
+    source = FileSource.from_spec(str(_folder(tmp_path)), labels="none", meta_fields=("path",))
+    listed = [[r for r in source.headers(u, 10**9)] for u in source.units()]
+    again = [[r for r in source.headers(u, 10**9)] for u in source.units()]
+    assert again == listed
+    assert [r.__dict__ for u in again for r in u] == [r.__dict__ for u in listed for r in u]
+    made = Listed.sized("k", 3, {"path": "x"}, (4, 5), "k")
+    assert made.__dict__ == Listed("k", 3, {"path": "x"}, size=(4, 5), ref="k").__dict__
+    assert dataclasses.replace(made, label=1) == Listed("k", 1, {"path": "x"}, size=(4, 5), ref="k")
 
 
 def test_changed_replaced_and_vanished_files_are_read_again(tmp_path, opened):

@@ -194,4 +194,4 @@ def test_one_reject_budget_and_a_small_public_core():
     assert sorted(budgets) == ["packer._core.RejectBudget", "packer._core.RejectBudgetExceeded"]
     import packer
 
-    assert len(packer.__all__) <= 42  # 41: PlanRngs, the seeded-ahead plans every multi-rank reader needs; 42: SharedBytes, encoded rows a writer process reads in place
+    assert len(packer.__all__) <= 42  # 41: PlanBlock, the plans made ahead that every multi-rank reader needs; 42: SharedBytes, encoded rows a writer process reads in place

@@ -141,13 +141,13 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
     core = packer.PackingCore(cfg, budget=budget, unique_keys=True, on_reject=lambda key, reason, detail, _: rejects.append(
         {"key": key, "reason": reason, "detail": detail, "epoch": epoch}))
     ordered = ordered_members(members, cfg.seed, epoch, content)
-    rngs = packer.PlanRngs(cfg, [m.key for m in ordered], epoch)
+    block = packer.PlanBlock(cfg, [m.key for m in ordered], epoch, [m.size for m in ordered])
     for i, m in enumerate(ordered):
         if m.reject:
             core.reject(m.key, m.reject, m.detail)
             continue
         try:
-            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images), rngs=rngs.of(i))
+            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images), block=(block, i))
         except packer.ImageRejected as e:
             core.reject(m.key, e.reason, e.detail)
             continue
