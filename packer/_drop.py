@@ -20,9 +20,8 @@ def sample_drop_rate(policy: DropPolicy, rng: np.random.Generator, num_tokens: i
     if isinstance(policy, ConstDrop):
         return policy.rate if rho is None else rho
     if isinstance(policy, BetaDrop):
-        m = (policy.mean if rho is None else rho) / policy.max_rate
-        concentration = 1.0 / _BETA_VARIANCE_FACTOR - 1.0  # a + b, so that var = m(1-m)/(a+b+1)
-        return float(rng.beta(m * concentration, (1.0 - m) * concentration) * policy.max_rate)
+        a, b = beta_shape(policy, rho)
+        return float(rng.beta(a, b) * policy.max_rate)
     if isinstance(policy, ResDepDrop):
         s_min = policy.s_min if policy.s_min is not None else 1
         s_max = policy.s_max if policy.s_max is not None else max(max_tokens, s_min + 1)
@@ -38,6 +37,13 @@ def sample_drop_rate(policy: DropPolicy, rng: np.random.Generator, num_tokens: i
             d = mu
         return float(min(max(d, 0.0), _MAX_RATE))
     raise TypeError(f"unknown drop policy {policy!r}")
+
+
+def beta_shape(policy: BetaDrop, rho: "float | None" = None) -> tuple[float, float]:
+    """The Beta's (a, b) for a mean drop rate of policy.mean (or the schedule's `rho`)."""
+    m = (policy.mean if rho is None else rho) / policy.max_rate
+    concentration = 1.0 / _BETA_VARIANCE_FACTOR - 1.0  # a + b, so that var = m(1-m)/(a+b+1)
+    return m * concentration, (1.0 - m) * concentration
 
 
 def kept_count(num_tokens: int, rate: float) -> int:

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._config import ConstDrop, Fixed, Native, NoDrop, PackConfig, TruncNormal, Uniform
-from ._drop import choose_kept, kept_count, sample_drop_rate
+from ._config import BetaDrop, ConstDrop, Fixed, Native, NoDrop, PackConfig, TruncNormal, Uniform
+from ._drop import beta_shape, choose_kept, kept_count, sample_drop_rate
 from ._image import ImageRejected, OpenedImage, read_header
 from ._patch import grid_positions, patch_view, patchify
 from ._plan import grid_for_budget, plan_grid
@@ -136,6 +136,9 @@ class PlanBlock:
         self._uniform = isinstance(config.resolution, Uniform)  # one uniform draw: no generator needed
         self._sizes = list(sizes) if sizes is not None else [None] * len(keys)
         self._grids = self._block_grids()
+        drop = config.token_drop
+        # A Beta without a schedule draws with the same shape for every image: set it up once.
+        self._beta = beta_shape(drop) if isinstance(drop, BetaDrop) and drop.schedule is None else None
 
     def _block_grids(self) -> list:
         """Each sized image's (grid_h, grid_w) under a one-draw scale policy (grid_for_scale's steps on
@@ -180,8 +183,15 @@ class PlanBlock:
         if grid is None:
             return plan_size(height, width, self.keys[i], self.config, epoch=self.epoch, images_seen=images_seen,
                              label=label, meta=meta, rngs=self.of(i))
-        return _plan(self.config, self.keys[i], self.epoch, images_seen, check_label(label), meta, height, width,
-                     grid, self.of(i))
+        label = check_label(label)
+        if self._beta is None:
+            return _plan(self.config, self.keys[i], self.epoch, images_seen, label, meta, height, width, grid, self.of(i))
+        grid_h, grid_w = grid
+        n = grid_h * grid_w
+        rate = float(self._rngs["drop"].get(i).beta(*self._beta) * self.config.token_drop.max_rate)  # sample_drop_rate's
+        kept = kept_count(n, rate)
+        return ImagePlan.of_values((self.keys[i], self.epoch, images_seen, label, dict(meta or {}), height, width,
+                                    grid_h, grid_w, kept, 1.0 - kept / n, None))
 
 
 def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
