@@ -213,15 +213,17 @@ class PackingCore:
             return []
         refits = self._refits() if self._fill is not None else {}
         out = []
+        pending = self._pending
         for b in bins:
-            items, payloads = [], []
+            items, payloads, real = [], [], 0
             for i in b:
-                plan, prov, payload = self._pending.pop(i)
-                items.append((refits.get(i, plan), prov))
+                plan, prov, payload = pending.pop(i)
+                plan = refits.get(i, plan)
+                items.append((plan, prov))
                 payloads.append(payload)
+                real += plan.final_tokens
             d = Decision(self._next_seq, tuple(items), tuple(payloads))
             self._next_seq += 1
-            real = d.tokens
             self.stats["images"] += len(items)
             self.stats["sequences"] += 1
             self.stats["tokens_real"] += real

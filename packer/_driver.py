@@ -126,7 +126,7 @@ class Driver:
         for d, rejects in zip(slot.decisions, slot.rejects):
             popped = self._inflight.popleft()
             assert popped is d, "the pool returned decisions out of order"
-            tokens = d.tokens - sum(r.tokens for r in rejects)
+            tokens = d.tokens - (sum(r.tokens for r in rejects) if rejects else 0)
             self.returned["sequences"] += 1
             self.returned["images"] += len(d.items) - len(rejects)
             self.returned["tokens_real"] += tokens

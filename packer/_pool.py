@@ -129,8 +129,19 @@ class _Job:
 _END = object()
 
 
-def _inline(payload: Any) -> bool:
-    return isinstance(payload, (bytes, bytearray, memoryview))
+_INLINE = (bytes, bytearray, memoryview)
+
+
+def _ring_need(payloads) -> tuple[int, int]:
+    """The bytes a decision's inline payloads take in the ring, and the longest of them (what skipping to
+    the ring's start may waste)."""
+    size = longest = 0
+    for p in payloads:
+        if isinstance(p, _INLINE):
+            n = len(p)
+            size += n
+            longest = max(longest, n)
+    return size, longest
 
 
 class _Slots:
@@ -606,9 +617,7 @@ class FillPool(_Slots):
     def can_submit(self, decision: Optional[Decision] = None) -> bool:
         if not self._has_slot():
             return False
-        datas = [p for p in decision.payloads if _inline(p)] if decision is not None else []
-        size = sum(len(d) for d in datas)
-        waste = max((len(d) for d in datas), default=0)  # skipped at the ring's end, at most one image's length
+        size, waste = _ring_need(decision.payloads) if decision is not None else (0, 0)  # waste: skipped at the ring's end
         return size > self._ring_size // 2 or self._ring_head + size + waste - self._ring_tail <= self._ring_size
 
     def submit(self, decision: Decision) -> None:
@@ -627,11 +636,10 @@ class FillPool(_Slots):
     def _store(self, payloads) -> list:
         """Where each image's bytes are: copied into the ring (when the decision's bytes fit in half of it),
         else sent with the task; references go as they are, for the worker's reader."""
-        inline = [p for p in payloads if _inline(p)]
-        in_ring = sum(len(d) for d in inline) <= self._ring_size // 2
+        in_ring = _ring_need(payloads)[0] <= self._ring_size // 2
         spans = []
         for p in payloads:
-            if not _inline(p):
+            if not isinstance(p, _INLINE):
                 spans.append(("ref", p))
             elif not in_ring:
                 spans.append(("bytes", bytes(p)))
