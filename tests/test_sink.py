@@ -63,6 +63,27 @@ def test_a_shard_is_hashed_as_it_is_written_not_read_back(tmp_path, monkeypatch,
     assert written > 500_000 and read < written / 10, (read, written)
 
 
+@pytest.mark.parametrize("flush_every", [1000, 1 << 30])
+def test_the_child_sends_the_bytes_to_disk_as_they_come(tmp_path, monkeypatch, flush_every):
+    """While it writes, the child fdatasyncs every _FLUSH_BYTES in the background (so the fsync the writer
+    waits for at the end is short), and the file and digest are the same either way."""
+    monkeypatch.setattr(_sink, "_FLUSH_BYTES", flush_every)
+    data = os.urandom(60_000)
+    target = tmp_path / "shard"
+    target.write_bytes(b"")
+    sink = _sink.ShardSink(str(target))
+    try:
+        f = sink.file()
+        for i in range(0, len(data), 4096):
+            f.write(data[i:i + 4096])
+            f.flush()
+        digest, size = sink.finish()
+    finally:
+        sink.close()
+    assert target.read_bytes() == data and size == len(data) and digest == hashlib.sha256(data).hexdigest()
+    assert (sink.background_syncs >= 1) == (flush_every < len(data)), sink.background_syncs
+
+
 def test_a_failed_write_in_the_child_is_its_oserror(tmp_path):
     """The child cannot open its target: the writer's pipe breaks, and failure() says why (ENOENT, the path)."""
     target = str(tmp_path / "gone" / "shard")
