@@ -8,6 +8,7 @@ tf.data path (feature_spec, parse_examples, for schemas.tf_dataset) imports tens
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -33,18 +34,30 @@ def _varint_loop(n: int) -> bytes:
 _SHORT_VARINTS = [_varint_loop(n) for n in range(0x4000)]
 
 
+_MASK64 = (1 << 64) - 1
+_LONG_VARINTS: dict[int, bytes] = {}  # the longer ones met: -1 labels (ten bytes), the patches' lengths
+
+
 def _varint(n: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int."""
-    return _SHORT_VARINTS[n] if n < 0x4000 else _varint_loop(n)
+    if n < 0x4000:
+        return _SHORT_VARINTS[n]
+    out = _LONG_VARINTS.get(n)
+    if out is None:
+        out = _varint_loop(n)
+        if len(_LONG_VARINTS) < 4096:
+            _LONG_VARINTS[n] = out
+    return out
 
 
 def _varints(values: np.ndarray) -> bytes:
     """Concatenated varints of int values as protobuf writes int64 (negatives as 10-byte two's complement)."""
-    v = values.reshape(-1).astype(np.int64).view(np.uint64)
-    if v.size == 0 or int(v.max()) < 0x80:
-        return v.astype(np.uint8).tobytes()
-    if v.size <= 64:  # a per-image field: a Python loop beats the numpy passes below
-        return b"".join([_varint(n) for n in v.tolist()])
+    flat = values.reshape(-1)
+    if flat.size <= 64:  # a per-image field: a Python loop beats numpy's passes (negatives: their 64-bit form)
+        return b"".join([_varint(n & _MASK64) for n in flat.tolist()])
+    if flat.min() >= 0 and flat.max() < 0x80:  # positions and segment ids: a byte each
+        return flat.astype(np.uint8).tobytes()
+    v = flat.astype(np.int64).view(np.uint64)
     groups = (v[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
     nbytes = np.maximum(1, 10 - np.argmax((groups[:, ::-1] != 0), axis=1))
     nbytes[~(groups != 0).any(axis=1)] = 1
@@ -61,38 +74,64 @@ def _field(number: int, payload: bytes) -> bytes:
     return b"".join((_TAGS[number], _varint(len(payload)), payload))
 
 
-def _wrap(number: int, parts: list[bytes], length: int) -> tuple[list[bytes], int]:
-    """Parts of a length-delimited field around `parts` (of total `length` bytes), without copying them."""
-    head = _TAGS[number] + _varint(length)
-    return [head, *parts], len(head) + length
-
-
-def _feature(v: np.ndarray, dtype: str) -> tuple[list[bytes], int]:
-    """A tf.train.Feature as parts: bytes_list = 1, float_list = 2, int64_list = 3 (packed lists)."""
+def _values(v: np.ndarray, dtype: str) -> list:
+    """A feature's values as protobuf writes them: the raw bytes (uint8, one bytes_list value), packed
+    varints (int32) or little-endian floats (float32), or one length-delimited field per string."""
     if dtype == "uint8":
-        raw = memoryview(np.ascontiguousarray(v)).cast("B")  # joined once, by encode_example: no copy here
-        return _wrap(1, *_wrap(1, [raw], raw.nbytes))
-    if dtype in ("int32", "float32"):
-        packed = _varints(v) if dtype == "int32" else np.ascontiguousarray(v, dtype="<f4").tobytes()
-        inner = _wrap(1, [packed], len(packed)) if packed else ([], 0)
-        return _wrap(3 if dtype == "int32" else 2, *inner)
-    values = [_field(1, s.encode("utf-8")) for s in v.reshape(-1)]
-    return _wrap(1, values, sum(map(len, values)))
+        return [memoryview(np.ascontiguousarray(v)).cast("B")]  # joined once, by encode_example: no copy here
+    if dtype == "int32":
+        packed = _varints(v)
+    elif dtype == "float32":
+        packed = np.ascontiguousarray(v, dtype="<f4").tobytes()
+    else:
+        return [_TAGS[1] + _varint(len(b)) + b for b in [s.encode("utf-8") for s in v.reshape(-1).tolist()]]
+    return [packed] if packed else []
+
+
+_HEADERS: dict[tuple[bytes, str, int], bytes] = {}
+
+
+def _entry_header(name: bytes, dtype: str, n: int) -> bytes:
+    """The bytes of a features-map entry (key `name`, a length-delimited field already) before its values'
+    n bytes: a tf.train.Feature (bytes_list = 1, float_list = 2, int64_list = 3) around them. They depend
+    on (name, dtype, n) alone, so each is built once."""
+    key = (name, dtype, n)
+    head = _HEADERS.get(key)
+    if head is not None:
+        return head
+    if dtype == "string":  # the values are the list's fields themselves
+        feature = _TAGS[1] + _varint(n)
+    else:
+        inner = _TAGS[1] + _varint(n) if n or dtype == "uint8" else b""  # bytes_list's value, or the packed field
+        feature = _TAGS[{"uint8": 1, "int32": 3, "float32": 2}[dtype]] + _varint(len(inner) + n) + inner
+    value = _TAGS[2] + _varint(len(feature) + n) + feature
+    head = _TAGS[1] + _varint(len(name) + len(value) + n) + name + value
+    if len(_HEADERS) < 4096:
+        _HEADERS[key] = head
+    return head
+
+
+@functools.lru_cache(maxsize=64)
+def _sorted_fields(schema: Schema) -> tuple[tuple[str, str, bytes], ...]:
+    """(name, dtype, key field) of each field in the order TF writes the map: sorted by key bytes."""
+    return tuple((f.name, f.dtype, _field(1, f.name.encode("utf-8")))
+                 for f in sorted(schema.fields, key=lambda f: f.name.encode("utf-8")))
 
 
 def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
     """Serialized tf.train.Example of one (validated) record, written as protobuf wire format by hand (no
     TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key). Built
     as a list of parts joined once, so the patches are copied once."""
-    parts: list[bytes] = []
+    parts: list = []
     total = 0
-    for f in sorted(schema.fields, key=lambda f: f.name.encode("utf-8")):
-        name = _field(1, f.name.encode("utf-8"))
-        feature, length = _wrap(2, *_feature(np.asarray(record[f.name]), f.dtype))
-        entry, length = _wrap(1, [name, *feature], len(name) + length)
-        parts += entry
-        total += length
-    return b"".join(_wrap(1, parts, total)[0])
+    for name, dtype, key in _sorted_fields(schema):
+        values = _values(np.asarray(record[name]), dtype)
+        n = sum(map(len, values))
+        head = _entry_header(key, dtype, n)
+        parts.append(head)
+        parts += values
+        total += len(head) + n
+    return b"".join([_TAGS[1] + _varint(total), *parts])
 
 
 def _masked(data: Any) -> int:
