@@ -183,15 +183,12 @@ class PlanBlock:
         if grid is None:
             return plan_size(height, width, self.keys[i], self.config, epoch=self.epoch, images_seen=images_seen,
                              label=label, meta=meta, rngs=self.of(i))
-        label = check_label(label)
-        if self._beta is None:
-            return _plan(self.config, self.keys[i], self.epoch, images_seen, label, meta, height, width, grid, self.of(i))
-        grid_h, grid_w = grid
-        n = grid_h * grid_w
-        rate = float(self._rngs["drop"].get(i).beta(*self._beta) * self.config.token_drop.max_rate)  # sample_drop_rate's
-        kept = kept_count(n, rate)
-        return ImagePlan.of_values((self.keys[i], self.epoch, images_seen, label, dict(meta or {}), height, width,
-                                    grid_h, grid_w, kept, 1.0 - kept / n, None))
+        kept = None
+        if self._beta is not None:  # sample_drop_rate's draw, its shape set up once
+            rate = float(self._rngs["drop"].get(i).beta(*self._beta) * self.config.token_drop.max_rate)
+            kept = kept_count(grid[0] * grid[1], rate)
+        return _plan(self.config, self.keys[i], self.epoch, images_seen, check_label(label), meta, height, width, grid,
+                     self.of(i), kept)
 
 
 def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
@@ -207,14 +204,15 @@ def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: i
     return _plan(config, key, epoch, images_seen, label, meta, height, width, grid, rngs)
 
 
-def _plan(config: PackConfig, key: str, epoch: int, images_seen: float, label: int,
-          meta: Optional[Mapping[str, Any]], height: int, width: int, grid: tuple[int, int], rngs: RngFor) -> ImagePlan:
-    """An image's plan from its grid: the drop draw (or the policy's rate), then the ImagePlan."""
+def _plan(config: PackConfig, key: str, epoch: int, images_seen: float, label: int, meta: Optional[Mapping[str, Any]],
+          height: int, width: int, grid: tuple[int, int], rngs: RngFor, kept: Optional[int] = None) -> ImagePlan:
+    """An image's plan from its grid: the drop draw (or the policy's rate) unless `kept` is drawn already,
+    then the ImagePlan."""
     grid_h, grid_w = grid
     n = grid_h * grid_w
-    if not _draws_drop(config):  # no draw: the rate is the policy's
+    if kept is None and not _draws_drop(config):  # no draw: the rate is the policy's
         kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
-    else:
+    elif kept is None:
         _, _, kept = _drop_draw(config, key, epoch, images_seen, n, rngs("drop"))
     return ImagePlan.of_values((key, int(epoch), images_seen, label, dict(meta or {}), height, width, grid_h, grid_w,
                                 kept, 1.0 - kept / n, None))
