@@ -660,7 +660,8 @@ class PackedStream:
                     break
                 any_read = True
                 if self.shuffle:
-                    block.sort(key=lambda t: (packer.stable_hash(t[2].key, f"{self.config.seed}/{epoch}"), t[0], t[1]))
+                    salt = f"{self.config.seed}/{epoch}"
+                    block.sort(key=lambda t: (packer.stable_hash(t[2].key, salt), t[0], t[1]))
                 rest = block[skip:]
                 planner = packer.PlanBlock(self.config, [rec.key for _, _, rec in rest], epoch, [rec.size for _, _, rec in rest])
                 for i, (u, off, rec) in enumerate(rest):
