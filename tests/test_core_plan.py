@@ -169,6 +169,20 @@ def test_area_mode_rescales_area_not_side():
     assert abs(packer._plan.sample_resolution(area, rng) - math.sqrt((64**2 + 384**2) / 2)) < 0.01
 
 
+def test_keyed_hashes_are_blake2b_of_the_whole_message():
+    """stable_hash and the generators' seeds hash a prefix once and copy it: the digests stay those of the
+    whole message (what every earlier output was made with), for any key and salt."""
+    import hashlib
+
+    for key in ["", "n01440764/x.JPEG", "é/ü\udcff", "x" * 500, "a\x00b"]:
+        for salt in ["", "0/3", "group/7/1", "\ud800"]:
+            whole = hashlib.blake2b(f"{salt}\x00{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            assert packer.stable_hash(key, salt) == int.from_bytes(whole, "little"), (key, salt)
+        for seed, epoch, purpose in ((0, 0, "resolution"), (-5, 12, "drop")):
+            msg = f"{seed}\x00{epoch}\x00{purpose}\x00{key}".encode("utf-8", "surrogatepass")
+            assert packer._rng._digest(seed, key, epoch, purpose) == hashlib.blake2b(msg, digest_size=16).digest()
+
+
 def test_image_rngs_are_image_rng_bit_for_bit():
     """ImageRngs seeds many keys at once (numpy's SeedSequence and PCG64 seeding, vectorized): the same
     generators as image_rng, whatever the key (empty, non-ASCII, surrogates, long), and first_uniform is
