@@ -35,19 +35,12 @@ _SHORT_VARINTS = [_varint_loop(n) for n in range(0x4000)]
 
 
 _MASK64 = (1 << 64) - 1
-_LONG_VARINTS: dict[int, bytes] = {}  # the longer ones met: -1 labels (ten bytes), the patches' lengths
+_long_varint = functools.lru_cache(maxsize=4096)(_varint_loop)  # the longer ones met: -1 labels, the patches' lengths
 
 
 def _varint(n: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int."""
-    if n < 0x4000:
-        return _SHORT_VARINTS[n]
-    out = _LONG_VARINTS.get(n)
-    if out is None:
-        out = _varint_loop(n)
-        if len(_LONG_VARINTS) < 4096:
-            _LONG_VARINTS[n] = out
-    return out
+    return _SHORT_VARINTS[n] if n < 0x4000 else _long_varint(n)
 
 
 def _varints(values: np.ndarray) -> bytes:
@@ -84,31 +77,22 @@ def _values(v: np.ndarray, dtype: str) -> list:
     elif dtype == "float32":
         packed = np.ascontiguousarray(v, dtype="<f4").tobytes()
     else:
-        return [_TAGS[1] + _varint(len(b)) + b for b in [s.encode("utf-8") for s in v.reshape(-1).tolist()]]
+        return [_field(1, s.encode("utf-8")) for s in v.reshape(-1).tolist()]
     return [packed] if packed else []
 
 
-_HEADERS: dict[tuple[bytes, str, int], bytes] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _entry_header(name: bytes, dtype: str, n: int) -> bytes:
     """The bytes of a features-map entry (key `name`, a length-delimited field already) before its values'
     n bytes: a tf.train.Feature (bytes_list = 1, float_list = 2, int64_list = 3) around them. They depend
     on (name, dtype, n) alone, so each is built once."""
-    key = (name, dtype, n)
-    head = _HEADERS.get(key)
-    if head is not None:
-        return head
     if dtype == "string":  # the values are the list's fields themselves
         feature = _TAGS[1] + _varint(n)
     else:
         inner = _TAGS[1] + _varint(n) if n or dtype == "uint8" else b""  # bytes_list's value, or the packed field
         feature = _TAGS[{"uint8": 1, "int32": 3, "float32": 2}[dtype]] + _varint(len(inner) + n) + inner
     value = _TAGS[2] + _varint(len(feature) + n) + feature
-    head = _TAGS[1] + _varint(len(name) + len(value) + n) + name + value
-    if len(_HEADERS) < 4096:
-        _HEADERS[key] = head
-    return head
+    return _TAGS[1] + _varint(len(name) + len(value) + n) + name + value
 
 
 @functools.lru_cache(maxsize=64)
