@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import struct
 import sys
 import tempfile
 import threading
@@ -404,12 +405,16 @@ def jpeg_header(data: bytes) -> "JpegHeader | None":
     return _walk_jpeg(data, len(data))
 
 
+_MARKER_HEAD = struct.Struct(">BBH")  # 0xFF, the marker, the segment's length (for markers that have one)
+_SKIPPED = frozenset([0xC4, 0xDB, 0xDD, 0xE0] + list(range(0xE2, 0xF0)))  # tables, restart interval, APPn but APP1
+
+
 def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
     """jpeg_header of an n-byte image whose first len(data) bytes are `data`; `more(offset, count)` reads
     what lies beyond them (it is asked only for marker heads, the frame header and EXIF/XMP blocks, never for
     the other segments' contents)."""
     have = len(data)
-    xmp = None
+    head = _MARKER_HEAD.unpack_from
 
     def get(offset: int, count: int) -> bytes:
         return data[offset:offset + count] if offset + count <= have or more is None else more(offset, count)
@@ -417,25 +422,31 @@ def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
     if n < 4 or data[:2] != b"\xff\xd8":
         return None
     i = 2
-    size = None
-    exif = None
+    size = exif = xmp = None
     while i + 4 <= n:
-        mark = data[i:i + 4] if i + 4 <= have else get(i, 4)
-        if len(mark) < 4 or mark[0] != 0xFF:
+        if i + 4 <= have:
+            ff, marker, length = head(data, i)
+        else:
+            mark = get(i, 4)
+            if len(mark) < 4:
+                return None
+            ff, marker, length = head(mark)
+        if ff != 0xFF:
             return None
-        marker = mark[1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: the header is over
+        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image: the header is over
             break
-        length = (mark[2] << 8) | mark[3]
         if length < 2 or i + 2 + length > n:
             return None
         start = i + 4
+        i += 2 + length
+        if marker in _SKIPPED:  # most segments of a plain JPEG
+            continue
         if marker in _SOF_PLAIN:
             if size is not None or length < 8:
                 return None
@@ -446,7 +457,7 @@ def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
             if h < 1 or w < 1 or components not in (1, 3, 4):
                 return None
             size = (h, w)
-        elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        elif 0xC3 <= marker <= 0xCF and marker not in (0xC8, 0xCC):
             return None  # lossless, arithmetic or hierarchical frames: Pillow decides
         elif marker == 0xE1:
             prefix = get(start, len(_XMP_PREFIX))
@@ -456,7 +467,6 @@ def _walk_jpeg(data: bytes, n: int, more=None) -> "JpegHeader | None":
                 exif = bytes(get(start, length - 2))
             elif length - 2 >= len(_XMP_PREFIX) and prefix.startswith(_XMP_PREFIX):  # the last block counts, as in Pillow
                 xmp = bytes(get(start + len(_XMP_PREFIX), length - 2 - len(_XMP_PREFIX)))
-        i += 2 + length
     if size is None:
         return None
     orientation = _display_orientation(exif, xmp)
