@@ -63,31 +63,29 @@ _MASK64 = (1 << 64) - 1
 _DOUBLE_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 
 
-def _hashmix(value: np.ndarray, k: int) -> np.ndarray:
-    value = (value ^ np.uint32(_HASH_A[k])) * np.uint32(_HASH_A[k + 1])
-    return value ^ (value >> _SHIFT)
-
-
-def _mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    r = x * _MIX_L - y * _MIX_R
-    return r ^ (r >> _SHIFT)
+_A = np.array(_HASH_A, np.uint32)[:, None]  # as columns: row j's constant for the j-th word of a stack
+_B = np.array(_HASH_B, np.uint32)[:, None]
+_POOL_OUT = [i % 4 for i in range(8)]  # generate_state's word i comes from pool word i mod 4
 
 
 def _pcg64_seeds(entropy: np.ndarray) -> np.ndarray:
     """[N, 4] uint32 entropy words (a 128-bit seed, least significant word first) -> [N, 4] uint64: per row
-    the four words numpy's SeedSequence(seed).generate_state(4, np.uint64) gives."""
-    pool = [_hashmix(entropy[:, i], i) for i in range(4)]
+    the four words numpy's SeedSequence(seed).generate_state(4, np.uint64) gives. The pool's words are rows
+    of one [4, N] stack: each of SeedSequence's hashmix and mix steps runs on every word it touches at once
+    (a source word mixes into the other three with independent constants)."""
+    pool = (entropy.T ^ _A[0:4]) * _A[1:5]  # hashmix of word i with constant i
+    pool ^= pool >> _SHIFT
     k = 4
     for src in range(4):
-        for dst in range(4):
-            if src != dst:
-                pool[dst] = _mix(pool[dst], _hashmix(pool[src], k))
-                k += 1
-    out = np.empty((len(entropy), 8), np.uint32)
-    for i in range(8):
-        v = (pool[i % 4] ^ np.uint32(_HASH_B[i])) * np.uint32(_HASH_B[i + 1])
-        out[:, i] = v ^ (v >> _SHIFT)
-    return out.view("<u8")
+        dst = [d for d in range(4) if d != src]
+        h = (pool[src] ^ _A[k:k + 3]) * _A[k + 1:k + 4]  # hashmix(pool[src]) with constants k, k + 1, k + 2
+        h ^= h >> _SHIFT
+        r = pool[dst] * _MIX_L - h * _MIX_R
+        pool[dst] = r ^ (r >> _SHIFT)
+        k += 3
+    out = (pool[_POOL_OUT] ^ _B[0:8]) * _B[1:9]
+    out ^= out >> _SHIFT
+    return np.ascontiguousarray(out.T).view("<u8")
 
 
 # 128-bit unsigned arithmetic mod 2**128 on (high, low) uint64 arrays, for PCG64's state steps.
@@ -129,16 +127,25 @@ def _ints(words: tuple) -> list[int]:
     return [(h << 64) | l for h, l in zip(words[0].tolist(), words[1].tolist())]
 
 
-class ImageRngs:
-    """image_rng(seed, key, epoch, purpose) for many keys at once, bit for bit the same generators: numpy's
-    SeedSequence and PCG64 seeding, and the first draw, run for all keys in a few vector operations (about
-    2 us a key, against 10 us for a generator built alone), which planning every header of an epoch on
-    every rank needs. `get(i)` sets one reused generator to key i's starting state: use it before the next get."""
+def image_rngs(seed: int, keys: "list[str] | tuple[str, ...]", epoch: int, purposes: "list[str] | tuple[str, ...]") -> dict:
+    """{purpose: ImageRngs} of image_rng(seed, key, epoch, purpose) for every key and purpose, all seeded in
+    one pass of vector operations (their fixed cost paid once, however many purposes)."""
+    digests = b"".join(d for purpose in purposes for d in _digests(seed, keys, epoch, purpose))
+    (sh, sl), (ih, il), first = _pcg64_starts(_pcg64_seeds(np.frombuffer(digests, "<u4").reshape(-1, 4)))
+    n = len(keys)
+    return {purpose: ImageRngs((sh[part], sl[part]), (ih[part], il[part]), first[part])
+            for part, purpose in ((slice(j * n, (j + 1) * n), purpose) for j, purpose in enumerate(purposes))}
 
-    def __init__(self, seed: int, keys: "list[str] | tuple[str, ...]", epoch: int, purpose: str):
-        digests = b"".join(_digests(seed, keys, epoch, purpose))
-        seeds = _pcg64_seeds(np.frombuffer(digests, "<u4").reshape(-1, 4))
-        self._words, self._inc_words, self._first = _pcg64_starts(seeds)
+
+class ImageRngs:
+    """image_rng(seed, key, epoch, purpose) for many keys at once (made by image_rngs), bit for bit the same
+    generators: numpy's SeedSequence and PCG64 seeding, and the first draw, run for all keys in a few vector
+    operations (about 2 us a key, against 10 us for a generator built alone), which planning every header
+    of an epoch on every rank needs. `get(i)` sets one reused generator to key i's starting state: use it
+    before the next get."""
+
+    def __init__(self, words: tuple, inc_words: tuple, first: list):
+        self._words, self._inc_words, self._first = words, inc_words, first
         self._starts: "tuple[list[int], list[int]] | None" = None  # Python ints for get, made on its first call
         self._bits = np.random.PCG64(0)
         self._rng = np.random.Generator(self._bits)

@@ -21,7 +21,7 @@ from ._image import ImageRejected, OpenedImage, read_header
 from ._patch import grid_positions, patch_view, patchify
 from ._plan import grid_for_budget, plan_grid
 from ._process import PatchedImage, check_label
-from ._rng import ImageRngs, image_rng
+from ._rng import ImageRngs, image_rng, image_rngs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class _FirstUniform:
 
 
 class PlanBlock:
-    """The plans of many images of one epoch, made together: their generators seeded at once (ImageRngs,
+    """The plans of many images of one epoch, made together: their generators seeded at once (image_rngs,
     for the purposes the config draws) and, where `sizes` are given and the policy scales each image by
     one draw (fixed, uniform, native), their grids computed as arrays. `plan(i, ...)` and
     `plan_size(..., rngs=block.of(i))` both give image i's plan exactly as plan_size alone does."""
@@ -132,7 +132,7 @@ class PlanBlock:
         purposes = [p for p, draws in (("resolution", _draws_size(config)), ("drop", _draws_drop(config))) if draws]
         keys = list(keys)
         self.config, self.keys, self.epoch = config, keys, int(epoch)
-        self._rngs = {p: ImageRngs(config.seed, keys, self.epoch, p) for p in purposes}
+        self._rngs = image_rngs(config.seed, keys, self.epoch, purposes)
         self._uniform = isinstance(config.resolution, Uniform)  # one uniform draw: no generator needed
         self._sizes = list(sizes) if sizes is not None else [None] * len(keys)
         self._grids = self._block_grids()
@@ -179,16 +179,38 @@ class PlanBlock:
     def plan(self, i: int, height: int, width: int, *, images_seen: float = 0, label: Any = -1,
              meta: Optional[Mapping[str, Any]] = None) -> ImagePlan:
         """plan_size(height, width, keys[i], config, epoch=epoch, ...) with the block's draws."""
-        grid = self._grids[i] if self._sizes[i] == (height, width) else None
-        if grid is None:
+        if self._grids[i] is None or self._sizes[i] != (height, width):
             return plan_size(height, width, self.keys[i], self.config, epoch=self.epoch, images_seen=images_seen,
                              label=label, meta=meta, rngs=self.of(i))
-        kept = None
-        if self._beta is not None:  # sample_drop_rate's draw, its shape set up once
-            rate = float(self._rngs["drop"].get(i).beta(*self._beta) * self.config.token_drop.max_rate)
-            kept = kept_count(grid[0] * grid[1], rate)
-        return _plan(self.config, self.keys[i], self.epoch, images_seen, check_label(label), meta, height, width, grid,
-                     self.of(i), kept)
+        return self._made(i, images_seen, check_label(label), meta)
+
+    def plans(self, images_seen: Sequence[float], labels: Sequence[Any],
+              metas: Sequence[Optional[Mapping[str, Any]]]) -> list[Optional[ImagePlan]]:
+        """plan(i, *sizes[i], images_seen=images_seen[i], label=labels[i], meta=metas[i]) of every image in one
+        pass (a third of the per-image cost); None where plan() must run alone: a size the block does not
+        know, a label that does not check (plan() raises its ImageRejected)."""
+        out: list[Optional[ImagePlan]] = []
+        for i, grid in enumerate(self._grids):
+            try:
+                out.append(None if grid is None else self._made(i, images_seen[i], check_label(labels[i]), metas[i]))
+            except ImageRejected:
+                out.append(None)
+        return out
+
+    def _made(self, i: int, images_seen: float, label: int, meta: Optional[Mapping[str, Any]]) -> ImagePlan:
+        """Image i's plan at the block's grid: its drop draw (the Beta's shape set up once), then the ImagePlan."""
+        grid_h, grid_w = self._grids[i]
+        n = grid_h * grid_w
+        config = self.config
+        if self._beta is not None:  # sample_drop_rate's draw
+            rate = float(self._rngs["drop"].get(i).beta(*self._beta) * config.token_drop.max_rate)
+        else:
+            rate = sample_drop_rate(config.token_drop, self._rngs["drop"].get(i) if "drop" in self._rngs else None, n,
+                                    config.max_tokens_per_image, images_seen)
+        kept = kept_count(n, rate)
+        height, width = self._sizes[i]
+        return ImagePlan.of_values((self.keys[i], self.epoch, images_seen, label, dict(meta or {}), height, width,
+                                    grid_h, grid_w, kept, 1.0 - kept / n, None))
 
 
 def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: int = 0, images_seen: float = 0,
@@ -200,20 +222,12 @@ def plan_size(height: int, width: int, key: str, config: PackConfig, *, epoch: i
     # Generators only for the policies that draw (building one costs more than the rest of the plan).
     if rngs is None:
         rngs = functools.partial(image_rng, config.seed, key, epoch)
-    grid = plan_grid(height, width, config, rngs("resolution") if _draws_size(config) else None)
-    return _plan(config, key, epoch, images_seen, label, meta, height, width, grid, rngs)
-
-
-def _plan(config: PackConfig, key: str, epoch: int, images_seen: float, label: int, meta: Optional[Mapping[str, Any]],
-          height: int, width: int, grid: tuple[int, int], rngs: RngFor, kept: Optional[int] = None) -> ImagePlan:
-    """An image's plan from its grid: the drop draw (or the policy's rate) unless `kept` is drawn already,
-    then the ImagePlan."""
-    grid_h, grid_w = grid
+    grid_h, grid_w = plan_grid(height, width, config, rngs("resolution") if _draws_size(config) else None)
     n = grid_h * grid_w
-    if kept is None and not _draws_drop(config):  # no draw: the rate is the policy's
-        kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
-    elif kept is None:
+    if _draws_drop(config):
         _, _, kept = _drop_draw(config, key, epoch, images_seen, n, rngs("drop"))
+    else:  # no draw: the rate is the policy's
+        kept = kept_count(n, sample_drop_rate(config.token_drop, None, n, config.max_tokens_per_image, images_seen))
     return ImagePlan.of_values((key, int(epoch), images_seen, label, dict(meta or {}), height, width, grid_h, grid_w,
                                 kept, 1.0 - kept / n, None))
 

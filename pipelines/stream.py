@@ -558,18 +558,19 @@ class PackedStream:
             self._pos = (self._pos[0] + 1, 0, 0, 0)
             self._accepted_in_epoch = 0
             return
-        epoch, u, off, rec, position, block = item
+        epoch, u, off, rec, position, block, plan = item
         self._pos = position
         seen = self._core.images_seen
         prov = [u, off, epoch, seen]
         if rec.reject:
             self._core.reject(rec.key, rec.reject, rec.detail, prov)
             return
-        try:
-            plan = rec.plan(self.config, epoch=epoch, images_seen=seen, block=block)
-        except ImageRejected as e:
-            self._core.reject(rec.key, e.reason, e.detail, prov)
-            return
+        if plan is None:  # not planned with its block (see PlanBlock.plans)
+            try:
+                plan = rec.plan(self.config, epoch=epoch, images_seen=seen, block=block)
+            except ImageRejected as e:
+                self._core.reject(rec.key, e.reason, e.detail, prov)
+                return
         self._accepted_in_epoch += 1
         # A plan file names images by reference, even those the listing read whole (their bytes stay here).
         payload = rec.ref if isinstance(self._driver, _PlanWriter) and rec.ref is not None else rec.payload
@@ -646,8 +647,8 @@ class PackedStream:
 
     def _records(self) -> Iterator:
         """(epoch, unit index, offset, Listed record, position after it, (its block's packer.PlanBlock, its
-        index there)) from the current position on, in stream order; _EPOCH_END after each epoch. A block's
-        plans are made together (generators seeded and grids computed at once)."""
+        index there), its plan or None) from the current position on, in stream order; _EPOCH_END after each
+        epoch. A block's plans are made together (PlanBlock.plans); None: plan the record with its block."""
         epoch, unit_index, offset, skip = self._pos
         while self.epochs is None or epoch < self.epochs:
             order = _epoch_order(len(self._units), self._units, self.config.seed, epoch, self.shuffle)
@@ -664,8 +665,11 @@ class PackedStream:
                     block.sort(key=lambda t: (packer.stable_hash(t[2].key, salt), t[0], t[1]))
                 rest = block[skip:]
                 planner = packer.PlanBlock(self.config, [rec.key for _, _, rec in rest], epoch, [rec.size for _, _, rec in rest])
+                seen = self._core.images_seen  # every record before the block has been counted: the block's are next
+                plans = planner.plans(range(seen, seen + len(rest)), [rec.label for _, _, rec in rest],
+                                      [rec.meta for _, _, rec in rest])
                 for i, (u, off, rec) in enumerate(rest):
-                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), (planner, i)
+                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), (planner, i), plans[i]
                 skip = 0
                 last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
                 block_start = (last_u, last_off + 1)

@@ -184,12 +184,12 @@ def test_keyed_hashes_are_blake2b_of_the_whole_message():
 
 
 def test_image_rngs_are_image_rng_bit_for_bit():
-    """ImageRngs seeds many keys at once (numpy's SeedSequence and PCG64 seeding, vectorized): the same
+    """image_rngs seeds many keys and purposes at once (numpy's SeedSequence and PCG64 seeding, vectorized): the same
     generators as image_rng, whatever the key (empty, non-ASCII, surrogates, long), and first_uniform is
     the first uniform draw."""
     keys = [f"n{i:08d}/img_{i}.JPEG" for i in range(300)] + ["", "é/ü\udcff", "x" * 500, "a\x00b"]
     for seed, epoch, purpose in ((0, 0, "resolution"), (2**40 + 3, 7, "drop"), (-5, 123, "fill")):
-        rngs = packer._rng.ImageRngs(seed, keys, epoch, purpose)
+        rngs = packer._rng.image_rngs(seed, keys, epoch, ["other", purpose])[purpose]
         assert len(rngs) == len(keys)
         for i, key in enumerate(keys):
             def alone():
@@ -197,7 +197,7 @@ def test_image_rngs_are_image_rng_bit_for_bit():
             assert rngs.first_uniform(i, 64.0, 256.0) == alone().uniform(64.0, 256.0), key
             assert np.array_equal(rngs.get(i).random(4), alone().random(4)), key
             assert rngs.get(i).beta(0.7, 1.3) == alone().beta(0.7, 1.3), key
-    assert len(packer._rng.ImageRngs(0, [], 0, "drop")) == 0
+    assert len(packer._rng.image_rngs(0, [], 0, ["drop"])["drop"]) == 0
 
 
 @pytest.mark.parametrize("resolution", ["uniform:64:256", "tnormal:64:384:-0.5:1:side", "fixed:128", "fixed:400", "native", "budget:64"])
@@ -218,3 +218,18 @@ def test_plans_seeded_ahead_equal_plans_alone(resolution, drop):
         assert type(made) is packer.ImagePlan and made.__dict__ == alone.__dict__
         other = block.plan(i, h + 1, w, images_seen=10 * i)  # another size than the block's: planned alone
         assert other == packer.plan_size(h + 1, w, key, config, epoch=3, images_seen=10 * i)
+    # The whole block in one pass: each plan as plan_size's, None where the image must be planned alone.
+    labels = [(None, "x", 2.0, -2, True)[i % 5] if i % 3 == 0 else i for i in range(len(keys))]
+    metas = [{"m": str(i)} if i % 2 else {} for i in range(len(keys))]
+    made = block.plans([5 * i + 1 for i in range(len(keys))], labels, metas)
+    one_draw = resolution.split(":")[0] in ("uniform", "fixed", "native")
+    for i, key in enumerate(keys):
+        try:
+            alone = packer.plan_size(*(sizes[i] or (77, 91)), key, config, epoch=3, images_seen=5 * i + 1,
+                                     label=labels[i], meta=metas[i])
+        except packer.ImageRejected:
+            alone = None  # a bad label: block.plan raises it
+        if sizes[i] is None or alone is None or not one_draw:
+            assert made[i] is None, (key, labels[i])
+        else:
+            assert type(made[i]) is packer.ImagePlan and made[i].__dict__ == alone.__dict__, (key, made[i], alone)

@@ -142,15 +142,18 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
         {"key": key, "reason": reason, "detail": detail, "epoch": epoch}))
     ordered = ordered_members(members, cfg.seed, epoch, content)
     block = packer.PlanBlock(cfg, [m.key for m in ordered], epoch, [m.size for m in ordered])
-    for i, m in enumerate(ordered):
+    seen = [images_seen(cfg.seed, m.key, epoch, num_images) for m in ordered]
+    plans = block.plans(seen, [m.label for m in ordered], [m.meta for m in ordered])
+    for i, (m, plan) in enumerate(zip(ordered, plans)):
         if m.reject:
             core.reject(m.key, m.reject, m.detail)
             continue
-        try:
-            plan = m.plan(cfg, epoch=epoch, images_seen=images_seen(cfg.seed, m.key, epoch, num_images), block=(block, i))
-        except packer.ImageRejected as e:
-            core.reject(m.key, e.reason, e.detail)
-            continue
+        if plan is None:  # not planned with its block (see PlanBlock.plans)
+            try:
+                plan = m.plan(cfg, epoch=epoch, images_seen=seen[i], block=(block, i))
+            except packer.ImageRejected as e:
+                core.reject(m.key, e.reason, e.detail)
+                continue
         decisions.extend(core.add(plan, provenance=i, payload=m.payload))
     decisions.extend(core.flush())
     return GroupPlan(epoch, group, len(members), decisions, rejects)
