@@ -57,14 +57,16 @@ def test_unchanged_files_are_not_read_again(tmp_path, opened):
 
 
 def test_a_memo_hit_lists_the_same_record(tmp_path):
-    """A memo hit builds its Listed without the dataclass's __init__ (Listed.sized): the same record."""
+    """A listing and a memo hit build their Listed without the dataclass's __init__ (Listed.by_ref): the same
+    records as the dataclass's."""
     source = FileSource.from_spec(str(_folder(tmp_path)), labels="none", meta_fields=("path",))
     listed = [[r for r in source.headers(u, 10**9)] for u in source.units()]
     again = [[r for r in source.headers(u, 10**9)] for u in source.units()]
     assert again == listed
     assert [r.__dict__ for u in again for r in u] == [r.__dict__ for u in listed for r in u]
-    made = Listed.sized("k", 3, {"path": "x"}, (4, 5), "k")
+    made = Listed.by_ref("k", 3, {"path": "x"}, "k", (4, 5))
     assert made.__dict__ == Listed("k", 3, {"path": "x"}, size=(4, 5), ref="k").__dict__
+    assert Listed.by_ref("k", None, {}, "r").__dict__ == Listed("k", None, {}, ref="r").__dict__
     assert dataclasses.replace(made, label=1) == Listed("k", 1, {"path": "x"}, size=(4, 5), ref="k")
 
 

@@ -66,9 +66,11 @@ class Listed:
     data: Optional[bytes] = None
 
     @classmethod
-    def sized(cls, key: str, label: Optional[int], meta: Mapping[str, Any], size: tuple[int, int], ref: Any) -> "Listed":
+    def by_ref(cls, key: str, label: Optional[int], meta: Mapping[str, Any], ref: Any,
+               size: Optional[tuple[int, int]] = None) -> "Listed":
         """Listed(key, label, meta, size=size, ref=ref) without a frozen dataclass's per-field checks (two
-        thirds of its cost): a file whose size the listing already knows, once an image of every epoch."""
+        thirds of its cost): a file listed by reference, and once its header is read, once an image of
+        every epoch."""
         listed = object.__new__(cls)
         listed.__dict__.update(_LISTED_DEFAULTS, key=key, label=label, meta=meta, size=size, ref=ref)
         return listed
@@ -159,6 +161,8 @@ class Source(abc.ABC):
             header_reject = (e.reason, e.detail)
         except OSError as e:  # vanished or unreadable since the source listed it
             reject, detail = ("missing" if isinstance(e, FileNotFoundError) else "unreadable"), f"{type(e).__name__}: {e}"
+        if size is not None and data is None and not r.unused:  # the common case: a header read alone
+            return Listed.by_ref(r.key, r.label, r.meta, r.ref, size)
         return Listed(r.key, r.label, r.meta, reject, detail, r.unused, size, header_reject,
                       None if reject else r.ref, None if reject else data)
 

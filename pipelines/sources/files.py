@@ -554,7 +554,7 @@ class FileSource(Source):
                 yield None, Listed(key, label, meta, reject=known[0], detail=known[1])
                 continue
             row = memo.get(i, path) if memo is not None else None
-            yield row, (Listed(key, label, meta, ref=key) if row is None else Listed.sized(key, label, meta, row[5:], ref=key))
+            yield row, Listed.by_ref(key, label, meta, key, None if row is None else row[5:])
 
     def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
         return open_image_file(self._path(ref), use_beam=self.use_beam)
