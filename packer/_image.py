@@ -486,8 +486,16 @@ def read_header_file(f, size: int, max_pixels: int) -> "tuple[JpegHeader | Opene
     whole, and its bytes are returned too: (header, None or the whole bytes). The answer is read_header's
     on the whole bytes."""
     if isinstance(f, int):
+        window = [0, b""]  # the last chunk read past the first: the marker heads that follow are often in it
+
         def more(offset: int, count: int) -> bytes:
-            return os.pread(f, count, offset)
+            start, chunk = window
+            if start <= offset and offset + count <= start + len(chunk):
+                return chunk[offset - start:offset - start + count]
+            if count > _FILE_CHUNK:
+                return os.pread(f, count, offset)
+            window[:] = offset, os.pread(f, _FILE_CHUNK, offset)
+            return window[1][:count]
 
         def whole() -> bytes:
             parts, offset = [], 0

@@ -209,3 +209,9 @@ def test_stream_and_scaling_measurements_run(image_dir, tmp_path):
     job = _bench_child("benchmarks.scaling", [str(flat), str(tmp_path / "out"), "1", "1", "tfrecord", "uniform:64:256",
                                               "256", "0"])
     assert job["images"] == len(SIZES) and job["main_cpu"] > 0 and len(job["worker_cpu"]) == 1
+    from benchmarks import main_cpu  # the steady-state main CPU: distinct linked files, a stream run apiece
+
+    linked = main_cpu.linked_copies(str(flat), 2, str(tmp_path / "linked"))
+    assert sorted(os.listdir(linked)) == ["c000", "c001"] and len(os.listdir(os.path.join(linked, "c001"))) == len(SIZES)
+    run = main_cpu.run(linked, 1)
+    assert run["images"] == 2 * len(SIZES) and run["cpu"] > 0
