@@ -8,9 +8,11 @@
     # data-parallel: rank i of N packs its own share of one global plan
     stream = PackedStream("photos/", config, shard_index=i, shard_count=N)   # or shard="auto" (RANK, WORLD_SIZE)
 
-What runs where. The calling process reads each record's header (Source.headers: a plain JPEG's few kB,
-through a reference where the source has them, else the record's bytes), plans the image from it and
-decides the sequences on token counts (packer.PackingCore). Filling (decode, resize, patchify, drop) and
+What runs where. Each record's header is read (Source.headers: a plain JPEG's few kB, through a reference
+where the source has them, else the record's bytes) and the image planned from it: for one rank reading a
+folder of files and filling in worker processes, in a child process a chunk ahead (_Planner), else in the
+calling process. The
+calling process decides the sequences on token counts (packer.PackingCore). Filling (decode, resize, patchify, drop) and
 assembling whole sequences run in `num_parallel` worker processes (packer.fill_pool, driven by
 packer.Driver), which read referenced images themselves and write straight into shared memory; the
 calling process only copies finished records (or batches) out. num_parallel 0 fills in the calling
@@ -55,6 +57,8 @@ import dataclasses
 import heapq
 import itertools
 import json
+import logging
+import operator
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -108,7 +112,6 @@ def _config_diff(theirs: dict, mine: dict) -> str:
     return ", ".join(f"{k}={theirs.get(k)!r} (this stream: {mine.get(k)!r})" for k in names)
 
 
-_EPOCH_END = object()
 
 
 def shard_from_environment() -> tuple[int, int]:
@@ -155,6 +158,160 @@ def unit_headers(source, unit: str, max_pixels: int):
         return source.headers(unit, max_pixels)
     return (Listed(r.key, r.label, r.meta, getattr(r, "reject", None), getattr(r, "detail", ""), data=r.data)
             for r in source.read(unit))
+
+
+def _stream_records(source, units: list, config: PackConfig, epochs: Optional[int], shuffle: bool, shuffle_block: int,
+                    headers: Optional[dict], pos: tuple, seen: int, by_ref: bool) -> Iterator[Optional[tuple]]:
+    """The stream's records from read position `pos` (epoch, block start unit index and offset, records
+    taken from the block), the first of them the stream's `seen`-th, in stream order, each read and
+    planned: (epoch, unit index, offset, key, position after it, (reason, detail) of a read-time reject or
+    None, its ImagePlan, what fills it); None after each epoch. A block's plans are made together
+    (PlanBlock.plans). `headers`: {unit: its Source.headers list} read elsewhere. by_ref: the payload is
+    the record's reference even where the listing read its bytes (a plan file names images by reference)."""
+    epoch, unit_index, offset, skip = pos
+    while epochs is None or epoch < epochs:
+        order = _epoch_order(len(units), units, config.seed, epoch, shuffle)
+        reader = _read_from(source, units, config, headers, order, unit_index, offset)
+        block_start = (unit_index, offset)
+        any_read = unit_index > 0 or offset > 0 or skip > 0
+        while True:
+            block = list(itertools.islice(reader, shuffle_block))
+            if not block:
+                break
+            any_read = True
+            if shuffle:
+                salt = f"{config.seed}/{epoch}"
+                block.sort(key=lambda t: (packer.stable_hash(t[2].key, salt), t[0], t[1]))
+            rest = block[skip:]
+            planner = packer.PlanBlock(config, [rec.key for _, _, rec in rest], epoch, [rec.size for _, _, rec in rest])
+            plans = planner.plans(range(seen, seen + len(rest)), [rec.label for _, _, rec in rest],
+                                  [rec.meta for _, _, rec in rest])
+            for i, (u, off, rec) in enumerate(rest):
+                plan, reject = plans[i], (rec.reject, rec.detail) if rec.reject else None
+                if plan is None and reject is None:  # not planned with its block (see PlanBlock.plans)
+                    try:
+                        plan = rec.plan(config, epoch=epoch, images_seen=seen + i, block=(planner, i))
+                    except ImageRejected as e:
+                        reject = (e.reason, e.detail)
+                payload = rec.ref if by_ref and rec.ref is not None else rec.payload
+                yield (epoch, order[u], off, rec.key, (epoch, block_start[0], block_start[1], skip + i + 1), reject,
+                       plan if reject is None else None, payload)
+            seen += len(rest)
+            skip = 0
+            last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
+            block_start = (last_u, last_off + 1)
+        if not any_read:
+            raise StreamError("the source has no records")
+        yield None
+        epoch, unit_index, offset, skip = epoch + 1, 0, 0, 0
+
+
+def _read_from(source, units: list, config: PackConfig, headers: Optional[dict], order: list[int], position: int,
+               offset: int) -> Iterator[tuple[int, int, Any]]:
+    """(position in the epoch's unit order, offset in unit, Listed record) from a position on."""
+    for p in range(position, len(order)):
+        start = offset if p == position else 0
+        unit = units[order[p]]
+        records = headers[unit] if headers is not None else unit_headers(source, unit, config.max_pixels)
+        for off, rec in enumerate(itertools.islice(records, start, None), start):
+            yield p, off, rec
+
+
+class _PlannerLost(Exception):
+    """The planning child process ended without its records (killed, out of memory)."""
+
+
+_plan_values = operator.attrgetter(*(f.name for f in dataclasses.fields(ImagePlan)))  # ImagePlan.of_values' order
+_PLANNER_CHUNK = 512  # records a message: the child reads and plans the next chunk while this one is decided
+
+
+class _Planner:
+    """_stream_records run in a child process, a chunk ahead: reading every header and planning take most
+    of a stream's main-process CPU (a large input's headers are all read once), so they overlap with
+    deciding and handing out work here. Records arrive in order, the same as made here; the child's
+    errors are raised here at the record where they happened; _PlannerLost if the child dies."""
+
+    def __init__(self, args: tuple):
+        import subprocess
+        import sys
+        from multiprocessing import Pipe
+
+        self._conn, child = Pipe(duplex=True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (f"import sys; sys.path.insert(0, {root!r}); "
+                f"from pipelines.stream import _planner_main; _planner_main({child.fileno()})")
+        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        self._items: collections.deque = collections.deque()
+        self._ended = False
+        self.cpu: Optional[float] = None  # the child's CPU seconds reading and planning (its start-up left out), at the end
+        try:
+            self._conn.send(args)
+        except OSError:  # died at once: the first read says so
+            pass
+
+    def __iter__(self) -> "_Planner":
+        return self
+
+    def __next__(self) -> Optional[tuple]:
+        while not self._items:
+            if self._ended:
+                raise StopIteration
+            try:
+                kind, body = self._conn.recv()
+                if kind == "items":
+                    self._conn.send("more")
+            except (EOFError, OSError):
+                self.close()
+                raise _PlannerLost(f"the planning process ended (exit code {self._proc.returncode})") from None
+            if kind == "error":
+                self.close()
+                raise body
+            if kind == "end":
+                self._ended, self.cpu = True, body
+                continue
+            self._items.extend(item if item is None or item[6] is None else item[:6] + (ImagePlan.of_values(item[6]), item[7])
+                               for item in body)
+        return self._items.popleft()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._conn.close()
+
+
+def _planner_main(fd: int) -> None:
+    """The planning child: _stream_records of the arguments it is sent, a chunk a message, each after the
+    parent asks for more (plans as their field values); ("error", exception) or ("end", its CPU seconds) last."""
+    import pickle
+    import signal
+    import time
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; its exit ends this
+    conn = Connection(fd)
+    try:
+        records = _stream_records(*conn.recv())
+        started = time.process_time()
+        while True:
+            try:
+                chunk = [item if item is None or item[6] is None else item[:6] + (_plan_values(item[6]), item[7])
+                         for item in itertools.islice(records, _PLANNER_CHUNK)]
+            except Exception as e:
+                try:
+                    conn.send(("error", pickle.loads(pickle.dumps(e))))
+                except Exception:  # an exception that does not pickle: its text
+                    conn.send(("error", StreamError(f"{type(e).__name__}: {e}")))
+                return
+            if not chunk:
+                conn.send(("end", time.process_time() - started))
+                return
+            conn.send(("items", chunk))
+            if conn.recv() != "more":
+                return
+    except (EOFError, OSError):  # the parent has gone
+        return
 
 
 class _Fetch:
@@ -252,6 +409,7 @@ class PackedStream:
         self._driver: Optional[Driver] = None
         self._headers: Optional[dict] = None  # write_plan's headers listed elsewhere (the Beam plan job)
         self._closed = False
+        self._reader: Optional[Iterator] = None  # the records from the read position on (_open_reader)
         self._reset()
         if state is not None:
             self.restore(state)
@@ -383,6 +541,7 @@ class PackedStream:
         """Stop the worker processes (the stream cannot be iterated afterwards)."""
         self._closed = True
         self._close_driver()
+        self._close_reader()
 
     def __enter__(self) -> "PackedStream":
         return self
@@ -402,12 +561,17 @@ class PackedStream:
             return slot.records()[0]
 
     # ------------------------------------------------------------------ internals
+    def _close_reader(self) -> None:
+        if isinstance(self._reader, _Planner):
+            self._reader.close()
+        self._reader = None
+
     def _reset(self) -> None:
+        self._close_reader()
         self._core = PackingCore(self.config, max_rejects=self.max_rejects, on_reject=self._planning_reject)
         self._fill_budget = RejectBudget(self.max_rejects)
         self._my_rejects: collections.Counter = collections.Counter()
         self._pos = (0, 0, 0, 0)  # (epoch, block start unit index, block start offset in unit, consumed in block)
-        self._reader: Optional[Iterator] = None
         self._reads = 0
         self._reader_done = False
         self._accepted_in_epoch = 0
@@ -543,7 +707,7 @@ class PackedStream:
         if self.plan is not None:
             return self._read_plan_line()
         if self._reader is None:
-            self._reader = self._records()
+            self._reader = self._open_reader()
         try:
             item = next(self._reader)
         except StopIteration:
@@ -551,30 +715,44 @@ class PackedStream:
             self._decided(self._core.flush())
             self._deal(final=True)
             return
-        if item is _EPOCH_END:
+        except _PlannerLost as e:  # read and plan here from the same position: the same items
+            logging.getLogger("navit_pack").warning("navit-pack: %s; planning in this process from here", e)
+            self._reader = self._records(False)
+            return self._read_one()
+        if item is None:  # the epoch's end
             if self._accepted_in_epoch == 0:
                 raise StreamError(f"every image of epoch {self._pos[0]} was rejected: {dict(self._core.reject_counts)}")
             self._core.check_budget(final=True)
             self._pos = (self._pos[0] + 1, 0, 0, 0)
             self._accepted_in_epoch = 0
             return
-        epoch, u, off, rec, position, block, plan = item
+        epoch, u, off, key, position, reject, plan, payload = item
         self._pos = position
-        seen = self._core.images_seen
-        prov = [u, off, epoch, seen]
-        if rec.reject:
-            self._core.reject(rec.key, rec.reject, rec.detail, prov)
+        prov = [u, off, epoch, self._core.images_seen]
+        if reject is not None:
+            self._core.reject(key, *reject, prov)
             return
-        if plan is None:  # not planned with its block (see PlanBlock.plans)
-            try:
-                plan = rec.plan(self.config, epoch=epoch, images_seen=seen, block=block)
-            except ImageRejected as e:
-                self._core.reject(rec.key, e.reason, e.detail, prov)
-                return
         self._accepted_in_epoch += 1
-        # A plan file names images by reference, even those the listing read whole (their bytes stay here).
-        payload = rec.ref if isinstance(self._driver, _PlanWriter) and rec.ref is not None else rec.payload
         self._decided(self._core.add(plan, prov, payload))
+
+    def _open_reader(self) -> Iterator:
+        """The stream's records from the read position on: read and planned in a child process a chunk ahead
+        (_Planner) where one rank fills in worker processes from a folder of files, else here. Across ranks
+        every rank plans every record, N times its own share: there the host's CPU is the tighter budget,
+        and the child's hand-over (about a third more CPU a record) would outweigh what it frees here."""
+        from pipelines.sources import FileSource
+
+        if self.num_parallel > 0 and self.shard_count == 1 and self._headers is None \
+                and isinstance(self.source, FileSource) and not isinstance(self._driver, _PlanWriter):
+            return _Planner(self._record_args(False))
+        return self._records(isinstance(self._driver, _PlanWriter))
+
+    def _record_args(self, by_ref: bool) -> tuple:
+        return (self.source, self._units, self.config, self.epochs, self.shuffle, self.shuffle_block, self._headers,
+                self._pos, self._core.images_seen, by_ref)
+
+    def _records(self, by_ref: bool) -> Iterator:
+        return _stream_records(*self._record_args(by_ref))
 
     # ------------------------------------------------------------------ plan files
     def _plan_header(self) -> dict:
@@ -644,48 +822,6 @@ class PackedStream:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return count
-
-    def _records(self) -> Iterator:
-        """(epoch, unit index, offset, Listed record, position after it, (its block's packer.PlanBlock, its
-        index there), its plan or None) from the current position on, in stream order; _EPOCH_END after each
-        epoch. A block's plans are made together (PlanBlock.plans); None: plan the record with its block."""
-        epoch, unit_index, offset, skip = self._pos
-        while self.epochs is None or epoch < self.epochs:
-            order = _epoch_order(len(self._units), self._units, self.config.seed, epoch, self.shuffle)
-            reader = self._read_from(order, unit_index, offset)
-            block_start = (unit_index, offset)
-            any_read = unit_index > 0 or offset > 0 or skip > 0
-            while True:
-                block = list(itertools.islice(reader, self.shuffle_block))
-                if not block:
-                    break
-                any_read = True
-                if self.shuffle:
-                    salt = f"{self.config.seed}/{epoch}"
-                    block.sort(key=lambda t: (packer.stable_hash(t[2].key, salt), t[0], t[1]))
-                rest = block[skip:]
-                planner = packer.PlanBlock(self.config, [rec.key for _, _, rec in rest], epoch, [rec.size for _, _, rec in rest])
-                seen = self._core.images_seen  # every record before the block has been counted: the block's are next
-                plans = planner.plans(range(seen, seen + len(rest)), [rec.label for _, _, rec in rest],
-                                      [rec.meta for _, _, rec in rest])
-                for i, (u, off, rec) in enumerate(rest):
-                    yield epoch, order[u], off, rec, (epoch, block_start[0], block_start[1], skip + i + 1), (planner, i), plans[i]
-                skip = 0
-                last_u, last_off, _ = max(block, key=lambda t: (t[0], t[1]))
-                block_start = (last_u, last_off + 1)
-            if not any_read:
-                raise StreamError("the source has no records")
-            yield _EPOCH_END
-            epoch, unit_index, offset, skip = epoch + 1, 0, 0, 0
-
-    def _read_from(self, order: list[int], position: int, offset: int) -> Iterator[tuple[int, int, Any]]:
-        """(position in the epoch's unit order, offset in unit, Listed record) from a position on."""
-        for p in range(position, len(order)):
-            start = offset if p == position else 0
-            unit = self._units[order[p]]
-            records = self._headers[unit] if self._headers is not None else unit_headers(self.source, unit, self.config.max_pixels)
-            for off, rec in enumerate(itertools.islice(records, start, None), start):
-                yield p, off, rec
 
     def _replan(self, provenances: list[list]) -> tuple[list[ImagePlan], list[Any]]:
         """Re-plan images from [unit index, offset, epoch, images_seen], reading each unit once: their

@@ -214,4 +214,4 @@ def test_stream_and_scaling_measurements_run(image_dir, tmp_path):
     linked = main_cpu.linked_copies(str(flat), 2, str(tmp_path / "linked"))
     assert sorted(os.listdir(linked)) == ["c000", "c001"] and len(os.listdir(os.path.join(linked, "c001"))) == len(SIZES)
     run = main_cpu.run(linked, 1)
-    assert run["images"] == 2 * len(SIZES) and run["cpu"] > 0
+    assert run["images"] == 2 * len(SIZES) and run["cpu"] > 0 and run["planner_cpu"] > 0

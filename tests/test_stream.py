@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import functools
 import io
+import itertools
 import json
 
 import numpy as np
@@ -328,3 +329,33 @@ def test_batches_larger_than_the_input_ring_do_not_stall(monkeypatch):
     assert len(stacked["num_images"]) == len(expected)
     for i, r in enumerate(expected):
         assert_same({k: stacked[k][i] for k in r}, {k: np.asarray(v) for k, v in r.items()})
+
+
+def _batches(stream, n=None):
+    return [{k: np.array(v) for k, v in b.items()} for b in itertools.islice(stream.batches(2), n)]
+
+
+def test_a_folder_is_planned_in_a_child_process_with_the_same_output(tmp_path):
+    """With fill workers, a folder's headers are read and planned in a child process a chunk ahead
+    (_Planner): the same batches and stats as planning in this process; killed midway, the stream plans
+    here from where it was, nothing lost or repeated; its errors are raised here."""
+    from conftest import image_folder
+
+    spec = image_folder(tmp_path / "imgs", 40, classes=["a", "b", "c"], seed=4)
+    config = packer.PackConfig(seq_len=128, resolution="uniform:32:96", token_drop="beta:0.25:0.5", window=8)
+    epochs = 3 * stream_mod._PLANNER_CHUNK // 40  # three chunks: the last is asked for long after the kill
+    with PackedStream(spec, config, epochs=epochs, shuffle_block=16, num_parallel=0) as here:
+        expected, stats = _batches(here), here.stats
+    with PackedStream(spec, config, epochs=epochs, shuffle_block=16, num_parallel=1) as child:
+        got = _batches(child, 5)
+        assert isinstance(child._reader, stream_mod._Planner)
+        child._reader._proc.kill()  # a chunk or more is planned ahead and lost with it
+        got += _batches(child)
+        assert not isinstance(child._reader, stream_mod._Planner) and child.stats == stats
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    broken = stream_mod._Planner(("not a source",) + (None,) * 9)
+    with pytest.raises(Exception) as raised:
+        next(broken)
+    assert not isinstance(raised.value, stream_mod._PlannerLost) and broken._proc.poll() is not None
