@@ -11,11 +11,10 @@
 What runs where. Each record's header is read (Source.headers: a plain JPEG's few kB, through a reference
 where the source has them, else the record's bytes) and the image planned from it: for one rank reading a
 folder of files and filling in worker processes, in a child process a chunk ahead (_Planner), else in the
-calling process. The
-calling process decides the sequences on token counts (packer.PackingCore). Filling (decode, resize, patchify, drop) and
-assembling whole sequences run in `num_parallel` worker processes (packer.fill_pool, driven by
-packer.Driver), which read referenced images themselves and write straight into shared memory; the
-calling process only copies finished records (or batches) out. num_parallel 0 fills in the calling
+calling process. The calling process decides the sequences on token counts (packer.PackingCore). Filling
+(decode, resize, patchify, drop) and assembling whole sequences run in `num_parallel` worker processes
+(packer.fill_pool, driven by packer.Driver), which read referenced images themselves and write straight
+into shared memory; the calling process only copies finished records (or batches) out. num_parallel 0 fills in the calling
 process. The output is the same for every num_parallel.
 
 Order. Epoch e reads the source's units ordered by stable_hash(unit, f"{seed}/{e}/unit") and shuffles the
@@ -110,8 +109,6 @@ def _units_fingerprint(units: Sequence[str]) -> list[int]:
 def _config_diff(theirs: dict, mine: dict) -> str:
     names = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     return ", ".join(f"{k}={theirs.get(k)!r} (this stream: {mine.get(k)!r})" for k in names)
-
-
 
 
 def shard_from_environment() -> tuple[int, int]:
