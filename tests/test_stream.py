@@ -355,6 +355,15 @@ def test_a_folder_is_planned_in_a_child_process_with_the_same_output(tmp_path):
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for k in (1, 7):  # resumed from a state saved mid-stream, planning in a child again: the same batches
+        with PackedStream(spec, config, epochs=epochs, shuffle_block=16, num_parallel=1) as first:
+            head = _batches(first, k)
+            state = json.loads(json.dumps(first.state()))
+        with PackedStream(spec, config, epochs=epochs, shuffle_block=16, num_parallel=1, state=state) as resumed:
+            rest = _batches(resumed, 6)
+            assert isinstance(resumed._reader, stream_mod._Planner)
+        for a, b in zip(head + rest, expected):
+            assert all(np.array_equal(a[f], b[f]) for f in a)
     broken = stream_mod._Planner(("not a source",) + (None,) * 9)
     with pytest.raises(Exception) as raised:
         next(broken)
