@@ -155,3 +155,33 @@ def test_summary_separates_reading_from_packing(image_dir, tmp_path):
     rows = {line.split("  ")[1].strip() for line in r.stdout.splitlines() if line.startswith("  ")}
     assert {"reading input", "packing", "wall time"} <= rows
     assert r.stderr.strip() == ""  # no Beam or decoder chatter on a local run
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_next_group_is_put_while_this_one_fills(workers):
+    """filled_records calls `then` once, as soon as every decision of its group is with the pool and before
+    its last record: the batch job decides and queues the next group there, so the workers never wait for
+    it; the group's own records come out in order, the next group's after them."""
+    from pipelines.batch.job import filled_records
+
+    config = packer.PackConfig(seq_len=64, patch_size=16, resolution="fixed:64")
+    core = packer.PackingCore(config)
+    decisions = []
+    for i in range(12):
+        data = jpeg(40 + 3 * i, 70, i)
+        decisions += core.add(packer.plan_header(data, f"k{i}", config), i, data)
+    decisions += core.flush()
+    first, second = decisions[:7], decisions[7:]
+    with packer.fill_pool(config, workers) as pool:
+        driver = packer.Driver(pool)
+        calls, seen = [], []
+
+        def then():
+            calls.append(len(seen))
+            driver.put(second)
+
+        for d, _, _ in filled_records(driver, first, then=then):
+            seen.append(d.seq)
+        for d, _, _ in filled_records(driver, second, queued=True):
+            seen.append(d.seq)
+    assert seen == [d.seq for d in decisions] and len(calls) == 1 and calls[0] < len(first), calls

@@ -162,17 +162,30 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
 _HELD_SLOTS = 8  # filled slots kept from the pool while the shard writer process reads their encoded rows
 
 
-def filled_records(driver: packer.Driver, decisions: Iterable[packer.Decision]
+def filled_records(driver: packer.Driver, decisions: Sequence[packer.Decision],
+                   then: Optional[Callable[[], None]] = None, queued: bool = False
                    ) -> Iterator[tuple[packer.Decision, Any, list]]:
-    """(decision, record, failed fills) for each decision, filled by `driver`'s pool, in decision order. The
-    record is its encoded bytes where the pool's workers encoded it (a packer.SharedBytes, valid until the
-    next few items: the writer may hand its location to a writer process, so a slot is released once that
-    process has read it, up to _HELD_SLOTS slots later), else a record dict."""
-    driver.put(decisions)
+    """(decision, record, failed fills) for each decision, filled by `driver`'s pool (one decision a slot),
+    in decision order. The record is its encoded bytes where the pool's workers encoded it (a
+    packer.SharedBytes, valid until the next few items: the writer may hand its location to a writer
+    process, so a slot is released once that process has read it, up to _HELD_SLOTS slots later), else a
+    record dict. `then()` runs once every decision is with the pool: the caller may put the next group's
+    decisions (they come after these) while the workers fill these last ones. queued: `decisions` are put
+    already (by the previous group's `then`)."""
+    if not queued:
+        driver.put(decisions)
     most = min(_HELD_SLOTS, driver.pool.num_slots // 2)  # the workers keep the other half to fill
     held: collections.deque = collections.deque()
+    left = len(decisions)
     try:
-        for slot in driver.drain():
+        while left:
+            if then is not None and driver.submit():
+                then()
+                then = None
+            slot = driver.take(final=True)
+            if slot is None:
+                raise RuntimeError(f"the fill pool returned {len(decisions) - left} of {len(decisions)} decisions")
+            left -= len(slot)
             encoded = slot.encoded or [None] * len(slot)
             records = slot.records() if None in encoded else encoded
             held.append((slot, encoded))

@@ -181,32 +181,52 @@ def _list(pool, units: Sequence[str], job: PackJob, progress) -> Listing:
 
 def _pack(job: PackJob, listing: Listing, reader: _Reader, pool, progress, resume: bool) -> tuple[list, list]:
     """Decide, fill and write every group of every epoch (on resume, not those the journal finished:
-    their summaries and rejects are taken from it); (summaries, rejects)."""
+    their summaries and rejects are taken from it); (summaries, rejects). The next group to pack is
+    decided once every decision of the current one is with the pool, so the workers never wait for it."""
     num_images = len(listing)
     groups, _ = layout(num_images, job)
     budget = job.budget()  # packing counts every (image, epoch) again
     driver = packer.Driver(pool, job.meta_fields)
+    members: dict[int, list[list[int]]] = {}  # epoch -> each group's members
+
+    def decide(epoch: int, g: int):
+        if epoch not in members:
+            members.clear()
+            members[epoch] = [[] for _ in range(groups)]
+            for i, key in enumerate(listing.keys):
+                members[epoch][packing_group(job.config.seed, key, epoch, groups)].append(i)
+        return decide_group([listing.member(i) for i in members[epoch][g]], job, epoch, g, num_images, budget,
+                            content=lambda m: b"" if m.reject else reader(m.payload))
+
+    finished = {(epoch, g): journal.finished_group(job.output, epoch, g) if resume else None
+                for epoch in range(job.epochs) for g in range(groups)}
+    todo = iter([eg for eg, was in finished.items() if was is None])
+    ahead: list = []  # the next group to pack, decided and its decisions put while the current one fills
+
+    def decide_next() -> None:
+        following = next(todo, None)
+        if following is not None:
+            ahead.append(decide(*following))
+            driver.put(ahead[-1].decisions)
+
     summaries, rejects, done = [], [], 0
-    for epoch in range(job.epochs):
-        members: list[list[int]] = [[] for _ in range(groups)]
-        for i, key in enumerate(listing.keys):
-            members[packing_group(job.config.seed, key, epoch, groups)].append(i)
-        for g in range(groups):
-            finished = journal.finished_group(job.output, epoch, g) if resume else None
-            if finished is not None:
-                summary, group_rejects = finished
-                budget.add_seen(summary["images_in"])
-                for r in group_rejects:
-                    budget.reject(r["key"], r["reason"], r["detail"])
-            else:
-                group = [listing.member(i) for i in members[g]]
-                gp = decide_group(group, job, epoch, g, num_images, budget,
-                                  content=lambda m: b"" if m.reject else reader(m.payload))
-                summary, group_rejects = write_group(gp, filled_records(driver, gp.decisions), job, num_images,
-                                                     budget), gp.rejects
-                journal.record_group(job.output, summary, group_rejects)
-            summaries.append(summary)
-            rejects.extend(group_rejects)
-            done += summary["images_in"]
-            progress("packing", done, num_images * job.epochs)
+    for (epoch, g), was in finished.items():
+        if was is not None:
+            summary, group_rejects = was
+            budget.add_seen(summary["images_in"])
+            for r in group_rejects:
+                budget.reject(r["key"], r["reason"], r["detail"])
+        else:
+            if not ahead:  # the first group, or one after a group without decisions
+                decide_next()
+            gp = ahead.pop()
+            assert (gp.epoch, gp.group) == (epoch, g), "groups out of order"
+            summary = write_group(gp, filled_records(driver, gp.decisions, then=decide_next, queued=True), job,
+                                  num_images, budget)
+            group_rejects = gp.rejects
+            journal.record_group(job.output, summary, group_rejects)
+        summaries.append(summary)
+        rejects.extend(group_rejects)
+        done += summary["images_in"]
+        progress("packing", done, num_images * job.epochs)
     return summaries, rejects
