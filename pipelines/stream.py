@@ -741,7 +741,11 @@ class PackedStream:
 
         if self.num_parallel > 0 and self.shard_count == 1 and self._headers is None \
                 and isinstance(self.source, FileSource) and not isinstance(self._driver, _PlanWriter):
-            return _Planner(self._record_args(False))
+            try:
+                return _Planner(self._record_args(False))
+            except OSError as e:  # no process to be had (a process or memory limit): plan here
+                logging.getLogger("navit_pack").warning("navit-pack: cannot start the planning process (%s); "
+                                                        "planning in this process", e)
         return self._records(isinstance(self._driver, _PlanWriter))
 
     def _record_args(self, by_ref: bool) -> tuple:
