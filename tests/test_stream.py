@@ -364,6 +364,15 @@ def test_a_folder_is_planned_in_a_child_process_with_the_same_output(tmp_path):
             assert isinstance(resumed._reader, stream_mod._Planner)
         for a, b in zip(head + rest, expected):
             assert all(np.array_equal(a[f], b[f]) for f in a)
+    class NoProcess(stream_mod._Planner):
+        def __init__(self, args):
+            raise OSError(11, "Resource temporarily unavailable")
+
+    with pytest.MonkeyPatch.context() as mp:  # no process to be had: planned here, the same batches
+        mp.setattr(stream_mod, "_Planner", NoProcess)
+        with PackedStream(spec, config, epochs=epochs, shuffle_block=16, num_parallel=1) as here_too:
+            again = _batches(here_too, 9)
+    assert all(np.array_equal(a[f], b[f]) for a, b in zip(again, expected) for f in a)
     broken = stream_mod._Planner(("not a source",) + (None,) * 9)
     with pytest.raises(Exception) as raised:
         next(broken)
