@@ -99,6 +99,11 @@ class Driver:
         return len(self._inflight)
 
     @property
+    def queued(self) -> int:
+        """Decisions put and not yet submitted to the pool (0: every decision put is being filled)."""
+        return len(self._queued)
+
+    @property
     def inflight(self) -> list[Decision]:
         """The decisions put and not yet taken, in order (what a resumable state must name)."""
         return list(self._inflight)

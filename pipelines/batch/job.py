@@ -179,7 +179,7 @@ def filled_records(driver: packer.Driver, decisions: Sequence[packer.Decision],
     left = len(decisions)
     try:
         while left:
-            if then is not None and driver.submit():
+            if then is not None and not driver.queued:
                 then()
                 then = None
             slot = driver.take(final=True)
