@@ -57,7 +57,6 @@ import heapq
 import itertools
 import json
 import logging
-import operator
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -218,7 +217,6 @@ class _PlannerLost(Exception):
     """The planning child process ended without its records (killed, out of memory)."""
 
 
-_plan_values = operator.attrgetter(*(f.name for f in dataclasses.fields(ImagePlan)))  # ImagePlan.of_values' order
 _PLANNER_CHUNK = 512  # records a message: the child reads and plans the next chunk while this one is decided
 
 
@@ -267,8 +265,7 @@ class _Planner:
             if kind == "end":
                 self._ended, self.cpu = True, body
                 continue
-            self._items.extend(item if item is None or item[6] is None else item[:6] + (ImagePlan.of_values(item[6]), item[7])
-                               for item in body)
+            self._items.extend(body)
         return self._items.popleft()
 
     def close(self) -> None:
@@ -280,7 +277,7 @@ class _Planner:
 
 def _planner_main(fd: int) -> None:
     """The planning child: _stream_records of the arguments it is sent, a chunk a message, each after the
-    parent asks for more (plans as their field values); ("error", exception) or ("end", its CPU seconds) last."""
+    parent asks for more; ("error", exception) or ("end", its CPU seconds) last."""
     import pickle
     import signal
     import time
@@ -293,8 +290,7 @@ def _planner_main(fd: int) -> None:
         started = time.process_time()
         while True:
             try:
-                chunk = [item if item is None or item[6] is None else item[:6] + (_plan_values(item[6]), item[7])
-                         for item in itertools.islice(records, _PLANNER_CHUNK)]
+                chunk = list(itertools.islice(records, _PLANNER_CHUNK))
             except Exception as e:
                 try:
                     conn.send(("error", pickle.loads(pickle.dumps(e))))
