@@ -35,6 +35,10 @@ class Encoder(Protocol):
 
     def __call__(self, record: Mapping[str, Any]) -> bytes: ...
 
+    def into(self, record: Mapping[str, Any], out: np.ndarray) -> int:
+        """The same bytes written at the start of uint8 array `out`: their size, or -1 when they do not fit."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class FillReject:

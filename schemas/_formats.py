@@ -32,8 +32,10 @@ class Format:
     checks_records: bool  # its reader verifies a checksum of every record it decodes (TFRecord CRCs, Riegeli hashes)
     random_access: Optional[Callable[[Sequence[str], Schema], Any]] = None  # (paths, schema) -> len() / [i] / close()
     # Formats stored record by record: a validated record's bytes in the file (`encode`, which fill workers
-    # run: RecordEncoder), and the writer of such bytes in order (`write_encoded`, path -> record count).
+    # run: RecordEncoder), the same bytes written into a uint8 array (`encode_into`: their size, -1 when they
+    # do not fit), and the writer of such bytes in order (`write_encoded`, path -> record count).
     encode: Optional[Callable[[Mapping[str, Any], Schema], bytes]] = None
+    encode_into: Optional[Callable[[Mapping[str, Any], Schema, np.ndarray], int]] = None
     write_encoded: Optional[Callable[[str, Iterable[Any]], int]] = None
     streams: bool = False  # its writer also takes a binary file object instead of a path (hashed while written)
 
@@ -45,7 +47,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            lambda path, schema: _arrow.records_table(_tfrecord.read_records(path, schema, BATCH), schema, BATCH),
            checks_records=True, streams=True,
            encode=lambda record, schema: _tfrecord.tfrecord_frame(_tfrecord.encode_example(record, schema)),
-           write_encoded=_tfrecord.write_frames),
+           encode_into=_tfrecord.frame_into, write_encoded=_tfrecord.write_frames),
     Format("arrow", "arrow", _arrow.write_ipc, _arrow.read_ipc, _arrow.ipc_field_names, _arrow.ipc_table,
            checks_records=False, random_access=_arrow.IpcRandomAccess, streams=True),
     Format("parquet", "parquet",
@@ -57,7 +59,7 @@ REGISTRY: dict[str, Format] = {f.name: f for f in (
            _array_record.field_names,
            lambda path, schema: _arrow.records_table(_array_record.read_records(path, schema, BATCH), schema, BATCH),
            checks_records=True, random_access=_array_record.RandomAccess,
-           encode=_tfrecord.encode_example, write_encoded=lambda path, data: _array_record.write(path, map(bytes, data))),
+           encode=_tfrecord.encode_example, encode_into=_tfrecord.example_into, write_encoded=lambda path, data: _array_record.write(path, map(bytes, data))),
 )}
 
 FORMATS = {name: f.extension for name, f in REGISTRY.items()}  # format name -> file extension (public: schemas.FORMATS)
@@ -95,6 +97,12 @@ class RecordEncoder:
     def __call__(self, record: Mapping[str, Any]) -> bytes:
         self.schema.validate(record)
         return get(self.fmt).encode(record, self.schema)
+
+    def into(self, record: Mapping[str, Any], out: np.ndarray) -> int:
+        """The record's bytes written at the start of uint8 array `out` (a worker's encoded slot), built
+        nowhere else: their size, or -1 when they do not fit."""
+        self.schema.validate(record)
+        return get(self.fmt).encode_into(record, self.schema, out)
 
 
 def record_encoder(fmt: str, config: Any, meta_fields: Sequence[str] = ()) -> Optional[RecordEncoder]:

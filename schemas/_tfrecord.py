@@ -102,11 +102,10 @@ def _sorted_fields(schema: Schema) -> tuple[tuple[str, str, bytes], ...]:
                  for f in sorted(schema.fields, key=lambda f: f.name.encode("utf-8")))
 
 
-def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
-    """Serialized tf.train.Example of one (validated) record, written as protobuf wire format by hand (no
-    TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key). Built
-    as a list of parts joined once, so the patches are copied once."""
-    parts: list = []
+def _example_parts(record: Mapping[str, np.ndarray], schema: Schema) -> tuple[list, int]:
+    """The parts of a (validated) record's serialized tf.train.Example, in order, and their total size:
+    its length prefix first, the patches as a view of the record's array (copied once, by the caller)."""
+    parts: list = [b""]
     total = 0
     for name, dtype, key in _sorted_fields(schema):
         values = _values(np.asarray(record[name]), dtype)
@@ -115,7 +114,46 @@ def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
         parts.append(head)
         parts += values
         total += len(head) + n
-    return b"".join([_TAGS[1] + _varint(total), *parts])
+    parts[0] = _TAGS[1] + _varint(total)
+    return parts, total + len(parts[0])
+
+
+def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
+    """Serialized tf.train.Example of one (validated) record, written as protobuf wire format by hand (no
+    TensorFlow): byte-identical to TF's deterministic SerializeToString (map entries sorted by key). Built
+    as a list of parts joined once, so the patches are copied once."""
+    return b"".join(_example_parts(record, schema)[0])
+
+
+def _parts_into(parts: list, out: np.ndarray) -> None:
+    """Copy `parts` one after another into the start of uint8 array `out` (large enough)."""
+    view, at = memoryview(out), 0
+    for part in parts:
+        n = len(part)
+        view[at:at + n] = part
+        at += n
+
+
+def example_into(record: Mapping[str, np.ndarray], schema: Schema, out: np.ndarray) -> int:
+    """encode_example's bytes written at the start of uint8 array `out` (a fill worker's encoded slot):
+    their size, or -1 when they do not fit. No bytes object is built: the patches are copied once."""
+    parts, size = _example_parts(record, schema)
+    if size > out.size:
+        return -1
+    _parts_into(parts, out)
+    return size
+
+
+def frame_into(record: Mapping[str, np.ndarray], schema: Schema, out: np.ndarray) -> int:
+    """tfrecord_frame(encode_example(record)) written at the start of uint8 array `out`: its size, or -1
+    when it does not fit. The payload's CRC is taken in place."""
+    parts, size = _example_parts(record, schema)
+    if size + 16 > out.size:
+        return -1
+    length = struct.pack("<Q", size)
+    _parts_into([length, _masked_crc(length), *parts], out)
+    out[12 + size:16 + size] = np.frombuffer(_masked_crc(out[12:12 + size]), np.uint8)
+    return size + 16
 
 
 def _masked(data: Any) -> int:

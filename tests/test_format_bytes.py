@@ -93,3 +93,18 @@ def test_the_fixed_records_read_back(tmp_path, fmt):
         for k, v in b.items():
             assert a[k].dtype == v.dtype and a[k].shape == v.shape, k
             assert np.array_equal(a[k], v, equal_nan=v.dtype.kind == "f"), k
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
+def test_records_encoded_in_place_equal_their_bytes(fmt):
+    """RecordEncoder.into (what fill workers run, into their shared slot) writes the encoder's own bytes
+    for each fixed record, and touches nothing past them; with one byte too few room it writes nothing
+    and says -1."""
+    encoder = schemas.record_encoder(fmt, CONFIG, META)
+    for record in fixed_records():
+        want = encoder(record)
+        out = np.full(len(want) + 8, 0xAB, np.uint8)
+        assert encoder.into(record, out) == len(want)
+        assert out[:len(want)].tobytes() == want and (out[len(want):] == 0xAB).all()
+        short = np.full(len(want) - 1, 0xAB, np.uint8)
+        assert encoder.into(record, short) == -1 and (short == 0xAB).all()
