@@ -163,6 +163,7 @@ class _Slots:
         self._slot_rows: dict[int, list[int]] = {}  # slot -> its job ids, in row order
         self._slot_waiting: dict[int, int] = {}  # slot -> its jobs not done yet
         self.crashes = 0
+        self._slot_views: dict[int, dict[str, np.ndarray]] = {}
 
     def _out_buffer(self):
         raise NotImplementedError
@@ -247,9 +248,15 @@ class _Slots:
         head = self._slot_got
         self._slot_got += 1
         jobs = [self._jobs[j] for j in self._slot_rows[head]]
-        arrays = slot_views(self._out_buffer(), (head % self.num_slots) * self._slot_bytes, self._layout)
-        return SlotResult(head % self.num_slots, [job.decision for job in jobs], arrays,
+        return SlotResult(head % self.num_slots, [job.decision for job in jobs], dict(self._views(head % self.num_slots)),
                           [fill_rejects(job.decision, job.failed) for job in jobs], self._encoded_views(head, jobs))
+
+    def _views(self, slot: int) -> dict[str, np.ndarray]:
+        """Slot `slot`'s arrays, made once (building them costs more than the rest of a get())."""
+        views = self._slot_views.get(slot)
+        if views is None:
+            views = self._slot_views[slot] = slot_views(self._out_buffer(), slot * self._slot_bytes, self._layout)
+        return views
 
     def _encoded_views(self, head: int, jobs: list) -> Optional[list[Optional[SharedBytes]]]:
         return None
@@ -301,8 +308,7 @@ class InProcessPool(_Slots):
     def submit(self, decision: Decision) -> None:
         self._check_room(decision)
         _, job = self._add_job(decision, [], 0)
-        out = slot_views(self._out, (job.slot % self.num_slots) * self._slot_bytes, self._layout)
-        row = {name: arr[job.row, ...] for name, arr in out.items()}  # views, 0-d for num_images
+        row = {name: arr[job.row, ...] for name, arr in self._views(job.slot % self.num_slots).items()}  # views, 0-d for num_images
         filled = fill_all(decision.plans, decision.payloads, self.config, self.reader)
         self._job_done(job, assemble_into(row, decision.plans, filled, self.config))
 
@@ -680,6 +686,7 @@ class FillPool(_Slots):
         self._procs = [None] * self.num_workers
         self._conns = [None] * self.num_workers
         self._hb = None
+        self._slot_views.clear()
         for m, fd in ((self._ring, self._ring_fd), (self._out, self._out_fd), (self._hb_map, self._hb_fd),
                       (self._enc, self._enc_fd)):
             try:

@@ -4,6 +4,7 @@ format's encoder, parser and schema derives from it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Iterable, Mapping
 
@@ -83,21 +84,28 @@ class Schema:
 
     def validate(self, record: Mapping[str, Any]) -> None:
         """Raise RecordError unless `record` has exactly the schema's fields with their dtypes and shapes."""
-        names = {f.name for f in self.fields}
-        missing, extra = names - set(record), set(record) - names
-        if missing or extra:
+        checks, names = _checks(self)
+        if len(record) != len(names) or not names.issuperset(record):
+            missing, extra = names - set(record), set(record) - names
             raise RecordError(f"record fields differ from the schema: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for f in self.fields:
-            arr = np.asarray(record[f.name])
-            want = self.shape(f)
+        for name, want, dtype in checks:
+            arr = np.asarray(record[name])
             if arr.shape != want:
-                raise RecordError(f"field {f.name}: shape {arr.shape}, expected {want}")
-            if f.dtype == "string":
-                if arr.dtype != object or not all(isinstance(v, str) for v in arr.reshape(-1)):
-                    raise RecordError(f"field {f.name}: expected an object array of str, got dtype {arr.dtype}")
-            elif arr.dtype != f.numpy_dtype:
-                raise RecordError(f"field {f.name}: dtype {arr.dtype}, expected {f.dtype}")
+                raise RecordError(f"field {name}: shape {arr.shape}, expected {want}")
+            if dtype is None:
+                if arr.dtype != object or not all(isinstance(v, str) for v in arr.reshape(-1).tolist()):
+                    raise RecordError(f"field {name}: expected an object array of str, got dtype {arr.dtype}")
+            elif arr.dtype != dtype:
+                raise RecordError(f"field {name}: dtype {arr.dtype}, expected {np.dtype(dtype).name}")
 
+
+@functools.lru_cache(maxsize=64)
+def _checks(schema: Schema) -> tuple[tuple[tuple[str, tuple[int, ...], Any], ...], frozenset[str]]:
+    """validate's table, made once per schema: (name, shape, numpy dtype or None for strings) per field, and
+    the field names (validating runs once per record in every fill worker)."""
+    checks = tuple((f.name, schema.shape(f), None if f.dtype == "string" else np.dtype(f.numpy_dtype))
+                   for f in schema.fields)
+    return checks, frozenset(name for name, _, _ in checks)
 
 
 def check_consistency(record: Mapping[str, np.ndarray], schema: Schema) -> None:

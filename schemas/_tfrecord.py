@@ -47,9 +47,12 @@ def _varints(values: np.ndarray) -> bytes:
     """Concatenated varints of int values as protobuf writes int64 (negatives as 10-byte two's complement)."""
     flat = values.reshape(-1)
     if flat.size <= 64:  # a per-image field: a Python loop beats numpy's passes (negatives: their 64-bit form)
-        return b"".join([_varint(n & _MASK64) for n in flat.tolist()])
-    if flat.min() >= 0 and flat.max() < 0x80:  # positions and segment ids: a byte each
-        return flat.astype(np.uint8).tobytes()
+        small = flat.tolist()
+        if not small or (min(small) >= 0 and max(small) < 0x80):  # a byte each
+            return bytes(small)
+        return b"".join([_varint(n & _MASK64) for n in small])
+    if (flat.view(np.uint32).max() < 0x80 if flat.dtype == np.int32 else flat.min() >= 0 and flat.max() < 0x80):
+        return flat.astype(np.uint8).tobytes()  # positions and segment ids: a byte each (one pass for int32)
     v = flat.astype(np.int64).view(np.uint64)
     groups = (v[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
     nbytes = np.maximum(1, 10 - np.argmax((groups[:, ::-1] != 0), axis=1))
@@ -67,6 +70,9 @@ def _field(number: int, payload: bytes) -> bytes:
     return b"".join((_TAGS[number], _varint(len(payload)), payload))
 
 
+_EMPTY_STRING = _field(1, b"")  # the padding entries of a record's string fields
+
+
 def _values(v: np.ndarray, dtype: str) -> list:
     """A feature's values as protobuf writes them: the raw bytes (uint8, one bytes_list value), packed
     varints (int32) or little-endian floats (float32), or one length-delimited field per string."""
@@ -77,7 +83,7 @@ def _values(v: np.ndarray, dtype: str) -> list:
     elif dtype == "float32":
         packed = np.ascontiguousarray(v, dtype="<f4").tobytes()
     else:
-        return [_field(1, s.encode("utf-8")) for s in v.reshape(-1).tolist()]
+        return [_field(1, s.encode("utf-8")) if s else _EMPTY_STRING for s in v.reshape(-1).tolist()]
     return [packed] if packed else []
 
 

@@ -108,3 +108,25 @@ def test_records_encoded_in_place_equal_their_bytes(fmt):
         assert out[:len(want)].tobytes() == want and (out[len(want):] == 0xAB).all()
         short = np.full(len(want) - 1, 0xAB, np.uint8)
         assert encoder.into(record, short) == -1 and (short == 0xAB).all()
+
+
+@pytest.mark.parametrize("size", [0, 3, 64, 65, 300])
+def test_packed_varints_equal_protobufs_rule_at_every_size(size):
+    """The packed int64 varints of an int32 field, against protobuf's rule written out (7 bits a byte,
+    negatives as their 64-bit two's complement): the per-image path (<= 64 values) and the array path,
+    for values of one byte, around 127 / 128 / 255, and multi-byte or negative ones."""
+    from schemas._tfrecord import _varints
+
+    def rule(n: int) -> bytes:
+        n &= (1 << 64) - 1
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes(out + bytes([n]))
+
+    rng = np.random.default_rng(size)
+    for values in (rng.integers(0, 128, size), rng.integers(120, 256, size), rng.integers(-3, 200, size),
+                   rng.integers(-2 ** 31, 2 ** 31, size), np.full(size, 127), np.full(size, 128)):
+        arr = values.astype(np.int32)
+        assert _varints(arr) == b"".join(rule(int(v)) for v in arr), values[:8]

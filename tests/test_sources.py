@@ -427,3 +427,28 @@ def test_labels_from_file_names_and_label_descriptions(tmp_path):
         open_source(str(tmp_path), labels="filename:(")
     with pytest.raises(SourceError, match="image folders only"):
         open_source("synthetic:3", labels="filename:(x)")
+
+
+def test_a_folder_fetches_each_file_whole_even_one_grown_since_its_stat(tmp_path, monkeypatch):
+    """FileSource.fetch reads a local file in one call of its size: every byte of an empty, a small and a
+    multi-MB file; a file longer than its fstat said (it grew meanwhile) is still read to its end; a
+    missing one is FileNotFoundError (packer's "missing")."""
+    import pipelines.sources.files as files
+
+    blobs = {"empty.jpg": b"", "small.jpg": os.urandom(3000), "big.jpg": os.urandom(5 << 20)}
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+    src = open_source(str(tmp_path), labels="none")
+    assert {k: src.fetch(k) for k in blobs} == blobs
+
+    real = files.open_local
+
+    def stale(path):  # the fstat of the file when it was 10 bytes shorter
+        fd, st = real(path)
+        return fd, os.stat_result((*st[:6], st.st_size - 10, *st[7:]))
+
+    monkeypatch.setattr(files, "open_local", stale)
+    assert src.fetch("small.jpg") == blobs["small.jpg"] and src.fetch("big.jpg") == blobs["big.jpg"]
+    os.remove(tmp_path / "small.jpg")
+    with pytest.raises(FileNotFoundError):
+        src.fetch("small.jpg")

