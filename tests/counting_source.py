@@ -52,3 +52,7 @@ class CountingSource(FileSource):
         """Header reads through open_ref too, so that they are counted (FileSource reads a descriptor)."""
         identity.append(_identity(os.stat(self._path(ref))))
         return Source.read_size(self, ref, max_pixels)
+
+    def fetch(self, ref):
+        """Whole reads through open_ref too (FileSource reads a local file's descriptor at once)."""
+        return Source.fetch(self, ref)

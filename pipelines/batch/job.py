@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import packer
 from pipelines.sources import Listed
@@ -76,7 +76,11 @@ def images_seen(seed: int, key: str, epoch: int, num_images: int) -> int:
     """Training-progress value for drop schedules: epoch * N + floor(order_fraction * N).
 
     The image's expected position in a stream that shuffles each epoch; independent of the runner."""
-    return epoch * num_images + math.floor(order_fraction(seed, key, epoch) * num_images)
+    return _seen(order_fraction(seed, key, epoch), epoch, num_images)
+
+
+def _seen(fraction: float, epoch: int, num_images: int) -> int:
+    return epoch * num_images + math.floor(fraction * num_images)
 
 
 def layout(num_images: int, job: PackJob) -> tuple[int, int]:
@@ -101,12 +105,12 @@ def split_contiguous(items: Sequence, parts: int) -> list[Sequence]:
 
 
 # ----------------------------------------------------------------------------- one group
-def ordered_members(members: Sequence[Listed], seed: int, epoch: int,
+def ordered_members(members: Sequence[Listed], fraction: Mapping[str, float],
                     content: Callable[[Listed], bytes]) -> list[Listed]:
-    """The group in its order: by (order_fraction, key); records sharing a key (duplicates) by (not a
-    reject, content, label, meta, reason, detail), `content(member)` giving the encoded bytes (read only
-    for such ties), so that which copy is kept does not depend on the input's order or the runner."""
-    fraction = {m.key: order_fraction(seed, m.key, epoch) for m in members}
+    """The group in its order: by (order_fraction, key), `fraction` giving each key's; records sharing a
+    key (duplicates) by (not a reject, content, label, meta, reason, detail), `content(member)` giving the
+    encoded bytes (read only for such ties), so that which copy is kept does not depend on the input's
+    order or the runner."""
     out = sorted(members, key=lambda m: (fraction[m.key], m.key))
     i = 0
     while i < len(out):
@@ -140,9 +144,10 @@ def decide_group(members: Sequence[Listed], job: PackJob, epoch: int, group: int
     decisions, rejects = [], []
     core = packer.PackingCore(cfg, budget=budget, unique_keys=True, on_reject=lambda key, reason, detail, _: rejects.append(
         {"key": key, "reason": reason, "detail": detail, "epoch": epoch}))
-    ordered = ordered_members(members, cfg.seed, epoch, content)
+    fraction = {m.key: order_fraction(cfg.seed, m.key, epoch) for m in members}
+    ordered = ordered_members(members, fraction, content)
     block = packer.PlanBlock(cfg, [m.key for m in ordered], epoch, [m.size for m in ordered])
-    seen = [images_seen(cfg.seed, m.key, epoch, num_images) for m in ordered]
+    seen = [_seen(fraction[m.key], epoch, num_images) for m in ordered]
     plans = block.plans(seen, [m.label for m in ordered], [m.meta for m in ordered])
     for i, (m, plan) in enumerate(zip(ordered, plans)):
         if m.reject:

@@ -124,6 +124,8 @@ class Listing:
     def member(self, i: int) -> Listed:
         reject = self.rejects.get(i)
         size = (int(self.heights[i]), int(self.widths[i])) if self.heights[i] else None
+        if reject is None and i not in self.header_rejects:  # the usual image, once an epoch
+            return Listed.by_ref(self.keys[i], self.labels[i], self.metas[i], self.refs[i], size)
         return Listed(self.keys[i], self.labels[i], self.metas[i], reject[0] if reject else None,
                       reject[1] if reject else "", (), size, self.header_rejects.get(i), self.refs[i])
 
