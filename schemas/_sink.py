@@ -256,7 +256,8 @@ class ShardSink:
 
     def _until_read(self, n: int) -> None:
         """Wait until the child has read the first n records sent by location (or has ended)."""
-        self._send_queued()
+        if n > self._sent - len(self._queued):  # one of them is still queued here
+            self._send_queued()
         while self._read < n and self._ack >= 0:
             got = os.read(self._ack, 1 << 16)
             if not got:  # the child ended: it reads nothing more
