@@ -581,7 +581,7 @@ class FillPool(_Slots):
             self._assigned[w].remove(tid)
             self._deaths_in_a_row[w] = 0
             self._free_ring()
-        if not ready:
+        if not ready and timeout != 0:  # a wait that timed out: a worker gone with its socket open elsewhere?
             for w, proc in enumerate(self._procs):
                 if proc is not None and proc.poll() is not None:
                     self._worker_died(w)
@@ -706,7 +706,7 @@ class FillPool(_Slots):
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        for name in ("_ring_fd", "_out_fd", "_hb_fd"):
+        for name in ("_ring_fd", "_out_fd", "_hb_fd", "_enc_fd"):
             fd = getattr(self, name, None)
             if fd is not None:
                 try:

@@ -269,10 +269,15 @@ def test_pool_collected_in_a_reference_cycle_leaves_the_next_pools_working(decid
         pool.submit(decisions[0])
         pool.cycle = pool
         pids = pool.worker_pids
+        shared = [pool._ring_fd, pool._out_fd, pool._hb_fd, pool._enc_fd]
         del pool
         gc.collect()
+        for fd in shared:  # its shared memory's descriptors are closed
+            with pytest.raises(OSError):
+                os.fstat(fd)
         assert all(gone(p) for p in pids)  # its workers saw their sockets close and exited
-        for _, _, conn in packer._worker._IDLE:  # the idle workers' sockets are still open
-            os.fstat(conn.fileno())
+        # The idle workers' sockets are still open. (A comprehension: a loop variable would keep the last
+        # idle worker's socket open after the loop, and the next round's collected pool may have taken it.)
+        [os.fstat(conn.fileno()) for _, _, conn in packer._worker._IDLE]
         with packer._pool.FillPool(CONFIG, 2) as fresh:
             assert_same(run_pool(fresh, decisions[:6], data), reference(decisions[:6], data))
