@@ -33,10 +33,9 @@ class Encoder(Protocol):
     meta_fields: tuple[str, ...]
     row_bytes: int  # room for one encoded record; a larger one is left to the writer (returned unencoded)
 
-    def __call__(self, record: Mapping[str, Any]) -> bytes: ...
-
     def into(self, record: Mapping[str, Any], out: np.ndarray) -> int:
-        """The same bytes written at the start of uint8 array `out`: their size, or -1 when they do not fit."""
+        """The record's bytes written at the start of uint8 array `out` (the worker's encoded slot): their
+        size, or -1 when they do not fit."""
         ...
 
 

@@ -111,7 +111,7 @@ def _sorted_fields(schema: Schema) -> tuple[tuple[str, str, bytes], ...]:
 def _example_parts(record: Mapping[str, np.ndarray], schema: Schema) -> tuple[list, int]:
     """The parts of a (validated) record's serialized tf.train.Example, in order, and their total size:
     its length prefix first, the patches as a view of the record's array (copied once, by the caller)."""
-    parts: list = [b""]
+    parts: list = []
     total = 0
     for name, dtype, key in _sorted_fields(schema):
         values = _values(np.asarray(record[name]), dtype)
@@ -120,8 +120,8 @@ def _example_parts(record: Mapping[str, np.ndarray], schema: Schema) -> tuple[li
         parts.append(head)
         parts += values
         total += len(head) + n
-    parts[0] = _TAGS[1] + _varint(total)
-    return parts, total + len(parts[0])
+    prefix = _TAGS[1] + _varint(total)
+    return [prefix, *parts], len(prefix) + total
 
 
 def encode_example(record: Mapping[str, np.ndarray], schema: Schema) -> bytes:
